@@ -1,0 +1,259 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Block-pool operations per second against the pure-Python model pool, in the same run.
+
+Three ways in, each against the model (epdrt.testing.model_pool) doing the same operations:
+``binding`` (one Python call per operation), ``batched`` (one Python call per 16 blocks:
+allocate/free/lookup_many/commit_many) and ``native`` (the C API from a C program,
+bench/native/block_pool_bench.c, compiled on the spot; skipped without a C compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from epdrt import BlockPool
+from epdrt.benchmarking import Record
+from epdrt.errors import EpdrtError
+from epdrt.native import compile_c_program
+from epdrt.testing.model_pool import ModelBlockPool
+
+HELP = "ops/s of allocate/free/commit/lookup: C++ pool vs the pure-Python model"
+
+NUM_BLOCKS = 4096
+BATCH = 16  # blocks per batched call: a typical request's block count per step
+NATIVE_SOURCE = Path(__file__).with_name("native") / "block_pool_bench.c"
+
+Body = Callable[[Any], int]  # runs on a pool, returns the block operations it did
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ops", type=int, default=1_000_000, help="block operations per case")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _keys(n: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(32) for _ in range(n)]
+
+
+def _alloc_free(ops: int) -> Body:
+    def body(pool: Any) -> int:
+        allocate, free = pool.allocate, pool.free
+        for _ in range(ops // (2 * BATCH)):
+            free(allocate(BATCH))
+        return ops // (2 * BATCH) * 2 * BATCH
+
+    return body
+
+
+def _lookup_hit(ops: int, keys: list[bytes]) -> Body:
+    def body(pool: Any) -> int:
+        lookup, free, n = pool.lookup, pool.free, len(keys)
+        for i in range(ops // 2):
+            free([lookup(keys[i % n])])
+        return ops // 2 * 2
+
+    return body
+
+
+def _lookup_miss(ops: int, keys: list[bytes]) -> Body:
+    def body(pool: Any) -> int:
+        lookup, n = pool.lookup, len(keys)
+        for i in range(ops):
+            lookup(keys[i % n])
+        return ops
+
+    return body
+
+
+def _commit(ops: int, keys: list[bytes]) -> Body:
+    def body(pool: Any) -> int:
+        allocate, commit, free, n = pool.allocate, pool.commit, pool.free, len(keys)
+        iters = ops // (3 * BATCH)
+        for i in range(iters):
+            ids = allocate(BATCH)
+            for j, block in enumerate(ids):
+                commit(block, keys[(i * BATCH + j) % n])
+            free(ids)
+        return iters * 3 * BATCH
+
+    return body
+
+
+def _lookup_many_hit(ops: int, keys: list[bytes]) -> Body:
+    batches = [keys[i : i + BATCH] for i in range(0, len(keys) - BATCH + 1, BATCH)]
+
+    def body(pool: Any) -> int:
+        lookup_many, free = pool.lookup_many, pool.free
+        iters = ops // (2 * BATCH)
+        for i in range(iters):
+            free(lookup_many(batches[i % len(batches)]))
+        return iters * 2 * BATCH
+
+    return body
+
+
+def _commit_many(ops: int, keys: list[bytes]) -> Body:
+    batches = [keys[i : i + BATCH] for i in range(0, len(keys) - BATCH + 1, BATCH)]
+
+    def body(pool: Any) -> int:
+        allocate, commit_many, free = pool.allocate, pool.commit_many, pool.free
+        iters = ops // (3 * BATCH)
+        for i in range(iters):
+            ids = allocate(BATCH)
+            commit_many(ids, batches[i % len(batches)])
+            free(ids)
+        return iters * 3 * BATCH
+
+    return body
+
+
+def _mixed(trace: list[tuple[str, Any]]) -> Body:
+    """Replays a random allocate/commit/lookup/free trace, as a serving loop issues them."""
+
+    def body(pool: Any) -> int:
+        held: list[list[int]] = []
+        done = 0
+        for op, arg in trace:
+            if op == "alloc" and pool.num_free >= len(arg):
+                ids = pool.allocate(len(arg))
+                pool.commit_many(ids, arg)
+                held.append(ids)
+                done += 2 * len(arg)
+            elif op == "lookup":
+                found = [b for b in pool.lookup_many(arg) if b is not None]
+                held.append(found)
+                done += len(arg)
+            elif op == "free" and held:
+                ids = held.pop(arg % len(held))
+                pool.free(ids)
+                done += len(ids)
+        for ids in held:
+            pool.free(ids)
+            done += len(ids)
+        return done
+
+    return body
+
+
+def _make_trace(num_ops: int, keys: list[bytes], seed: int) -> list[tuple[str, Any]]:
+    rng = random.Random(seed)
+    trace: list[tuple[str, Any]] = []
+    count = 0
+    while count < num_ops:
+        r = rng.random()
+        n = rng.randint(1, BATCH)
+        picked = [keys[rng.randrange(len(keys))] for _ in range(n)]
+        if r < 0.35:
+            trace.append(("alloc", list(dict.fromkeys(picked))))
+            count += 2 * n
+        elif r < 0.6:
+            trace.append(("lookup", picked))
+            count += n
+        else:
+            trace.append(("free", rng.randrange(1 << 30)))
+            count += BATCH // 2
+    return trace
+
+
+def _prefilled(cls: Callable[[int], Any], keys: list[bytes]) -> Callable[[], Any]:
+    """Makes pools whose blocks are all free, the first len(keys) cached under keys."""
+
+    def make() -> Any:
+        pool = cls(NUM_BLOCKS)
+        ids = pool.allocate(len(keys))
+        pool.commit_many(ids, keys)
+        pool.free(ids)
+        return pool
+
+    return make
+
+
+def _time(make_pool: Callable[[], Any], body: Body, repeat: int) -> tuple[float, int]:
+    """Median seconds of ``body`` on a fresh pool each run, and the block operations done."""
+    times, ops = [], 0
+    for _ in range(repeat):
+        pool = make_pool()
+        start = time.perf_counter()
+        ops = body(pool)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), ops
+
+
+def _record(case: str, ops: int, seconds: float, base_ops: int, base_seconds: float) -> Record:
+    value, baseline = ops / seconds, base_ops / base_seconds
+    return Record(
+        bench="block-pool",
+        case=case,
+        metric="block ops/s",
+        value=value,
+        baseline="pure-Python model pool",
+        baseline_value=baseline,
+        ratio=value / baseline,
+        extra={
+            "ns_per_block_op": 1e9 / value,
+            "baseline_ns_per_block_op": 1e9 / baseline,
+            "block_ops": ops,
+            "num_blocks": NUM_BLOCKS,
+        },
+    )
+
+
+def _run_native(ops: int, repeat: int) -> dict[str, tuple[float, int]]:
+    """Seconds and block ops per case from the C program; empty if it cannot be built."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            exe = compile_c_program(NATIVE_SOURCE, Path(tmp) / "block_pool_bench")
+        except EpdrtError as exc:
+            print(f"[block-pool] native cases skipped: {exc}", file=sys.stderr)
+            return {}
+        out = subprocess.run(
+            [str(exe), str(NUM_BLOCKS), str(ops), str(repeat)],
+            capture_output=True, text=True, timeout=600, check=True,
+        )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    return {r["case"]: (r["seconds"], r["block_ops"]) for r in rows}
+
+
+def run(args: argparse.Namespace) -> list[Record]:
+    cached = _keys(NUM_BLOCKS // 2, seed=1)
+    missing = _keys(NUM_BLOCKS // 2, seed=2)
+    ops = args.ops
+    fresh = {cls: (lambda c=cls: c(NUM_BLOCKS)) for cls in (BlockPool, ModelBlockPool)}
+    full = {cls: _prefilled(cls, cached) for cls in (BlockPool, ModelBlockPool)}
+    # (way in, case, pools, body); native cases reuse the binding cases' names.
+    cases = [
+        ("binding", f"allocate+free x{BATCH}", fresh, _alloc_free(ops)),
+        ("binding", "lookup hit + free", full, _lookup_hit(ops, cached)),
+        ("binding", "lookup miss", full, _lookup_miss(ops, missing)),
+        ("binding", f"allocate+commit+free x{BATCH}", fresh, _commit(ops, cached)),
+        ("batched", f"lookup_many hit + free x{BATCH}", full, _lookup_many_hit(ops, cached)),
+        ("batched", f"allocate+commit_many+free x{BATCH}", fresh, _commit_many(ops, cached)),
+        ("batched", "mixed serving trace", fresh, _mixed(_make_trace(ops, cached, args.seed))),
+    ]
+    records = []
+    model_results: dict[str, tuple[float, int]] = {}
+    for way, case, pools, body in cases:
+        print(f"[block-pool] {way}: {case} ...", file=sys.stderr, flush=True)
+        t_cpp, n_cpp = _time(pools[BlockPool], body, args.repeat)
+        t_py, n_py = _time(pools[ModelBlockPool], body, args.repeat)
+        if n_cpp != n_py:
+            raise RuntimeError(f"{case}: the pools did different work ({n_cpp} vs {n_py} ops)")
+        model_results[case] = (t_py, n_py)
+        records.append(_record(f"{way}: {case}", n_cpp, t_cpp, n_py, t_py))
+    print("[block-pool] native: C API cases ...", file=sys.stderr, flush=True)
+    for case, (seconds, n) in _run_native(ops, args.repeat).items():
+        t_py, n_py = model_results[case]
+        records.append(_record(f"native: {case}", n, seconds, n_py, t_py))
+    return records

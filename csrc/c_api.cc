@@ -1,0 +1,143 @@
+// SPDX-License-Identifier: Apache-2.0
+// C API: thin wrappers that turn C++ exceptions into status codes.
+#include <algorithm>
+#include <exception>
+#include <memory>
+#include <string>
+
+#include "epdrt/block_pool.h"
+#include "epdrt/common.h"
+#include "epdrt/epdrt.h"
+#include "epdrt/region.h"
+
+struct epdrt_block_pool {
+  explicit epdrt_block_pool(int32_t num_blocks) : pool(num_blocks) {}
+  epdrt::BlockPool pool;
+};
+
+struct epdrt_region {
+  std::shared_ptr<epdrt::Region> region;
+};
+
+static_assert(EPDRT_REGION_DESCRIPTOR_BYTES == epdrt::Region::kDescriptorBytes,
+              "C header and core disagree on the descriptor size");
+
+namespace {
+
+thread_local std::string last_error;
+
+template <typename Fn>
+epdrt_status guarded(Fn&& fn) {
+  try {
+    fn();
+    last_error.clear();
+    return EPDRT_OK;
+  } catch (const epdrt::Error& e) {
+    last_error = e.what();
+    return static_cast<epdrt_status>(e.status());
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return EPDRT_ERR_INTERNAL;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* epdrt_version(void) { return EPDRT_VERSION; }
+
+int epdrt_cuda_compiled(void) { return epdrt::cuda_compiled() ? 1 : 0; }
+
+const char* epdrt_last_error(void) { return last_error.c_str(); }
+
+epdrt_status epdrt_block_pool_create(int32_t num_blocks, epdrt_block_pool** out) {
+  return guarded([&] {
+    EPDRT_ASSERT(out != nullptr, "out must not be NULL");
+    *out = new epdrt_block_pool(num_blocks);
+  });
+}
+
+void epdrt_block_pool_destroy(epdrt_block_pool* pool) { delete pool; }
+
+epdrt_status epdrt_block_pool_allocate(epdrt_block_pool* pool, int32_t n, int32_t* out_ids) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && (n == 0 || out_ids != nullptr), "NULL argument");
+    std::vector<int32_t> ids;
+    pool->pool.allocate(n, ids);
+    std::copy(ids.begin(), ids.end(), out_ids);
+  });
+}
+
+epdrt_status epdrt_block_pool_free(epdrt_block_pool* pool, const int32_t* ids, size_t n) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && (n == 0 || ids != nullptr), "NULL argument");
+    pool->pool.free(ids, n);
+  });
+}
+
+epdrt_status epdrt_block_pool_incref(epdrt_block_pool* pool, const int32_t* ids, size_t n) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && (n == 0 || ids != nullptr), "NULL argument");
+    pool->pool.incref(ids, n);
+  });
+}
+
+epdrt_status epdrt_block_pool_commit(epdrt_block_pool* pool, int32_t id, const void* key,
+                                     size_t key_size, int* out_committed) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && key != nullptr, "NULL argument");
+    const bool committed = pool->pool.commit(id, epdrt::BlockKey::from_bytes(key, key_size));
+    if (out_committed != nullptr) *out_committed = committed ? 1 : 0;
+  });
+}
+
+epdrt_status epdrt_block_pool_lookup(epdrt_block_pool* pool, const void* key, size_t key_size,
+                                     int32_t* out_id) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && key != nullptr && out_id != nullptr, "NULL argument");
+    *out_id = pool->pool.lookup(epdrt::BlockKey::from_bytes(key, key_size)).value_or(-1);
+  });
+}
+
+epdrt_status epdrt_block_pool_stats_get(const epdrt_block_pool* pool,
+                                        epdrt_block_pool_stats* out) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && out != nullptr, "NULL argument");
+    const epdrt::BlockPoolStats s = pool->pool.stats();
+    *out = {s.num_blocks, s.num_free, s.num_cached, s.hits, s.misses, s.evictions};
+  });
+}
+
+epdrt_status epdrt_region_create(uint64_t nbytes, epdrt_device_type type, int32_t device_index,
+                                 epdrt_region** out) {
+  return guarded([&] {
+    EPDRT_ASSERT(out != nullptr, "out must not be NULL");
+    const epdrt::Device device{static_cast<epdrt::DeviceType>(type), device_index};
+    *out = new epdrt_region{epdrt::Region::create(nbytes, device)};
+  });
+}
+
+epdrt_status epdrt_region_open(const void* descriptor, size_t size, epdrt_region** out) {
+  return guarded([&] {
+    EPDRT_ASSERT(descriptor != nullptr && out != nullptr, "NULL argument");
+    *out = new epdrt_region{
+        epdrt::Region::open(static_cast<const uint8_t*>(descriptor), size)};
+  });
+}
+
+epdrt_status epdrt_region_export(const epdrt_region* region, void* out) {
+  return guarded([&] {
+    EPDRT_ASSERT(region != nullptr && out != nullptr, "NULL argument");
+    const std::vector<uint8_t> desc = region->region->export_descriptor();
+    std::copy(desc.begin(), desc.end(), static_cast<uint8_t*>(out));
+  });
+}
+
+void* epdrt_region_data(const epdrt_region* region) { return region->region->data(); }
+
+uint64_t epdrt_region_nbytes(const epdrt_region* region) { return region->region->nbytes(); }
+
+void epdrt_region_destroy(epdrt_region* region) { delete region; }
+
+}  // extern "C"

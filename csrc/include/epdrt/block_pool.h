@@ -1,0 +1,102 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fixed-size block bookkeeping: reference counts, an LRU free queue and a content-key index.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+namespace epdrt {
+
+// A content key: up to kMaxBytes opaque bytes (a digest, or a tagged integer).
+struct BlockKey {
+  static constexpr size_t kMaxBytes = 64;
+  std::array<uint8_t, kMaxBytes> bytes{};
+  uint8_t size = 0;
+
+  // Throws InvalidArgument when size is 0 or larger than kMaxBytes.
+  static BlockKey from_bytes(const void* data, size_t size);
+  bool operator==(const BlockKey& other) const noexcept;
+};
+
+struct BlockKeyHash {
+  size_t operator()(const BlockKey& key) const noexcept;
+};
+
+// Counters of a BlockPool. Gauges (num_*) are exact; hits/misses/evictions count since creation.
+struct BlockPoolStats {
+  int32_t num_blocks = 0;
+  int32_t num_free = 0;    // blocks with reference count 0 (in the free queue)
+  int32_t num_cached = 0;  // free blocks that still hold a content key
+  uint64_t hits = 0;       // lookups that found their key
+  uint64_t misses = 0;     // lookups that did not
+  uint64_t evictions = 0;  // keyed free blocks reused by allocate (their key forgotten)
+};
+
+// Hands out block ids in [0, num_blocks); knows nothing about the memory behind them.
+//
+// Every block is either used (reference count > 0) or in the free queue (count 0). The free
+// queue is ordered oldest-freed first; allocate takes from its front, so the least recently
+// freed blocks are reused (and their keys evicted) first. A free block that still holds a key
+// can be revived by lookup, which removes it from the queue in O(1).
+//
+// Thread-safe: every public method takes the pool's mutex. Methods that take a list validate
+// the whole list before changing anything, so a failed call leaves the pool as it was.
+class BlockPool {
+ public:
+  explicit BlockPool(int32_t num_blocks);
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
+
+  // Takes n blocks from the front of the free queue, each with reference count 1, and appends
+  // their ids to out. Throws PoolExhausted (changing nothing) if fewer than n are free.
+  void allocate(int32_t n, std::vector<int32_t>& out);
+  // Drops one reference per listed id (an id may repeat); blocks reaching 0 join the back of
+  // the free queue in list order. Throws InvalidArgument for an id out of range or not held.
+  void free(const int32_t* ids, size_t n);
+  // Adds one reference per listed id. Every id must be in use (count > 0).
+  void incref(const int32_t* ids, size_t n);
+  // Records key as the content of block id (in use). Returns false, changing nothing, when
+  // another block already holds the key; a block that held a different key gives it up.
+  bool commit(int32_t id, const BlockKey& key);
+  // commit() of n (id, key) pairs in order, writing each result to committed[i]. Every id is
+  // checked first, so an invalid one changes nothing.
+  void commit_many(const int32_t* ids, const BlockKey* keys, size_t n, bool* committed);
+  // The block holding key, with one more reference (revived from the free queue if needed).
+  std::optional<int32_t> lookup(const BlockKey& key);
+  // Reference count of block id (0 when free).
+  int32_t ref_count(int32_t id) const;
+  // Ids in the free queue, front (next to be allocated) first. O(num_free); for tests.
+  std::vector<int32_t> free_queue() const;
+  BlockPoolStats stats() const;
+  int32_t num_blocks() const noexcept { return static_cast<int32_t>(blocks_.size()); }
+
+ private:
+  static constexpr int32_t kNil = -1;
+  struct Block {
+    int32_t ref_count = 0;
+    int32_t prev = kNil;  // free-queue links, valid while ref_count == 0
+    int32_t next = kNil;
+    bool has_key = false;
+    BlockKey key;
+  };
+
+  void check_id(int32_t id) const;
+  void queue_push_back(int32_t id);
+  void queue_remove(int32_t id);
+  void forget_key(Block& block);
+  void check_used(int32_t id, const char* what) const;
+  bool commit_locked(int32_t id, const BlockKey& key);
+
+  mutable std::mutex mu_;
+  std::vector<Block> blocks_;
+  std::unordered_map<BlockKey, int32_t, BlockKeyHash> index_;
+  int32_t head_ = kNil;  // oldest free block
+  int32_t tail_ = kNil;  // newest free block
+  BlockPoolStats stats_;
+};
+
+}  // namespace epdrt

@@ -1,0 +1,82 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Benchmark records (JSON lines, see docs/architecture.md) and a plain-text table."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Record:
+    """One measured case. ``ratio`` is epdrt relative to the baseline, higher is better."""
+
+    bench: str
+    case: str
+    metric: str
+    value: float
+    baseline: str
+    baseline_value: float
+    ratio: float
+    device: str = field(default_factory=lambda: device_name())
+    date: str = field(default_factory=lambda: _dt.date.today().isoformat())
+    commit: str = field(default_factory=lambda: git_commit())
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=False)
+
+
+def device_name() -> str:
+    """The GPU's name when CUDA is available to torch, else "cpu"."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def git_commit() -> str:
+    """Short sha of the checkout epdrt runs from, or "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("EPDRT_COMMIT", "unknown")
+    return out.stdout.strip()
+
+
+def write_jsonl(records: Iterable[Record], path: str | os.PathLike[str]) -> None:
+    """Writes one JSON object per line to ``path`` ("-" for stdout)."""
+    text = "".join(r.to_json() + "\n" for r in records)
+    if str(path) == "-":
+        print(text, end="")
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+def format_table(records: Iterable[Record]) -> str:
+    """A fixed-width table: case, value, baseline value, ratio."""
+    rows = [("case", "metric", "epdrt", "baseline", "ratio")]
+    for r in records:
+        rows.append(
+            (r.case, r.metric, f"{r.value:.4g}", f"{r.baseline_value:.4g}", f"{r.ratio:.2f}x")
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
