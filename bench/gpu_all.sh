@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# One call on a lent GPU machine (no internet; torch, triton, pybind11, scikit-build-core are
+# preinstalled): build, run the GPU tests and every benchmark, and leave in $OUT the log and one
+# archive, results.tar.gz, holding every record (JSON lines), plot and log (the device tool
+# returns at most 8 files).   run(command="bash bench/gpu_all.sh")
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+RES=$(mktemp -d)/results
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+log() { echo "[gpu_all $(date +%H:%M:%S)] $*" | tee -a "$RES/gpu_all.log"; }
+finish() { tar -C "$(dirname "$RES")" -czf "$OUT/results.tar.gz" results; cp "$RES/gpu_all.log" "$OUT/"; }
+trap finish EXIT
+
+log "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+log "build"
+python3 -m pip install --no-build-isolation --no-deps -q -e . >"$RES/build.log" 2>&1 \
+  || { log "build failed (see build.log)"; tail -50 "$RES/build.log"; exit 1; }
+python3 -m epdrt.cli info --json "$RES/info.json" | tee -a "$RES/gpu_all.log"
+
+log "pytest -m gpu"
+python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$RES/pytest-gpu.log" | tail -15
+
+# Every registered benchmark, each into its own JSON-lines file.
+for name in $(python3 -c "from epdrt.bench import BENCHMARKS; print(' '.join(BENCHMARKS))"); do
+  log "bench $name"
+  python3 -m epdrt.cli bench "$name" --json "$RES/bench-$name.jsonl" 2>&1 \
+    | tee "$RES/bench-$name.log" | tail -25
+done
+log "done; records in $OUT/results.tar.gz"

@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Uses libepdrt through its C header only: block pool semantics and a CPU region round trip.
+ * Exits non-zero, naming the failed check, on any mismatch. */
+#include <epdrt/epdrt.h>
+#include <stdio.h>
+#include <string.h>
+
+static int failures = 0;
+
+#define CHECK(cond)                                             \
+  do {                                                          \
+    if (!(cond)) {                                              \
+      fprintf(stderr, "%s:%d: CHECK(%s) failed (last error: %s)\n", __FILE__, __LINE__, #cond, \
+              epdrt_last_error());                              \
+      ++failures;                                               \
+    }                                                           \
+  } while (0)
+
+static void test_block_pool(void) {
+  epdrt_block_pool* pool = NULL;
+  CHECK(epdrt_block_pool_create(0, &pool) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(strlen(epdrt_last_error()) > 0);
+  CHECK(epdrt_block_pool_create(4, &pool) == EPDRT_OK);
+
+  int32_t ids[4];
+  CHECK(epdrt_block_pool_allocate(pool, 3, ids) == EPDRT_OK);
+  CHECK(ids[0] == 0 && ids[1] == 1 && ids[2] == 2);
+  CHECK(epdrt_block_pool_allocate(pool, 2, ids + 3) == EPDRT_ERR_POOL_EXHAUSTED);
+
+  const char key[] = "0123456789abcdef";
+  int committed = -1;
+  CHECK(epdrt_block_pool_commit(pool, ids[1], key, 16, &committed) == EPDRT_OK && committed == 1);
+  CHECK(epdrt_block_pool_commit(pool, ids[2], key, 16, &committed) == EPDRT_OK && committed == 0);
+  CHECK(epdrt_block_pool_free(pool, ids, 3) == EPDRT_OK);
+  const int32_t bad = 7;
+  CHECK(epdrt_block_pool_free(pool, &bad, 1) == EPDRT_ERR_INVALID_ARGUMENT);
+
+  epdrt_block_pool_stats stats;
+  CHECK(epdrt_block_pool_stats_get(pool, &stats) == EPDRT_OK);
+  CHECK(stats.num_blocks == 4 && stats.num_free == 4 && stats.num_cached == 1);
+
+  int32_t found = -2;
+  CHECK(epdrt_block_pool_lookup(pool, key, 16, &found) == EPDRT_OK && found == ids[1]);
+  CHECK(epdrt_block_pool_lookup(pool, "nope", 4, &found) == EPDRT_OK && found == -1);
+  CHECK(epdrt_block_pool_stats_get(pool, &stats) == EPDRT_OK);
+  CHECK(stats.hits == 1 && stats.misses == 1 && stats.num_free == 3);
+  epdrt_block_pool_destroy(pool);
+}
+
+static void test_region(void) {
+  epdrt_region* region = NULL;
+  CHECK(epdrt_region_create(1 << 16, EPDRT_DEVICE_CPU, 0, &region) == EPDRT_OK);
+  CHECK(epdrt_region_nbytes(region) == 1 << 16);
+  unsigned char desc[EPDRT_REGION_DESCRIPTOR_BYTES];
+  CHECK(epdrt_region_export(region, desc) == EPDRT_OK);
+
+  epdrt_region* peer = NULL;
+  CHECK(epdrt_region_open(desc, sizeof(desc), &peer) == EPDRT_OK);
+  memcpy(epdrt_region_data(region), "epdrt", 6);
+  CHECK(strcmp((const char*)epdrt_region_data(peer), "epdrt") == 0);
+  CHECK(epdrt_region_open(desc, 3, &peer) == EPDRT_ERR_INVALID_ARGUMENT);
+  epdrt_region_destroy(peer);
+  epdrt_region_destroy(region);
+
+  if (!epdrt_cuda_compiled()) {
+    CHECK(epdrt_region_create(1024, EPDRT_DEVICE_CUDA, 0, &region) == EPDRT_ERR_CUDA_UNAVAILABLE);
+  }
+}
+
+int main(void) {
+  printf("epdrt %s (cuda compiled: %d)\n", epdrt_version(), epdrt_cuda_compiled());
+  test_block_pool();
+  test_region();
+  if (failures) {
+    fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  printf("all C API checks passed\n");
+  return 0;
+}
