@@ -142,3 +142,32 @@ def test_bad_construction(kwargs):
     args = {"hidden_size": HIDDEN, "block_size": 4, "num_blocks": 2, **kwargs}
     with pytest.raises(InvalidArgument):
         MMTokenCache(**args)
+
+
+def test_reserve_commit_is_the_receive_path():
+    cache = MMTokenCache(HIDDEN, 4, 4)
+    entry = cache.reserve(key("r"), 6)
+    assert key("r") not in cache and cache.get(key("r")) is None  # invisible until commit
+    for i, block in enumerate(entry.blocks):  # what a peer's transfer does
+        part = tokens(6)[4 * i : 4 * i + 4]
+        cache.storage[block, : len(part)] = part
+    cache.commit(key("r"))
+    assert torch.equal(cache.get(key("r")), tokens(6))
+    assert cache.hold_count(key("r")) == 2  # the reserver's hold and get's
+    with pytest.raises(InvalidArgument, match="already"):
+        cache.reserve(key("r"), 6)
+
+
+def test_abort_gives_blocks_back_and_leaves_nothing_findable():
+    cache = MMTokenCache(HIDDEN, 4, 2)
+    cache.reserve(key("r"), 8)
+    with pytest.raises(PoolExhausted):
+        cache.put(key("x"), tokens(1))
+    cache.abort(key("r"))
+    assert cache.num_free_blocks == 2 and cache.hold_count(key("r")) == 0
+    hits = cache.pool.hits
+    cache.put(key("r"), tokens(8, seed=3))  # must not reuse the never-written blocks
+    assert cache.pool.hits == hits
+    assert torch.equal(cache.get(key("r")), tokens(8, seed=3))
+    with pytest.raises(InvalidArgument, match="not reserved"):
+        cache.abort(key("r"))

@@ -87,6 +87,8 @@ class MMTokenCache:
         self._entries: dict[ContentKey, MMEntry] = {}
         self._block_owner: dict[int, ContentKey] = {}
         self._holds: dict[ContentKey, int] = {}
+        # reserved entries (held, not yet visible) and the indices of their unwritten blocks
+        self._pending: dict[ContentKey, tuple[MMEntry, list[int]]] = {}
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -117,17 +119,10 @@ class MMTokenCache:
         Raises PoolExhausted (back-pressure; nothing changes) when held entries leave too little
         room, and InvalidArgument when one entry is larger than the whole cache.
         """
-        prefix = _key_prefix(key)
+        _key_prefix(key)
         tensor_arg("tokens", tokens, (None, self.hidden_size), self.dtype, self.device)
         num_tokens = tokens.shape[0]
-        if num_tokens == 0:
-            raise InvalidArgument("tokens must have at least one row")
-        num_blocks = self.blocks_for(num_tokens)
-        if num_blocks > self.num_blocks:
-            raise InvalidArgument(
-                f"an entry of {num_tokens} tokens needs {num_blocks} blocks of {self.block_size};"
-                f" the whole cache has {self.num_blocks}"
-            )
+        self._check_fits(num_tokens)
         if key in self._entries:
             entry = self._entries[key]
             if entry.num_tokens != num_tokens:
@@ -136,33 +131,99 @@ class MMTokenCache:
                     " be content hashes"
                 )
             return self._acquire(entry) if hold else entry
+        entry, new_blocks = self._place(key, num_tokens, tokens)
+        self._commit_keys(entry, new_blocks)
+        if not hold:
+            self.release(key)
+        return entry
+
+    def reserve(self, key: ContentKey, num_tokens: int) -> MMEntry:
+        """Holds blocks for ``num_tokens`` rows of ``key`` that a peer will write (receive path).
+
+        The entry is held and not yet visible to ``lookup``/``get``: call ``commit(key)`` once
+        its rows are written, or ``abort(key)`` to give the blocks back. Blocks of ``key`` that
+        are still cached are reused (their rows are already right; writing them again is
+        harmless). Raises PoolExhausted (nothing changes) or InvalidArgument like ``put``.
+        """
+        _key_prefix(key)
+        if key in self._entries or key in self._pending:
+            raise InvalidArgument(f"{key!r} is already cached or reserved")
+        self._check_fits(num_tokens)
+        entry, new_blocks = self._place(key, num_tokens, None)
+        del self._entries[key]
+        self._pending[key] = (entry, new_blocks)
+        return entry
+
+    def commit(self, key: ContentKey) -> MMEntry:
+        """Makes a reserved entry visible; it stays held by the reserver until ``release``."""
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            raise InvalidArgument(f"{key!r} is not reserved")
+        entry, new_blocks = pending
+        self._commit_keys(entry, new_blocks)
+        self._entries[key] = entry
+        return entry
+
+    def abort(self, key: ContentKey) -> None:
+        """Gives back a reservation whose rows never arrived; its blocks lose their keys."""
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            raise InvalidArgument(f"{key!r} is not reserved")
+        entry, _ = pending
+        del self._holds[key]
+        for block in entry.blocks:
+            del self._block_owner[block]
+        self.pool.free(entry.blocks)  # never-written blocks carry no key: nothing can find them
+
+    # ---- internals -------------------------------------------------------------------------
+    def _check_fits(self, num_tokens: int) -> int:
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
+            raise InvalidArgument(f"an entry needs a positive number of tokens, got {num_tokens!r}")
+        num_blocks = self.blocks_for(num_tokens)
+        if num_blocks > self.num_blocks:
+            raise InvalidArgument(
+                f"an entry of {num_tokens} tokens needs {num_blocks} blocks of {self.block_size};"
+                f" the whole cache has {self.num_blocks}"
+            )
+        return num_blocks
+
+    def _place(
+        self, key: ContentKey, num_tokens: int, tokens: torch.Tensor | None
+    ) -> tuple[MMEntry, list[int]]:
+        """Finds or allocates the blocks of a new entry, writes ``tokens`` (if given) into the
+        newly allocated ones and registers the entry held once. Returns the entry and the
+        indices of its new blocks, whose content keys ``_commit_keys`` records once their rows
+        are written. All or nothing (PoolExhausted)."""
+        prefix = _key_prefix(key)
+        block_keys = [prefix + i.to_bytes(4, "little") for i in range(self.blocks_for(num_tokens))]
         # Blocks of an evicted entry with the same key may still be cached: reuse them.
-        block_keys = [prefix + i.to_bytes(4, "little") for i in range(num_blocks)]
-        found = [self.pool.lookup(k) for k in block_keys]
+        found = self.pool.lookup_many(block_keys)
         missing = [i for i, b in enumerate(found) if b is None]
         try:
             new_blocks = self.pool.allocate(len(missing))
         except PoolExhausted as exc:
             self.pool.free([b for b in found if b is not None])
             raise PoolExhausted(
-                f"MM-token cache full: {num_tokens} tokens need {len(missing)} blocks,"
+                f"MM-token cache full: {num_tokens} tokens need {len(missing)} more blocks,"
                 f" {self.pool.num_free} of {self.num_blocks} are free (the rest are held)"
             ) from exc
         self._drop_evicted(new_blocks)
         for i, block in zip(missing, new_blocks):
             found[i] = block
-            rows = tokens[i * self.block_size : (i + 1) * self.block_size]
-            self.storage[block, : rows.shape[0]] = rows
-            self.pool.commit(block, block_keys[i])
+            if tokens is not None:
+                rows = tokens[i * self.block_size : (i + 1) * self.block_size]
+                self.storage[block, : rows.shape[0]] = rows
         entry = MMEntry(key, tuple(found), num_tokens)  # type: ignore[arg-type]
         self._entries[key] = entry
         for block in entry.blocks:
             self._block_owner[block] = key
-        if hold:
-            self._holds[key] = self._holds.get(key, 0) + 1
-        else:
-            self.pool.free(entry.blocks)
-        return entry
+        self._holds[key] = self._holds.get(key, 0) + 1
+        return entry, missing
+
+    def _commit_keys(self, entry: MMEntry, new_blocks: list[int]) -> None:
+        prefix = _key_prefix(entry.key)
+        ids = [entry.blocks[i] for i in new_blocks]
+        self.pool.commit_many(ids, [prefix + i.to_bytes(4, "little") for i in new_blocks])
 
     def lookup(self, key: ContentKey) -> MMEntry | None:
         """The entry for ``key``, held (call ``release``), or None on a miss."""
@@ -196,7 +257,6 @@ class MMTokenCache:
             self._holds[key] = held - 1
         self.pool.free(self._entries[key].blocks)
 
-    # ---- internals -------------------------------------------------------------------------
     def _acquire(self, entry: MMEntry) -> MMEntry:
         prefix = _key_prefix(entry.key)
         for i, block in enumerate(entry.blocks):
