@@ -36,15 +36,18 @@ size_t BlockKeyHash::operator()(const BlockKey& key) const noexcept {
 BlockPool::BlockPool(int32_t num_blocks) {
   EPDRT_ASSERT(num_blocks > 0, "num_blocks must be positive, got ", num_blocks);
   blocks_.resize(num_blocks);
-  index_.reserve(static_cast<size_t>(num_blocks));
+  size_t num_slots = 16;
+  while (num_slots < 2 * static_cast<size_t>(num_blocks)) num_slots *= 2;
+  slots_.assign(num_slots, kNil);
+  slot_mask_ = num_slots - 1;
   for (int32_t id = 0; id < num_blocks; ++id) queue_push_back(id);
   stats_.num_blocks = num_blocks;
   stats_.num_free = num_blocks;
 }
 
 void BlockPool::check_id(int32_t id) const {
-  EPDRT_ASSERT(id >= 0 && id < num_blocks(), "block id ", id, " is out of range [0, ",
-               num_blocks(), ")");
+  EPDRT_ASSERT(id >= 0 && id < num_blocks(), "block id ", id, " is out of range [0, ", num_blocks(),
+               ")");
 }
 
 void BlockPool::queue_push_back(int32_t id) {
@@ -74,9 +77,40 @@ void BlockPool::queue_remove(int32_t id) {
   b.prev = b.next = kNil;
 }
 
-void BlockPool::forget_key(Block& block) {
+int64_t BlockPool::index_find(const BlockKey& key, uint64_t hash) const {
+  for (uint64_t slot = hash & slot_mask_;; slot = (slot + 1) & slot_mask_) {
+    const int32_t id = slots_[slot];
+    if (id == kNil) return kNil;
+    const Block& b = blocks_[id];
+    if (b.hash == hash && b.key == key) return static_cast<int64_t>(slot);
+  }
+}
+
+void BlockPool::index_insert(int32_t id) {
+  uint64_t slot = blocks_[id].hash & slot_mask_;
+  while (slots_[slot] != kNil) slot = (slot + 1) & slot_mask_;
+  slots_[slot] = id;
+}
+
+void BlockPool::index_erase(int64_t slot) {
+  // Backward-shift deletion: move later entries of the probe run into the hole when the hole
+  // lies between their home slot and where they sit, so no lookup ever stops early.
+  uint64_t hole = static_cast<uint64_t>(slot);
+  for (uint64_t next = (hole + 1) & slot_mask_; slots_[next] != kNil;
+       next = (next + 1) & slot_mask_) {
+    const uint64_t home = blocks_[slots_[next]].hash & slot_mask_;
+    if (((next - home) & slot_mask_) >= ((next - hole) & slot_mask_)) {
+      slots_[hole] = slots_[next];
+      hole = next;
+    }
+  }
+  slots_[hole] = kNil;
+}
+
+void BlockPool::forget_key(int32_t id) {
+  Block& block = blocks_[id];
   if (!block.has_key) return;
-  index_.erase(block.key);
+  index_erase(index_find(block.key, block.hash));
   block.has_key = false;
 }
 
@@ -84,8 +118,8 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
   std::lock_guard<std::mutex> lock(mu_);
   EPDRT_ASSERT(n >= 0, "cannot allocate a negative number of blocks (", n, ")");
   if (n > stats_.num_free) {
-    throw PoolExhausted(detail::concat("cannot allocate ", n, " blocks: ", stats_.num_free,
-                                       " of ", num_blocks(), " are free"));
+    throw PoolExhausted(detail::concat("cannot allocate ", n, " blocks: ", stats_.num_free, " of ",
+                                       num_blocks(), " are free"));
   }
   out.reserve(out.size() + static_cast<size_t>(n));
   for (int32_t i = 0; i < n; ++i) {
@@ -93,7 +127,7 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
     queue_remove(id);
     Block& b = blocks_[id];
     if (b.has_key) {
-      forget_key(b);
+      forget_key(id);
       --stats_.num_cached;
       ++stats_.evictions;
     }
@@ -113,9 +147,10 @@ void BlockPool::free(const int32_t* ids, size_t n) {
       for (size_t j = 0; j < i; ++j) ++blocks_[ids[j]].ref_count;
       check_id(id);
       const int32_t held = blocks_[id].ref_count;
-      if (held == 0) throw InvalidArgument(detail::concat("cannot free block ", id, ": it is free"));
-      throw InvalidArgument(detail::concat("cannot free block ", id, ": listed more often than its ",
-                                           held, " reference(s)"));
+      if (held == 0)
+        throw InvalidArgument(detail::concat("cannot free block ", id, ": it is free"));
+      throw InvalidArgument(detail::concat("cannot free block ", id,
+                                           ": listed more often than its ", held, " reference(s)"));
     }
     --blocks_[id].ref_count;
   }
@@ -144,13 +179,15 @@ void BlockPool::check_used(int32_t id, const char* what) const {
 }
 
 bool BlockPool::commit_locked(int32_t id, const BlockKey& key) {
+  const uint64_t hash = BlockKeyHash{}(key);
+  const int64_t slot = index_find(key, hash);
+  if (slot != kNil) return slots_[slot] == id;
+  forget_key(id);
   Block& b = blocks_[id];
-  auto it = index_.find(key);
-  if (it != index_.end()) return it->second == id;
-  forget_key(b);
   b.key = key;
+  b.hash = hash;
   b.has_key = true;
-  index_.emplace(key, id);
+  index_insert(id);
   return true;
 }
 
@@ -168,12 +205,12 @@ void BlockPool::commit_many(const int32_t* ids, const BlockKey* keys, size_t n, 
 
 std::optional<int32_t> BlockPool::lookup(const BlockKey& key) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = index_.find(key);
-  if (it == index_.end()) {
+  const int64_t slot = index_find(key, BlockKeyHash{}(key));
+  if (slot == kNil) {
     ++stats_.misses;
     return std::nullopt;
   }
-  const int32_t id = it->second;
+  const int32_t id = slots_[slot];
   Block& b = blocks_[id];
   if (b.ref_count == 0) {
     queue_remove(id);

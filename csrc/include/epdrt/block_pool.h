@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
-#include <unordered_map>
 #include <vector>
 
 namespace epdrt {
@@ -81,19 +80,27 @@ class BlockPool {
     int32_t prev = kNil;  // free-queue links, valid while ref_count == 0
     int32_t next = kNil;
     bool has_key = false;
+    uint64_t hash = 0;  // BlockKeyHash of key, valid while has_key
     BlockKey key;
   };
 
   void check_id(int32_t id) const;
   void queue_push_back(int32_t id);
   void queue_remove(int32_t id);
-  void forget_key(Block& block);
+  void forget_key(int32_t id);
+  // Index: open addressing with linear probing over slots_ (block ids, kNil = empty), sized
+  // to a power of two at least twice num_blocks so probes stay short; no tombstones
+  // (backward-shift deletion). Returns the slot holding key, or kNil.
+  int64_t index_find(const BlockKey& key, uint64_t hash) const;
+  void index_insert(int32_t id);
+  void index_erase(int64_t slot);
   void check_used(int32_t id, const char* what) const;
   bool commit_locked(int32_t id, const BlockKey& key);
 
   mutable std::mutex mu_;
   std::vector<Block> blocks_;
-  std::unordered_map<BlockKey, int32_t, BlockKeyHash> index_;
+  std::vector<int32_t> slots_;
+  uint64_t slot_mask_ = 0;
   int32_t head_ = kNil;  // oldest free block
   int32_t tail_ = kNil;  // newest free block
   BlockPoolStats stats_;

@@ -109,6 +109,10 @@ class MMTokenCache:
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
+    def peek(self, key: ContentKey) -> MMEntry:
+        """The cached entry for ``key`` without taking a hold (KeyError if not cached)."""
+        return self._entries[key]
+
     def hold_count(self, key: ContentKey) -> int:
         return self._holds.get(key, 0)
 
