@@ -4,8 +4,10 @@
 Each module has ``HELP``, ``add_arguments(parser)`` and ``run(args) -> list[Record]``.
 """
 
-from epdrt.bench import block_pool
+from epdrt.bench import block_pool, e2e, kernels
 
 BENCHMARKS = {
     "block-pool": block_pool,
+    "kernels": kernels,
+    "e2e": e2e,
 }

@@ -9,5 +9,7 @@ namespace epdrt::bindings {
 void bind_errors(pybind11::module_& m);
 void bind_block_pool(pybind11::module_& m);
 void bind_region(pybind11::module_& m);
+void bind_transfer(pybind11::module_& m);
+void bind_kernels(pybind11::module_& m);
 
 }  // namespace epdrt::bindings

@@ -9,4 +9,6 @@ PYBIND11_MODULE(_core, m) {
   epdrt::bindings::bind_errors(m);
   epdrt::bindings::bind_block_pool(m);
   epdrt::bindings::bind_region(m);
+  epdrt::bindings::bind_transfer(m);
+  epdrt::bindings::bind_kernels(m);
 }

@@ -11,14 +11,30 @@ from epdrt.errors import (
     InvalidArgument,
     PoolExhausted,
     RegionError,
+    TransferError,
 )
 from epdrt.region import Region
+from epdrt.transfer.engine import Transfer, TransferEngine
 
 __version__: str = _core.__version__
+
+# The runtime pulls in ZeroMQ and transformers: import it on first use only.
+_RUNTIME_NAMES = {"EPDCluster", "EPDConfig", "Request", "RequestError", "RequestResult"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _RUNTIME_NAMES:
+        from epdrt import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'epdrt' has no attribute {name!r}")
+
 
 __all__ = [
     "BlockPool",
     "CudaUnavailable",
+    "EPDCluster",
+    "EPDConfig",
     "EpdrtError",
     "InvalidArgument",
     "MMTokenCache",
@@ -26,5 +42,8 @@ __all__ = [
     "PoolExhausted",
     "Region",
     "RegionError",
+    "Transfer",
+    "TransferEngine",
+    "TransferError",
     "__version__",
 ]

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "epdrt.commands.info",
     "epdrt.commands.bench",
+    "epdrt.commands.plan",
+    "epdrt.commands.run",
+    "epdrt.commands.demo",
 )
 
 

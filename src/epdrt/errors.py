@@ -20,3 +20,7 @@ class CudaUnavailable(EpdrtError):
 
 class RegionError(EpdrtError, OSError):
     """A memory region could not be created or opened (owner gone, stale descriptor, OS error)."""
+
+
+class TransferError(EpdrtError):
+    """A transfer failed after it was submitted: copy error, peer gone, or bad peer message."""

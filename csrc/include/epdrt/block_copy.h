@@ -23,4 +23,9 @@ void block_copy_host(const CopyOp* ops, size_t num_ops, int num_threads);
 // caller records an event after it to know when the copies are done.
 void block_copy_cuda(const CopyOp* ops_device, size_t num_ops, void* stream);
 
+// As above, with a bound on every op's nbytes known to the caller: the launch then gives each op
+// no more thread blocks than it can use (the 3-argument form cannot read the sizes on the host).
+void block_copy_cuda(const CopyOp* ops_device, size_t num_ops, void* stream,
+                     uint64_t max_op_bytes);
+
 }  // namespace epdrt

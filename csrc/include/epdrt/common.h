@@ -16,6 +16,7 @@ enum class Status : int {
   kCudaUnavailable = 3,
   kSystemError = 4,
   kInternal = 5,
+  kTransferFailed = 6,
 };
 
 // Base of every exception the core throws; carries the status the C API reports.
@@ -50,6 +51,12 @@ class CudaUnavailable : public Error {
 class SystemError : public Error {
  public:
   explicit SystemError(const std::string& msg) : Error(Status::kSystemError, msg) {}
+};
+
+// A transfer's copies failed after it was submitted (e.g. a CUDA error); see the message.
+class TransferFailed : public Error {
+ public:
+  explicit TransferFailed(const std::string& msg) : Error(Status::kTransferFailed, msg) {}
 };
 
 namespace detail {

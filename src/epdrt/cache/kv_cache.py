@@ -12,6 +12,7 @@ from epdrt._core import BlockPool
 from epdrt.cache._checks import cache_dtype, positive_int, tensor_arg
 from epdrt.device import Device
 from epdrt.errors import InvalidArgument, PoolExhausted
+from epdrt.kernels import kv_gather, kv_scatter
 from epdrt.region import Region
 
 
@@ -140,9 +141,10 @@ class PagedKVCache:
         shape = (n, self.num_kv_heads, self.head_dim)
         tensor_arg("key", key, shape, self.dtype, self.device)
         tensor_arg("value", value, shape, self.dtype, self.device)
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        self.storage[blocks, layer, 0, offsets] = key
-        self.storage[blocks, layer, 1, offsets] = value
+        # Slots were checked above; the kernel needs packed [H, D] rows.
+        kv_scatter(
+            key.contiguous(), value.contiguous(), self.layer(layer), slots, check_indices=False
+        )
 
     def append(self, seq_id: Hashable, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Appends ``key``/``value`` ``[num_layers, n, num_kv_heads, head_dim]`` to ``seq_id``.
@@ -169,15 +171,9 @@ class PagedKVCache:
         )
         length = self._lengths[seq_id]
         if layer is None:
-            pages = self.storage[table]  # [nb, L, 2, bs, H, D]
-            kv = pages.permute(1, 2, 0, 3, 4, 5).reshape(
-                self.num_layers, 2, -1, self.num_kv_heads, self.head_dim
-            )
-            return kv[:, 0, :length], kv[:, 1, :length]
+            return kv_gather(self.storage, table[None], [length], check_indices=False)
         self._check_layer(layer)
-        pages = self.storage[table, layer]  # [nb, 2, bs, H, D]
-        kv = pages.transpose(0, 1).reshape(2, -1, self.num_kv_heads, self.head_dim)
-        return kv[0, :length], kv[1, :length]
+        return kv_gather(self.layer(layer), table[None], [length], check_indices=False)
 
     # ---- checks ----------------------------------------------------------------------------
     def _known(self, seq_id: Hashable) -> Hashable:

@@ -1,0 +1,124 @@
+# SPDX-License-Identifier: Apache-2.0
+"""End-to-end serving: EPD against the ``pd`` and ``aggregated`` baselines on the same
+workload and devices. TTFT/TPOT percentiles, throughput, goodput under SLOs and peak memory.
+
+Without ``--model`` a tiny random-weight LLaVA is made (CPU-sized). On a GPU host pass a model
+directory of real-size shapes (``epdrt make-tiny-model DIR --size 7b``) and enough GPUs for the
+stage counts (one GPU per worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from epdrt.benchmarking import Record
+
+HELP = "EPD vs pd vs aggregated: TTFT, TPOT, throughput, goodput, peak memory"
+
+# (metric, summary key, higher is better)
+METRICS = [
+    ("TTFT p50 s", "ttft_p50_s", False),
+    ("TTFT p90 s", "ttft_p90_s", False),
+    ("TPOT p50 s", "tpot_p50_s", False),
+    ("TPOT p90 s", "tpot_p90_s", False),
+    ("requests/s", "requests_per_s", True),
+    ("goodput requests/s", "goodput_requests_per_s", True),
+    ("SLO attainment", "slo_attainment", True),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory (default: a fresh tiny LLaVA)")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
+    parser.add_argument("--images", default="1,4", help="min,max images per request")
+    parser.add_argument("--encode", type=int, default=1)
+    parser.add_argument("--prefill", type=int, default=1)
+    parser.add_argument("--decode", type=int, default=1)
+    parser.add_argument("--slo-ttft", type=float, default=2.0, help="seconds")
+    parser.add_argument("--slo-tpot", type=float, default=0.2, help="seconds")
+    parser.add_argument("--plot", help="PNG path (default: beside --json)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> list[Record]:
+    from epdrt.models import make_tiny_model
+    from epdrt.runtime.compare import format_runs, plot_runs, run_modes, token_mismatches
+    from epdrt.runtime.config import EPDConfig
+    from epdrt.runtime.stage_model import Preprocessor
+    from epdrt.runtime.workload import poisson_workload
+
+    tmp = None
+    model_dir = args.model
+    if model_dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        model_dir = str(Path(tmp.name) / "tiny-llava")
+        make_tiny_model(model_dir, "llava", seed=args.seed)
+    lo, hi = (int(x) for x in args.images.split(","))
+    placeholder = Preprocessor.load(model_dir, EPDConfig()).placeholder
+    workload = poisson_workload(
+        args.requests, args.rate, placeholder, images_per_request=(lo, hi), seed=args.seed
+    )
+    # Same devices for all: EPD's E+P+D worker count, pd's E+P and D, aggregated's workers.
+    total = args.encode + args.prefill + args.decode
+    configs = [
+        (
+            "epd",
+            EPDConfig(
+                mode="epd", num_encode=args.encode, num_prefill=args.prefill, num_decode=args.decode
+            ),
+        ),
+        (
+            "pd",
+            EPDConfig(mode="pd", num_prefill=args.encode + args.prefill, num_decode=args.decode),
+        ),
+        ("aggregated", EPDConfig(mode="aggregated", num_prefill=total)),
+    ]
+    runs = run_modes(
+        model_dir, workload, configs, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
+    )
+    print(format_runs(runs), file=sys.stderr)
+    for base in runs[1:]:
+        bad = token_mismatches(runs[0], base)
+        if bad:
+            print(f"WARNING: tokens differ between epd and {base.label} for {bad}", file=sys.stderr)
+    if args.plot or args.json not in (None, "-"):
+        plot = args.plot or str(Path(args.json).with_suffix(".png"))
+        plot_runs(runs, plot, f"e2e: {args.requests} requests at {args.rate}/s, {lo}-{hi} images")
+    if tmp is not None:
+        tmp.cleanup()
+    return _records(runs, args)
+
+
+def _records(runs, args: argparse.Namespace) -> list[Record]:
+    epd, baselines = runs[0], runs[1:]
+    stages = f"E{args.encode}P{args.prefill}D{args.decode}"
+    case = f"{args.requests} req @ {args.rate}/s, {args.images} img, {stages}"
+    records = []
+    for base in baselines:
+        for metric, key, higher in METRICS:
+            value, baseline = epd.summary.get(key), base.summary.get(key)
+            if value is None or baseline is None or value == 0 or baseline == 0:
+                continue
+            records.append(
+                Record(
+                    bench="e2e", case=f"{case} vs {base.label}", metric=metric, value=value,
+                    baseline=base.label, baseline_value=baseline,
+                    ratio=value / baseline if higher else baseline / value,
+                )
+            )  # fmt: skip
+        epd_mem, base_mem = epd.peak_memory_by_stage(), base.peak_memory_by_stage()
+        enc_epd = epd_mem.get("E")
+        enc_base = max((v for k, v in base_mem.items() if "E" in k), default=None)
+        if enc_epd and enc_base:
+            records.append(
+                Record(
+                    bench="e2e", case=f"{case} vs {base.label}", metric="encoder-device peak bytes",
+                    value=enc_epd, baseline=base.label, baseline_value=enc_base,
+                    ratio=enc_base / enc_epd,
+                )
+            )  # fmt: skip
+    return records

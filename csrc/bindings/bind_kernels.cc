@@ -1,0 +1,50 @@
+// SPDX-License-Identifier: Apache-2.0
+// Kernels that live in the C++ core: many-small-block copy (host and CUDA).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "bindings.h"
+#include "epdrt/block_copy.h"
+#include "epdrt/common.h"
+
+namespace py = pybind11;
+
+namespace epdrt::bindings {
+
+static_assert(sizeof(CopyOp) == 3 * sizeof(int64_t) && alignof(CopyOp) == alignof(int64_t),
+              "Python builds CopyOp arrays as int64 [num_ops, 3] (src, dst, nbytes)");
+
+void bind_kernels(py::module_& m) {
+  m.attr("COPY_OP_WORDS") = 3;
+  m.def(
+      "block_copy_host",
+      [](uintptr_t ops, size_t num_ops, int num_threads) {
+        EPDRT_ASSERT(num_ops == 0 || ops != 0, "block_copy_host: ops is null");
+        py::gil_scoped_release release;
+        block_copy_host(reinterpret_cast<const CopyOp*>(ops), num_ops, num_threads);
+      },
+      py::arg("ops"), py::arg("num_ops"), py::arg("num_threads") = 1,
+      "Copies num_ops CopyOp (host memory at address `ops`: int64 [num_ops, 3] rows of\n"
+      "src address, dst address, nbytes) with memcpy over up to num_threads threads.\n"
+      "Synchronous; the GIL is released. Addresses are not checked: the caller validates.");
+  m.def(
+      "block_copy_cuda",
+      [](uintptr_t ops_device, size_t num_ops, uintptr_t stream, uint64_t max_op_bytes) {
+#ifdef EPDRT_WITH_CUDA
+        block_copy_cuda(reinterpret_cast<const CopyOp*>(ops_device), num_ops,
+                        reinterpret_cast<void*>(stream), max_op_bytes);
+#else
+        (void)ops_device, (void)num_ops, (void)stream, (void)max_op_bytes;
+        throw CudaUnavailable("epdrt was built without CUDA (rebuild with EPDRT_CUDA=ON)");
+#endif
+      },
+      py::arg("ops_device"), py::arg("num_ops"), py::arg("stream"),
+      py::arg("max_op_bytes") = UINT64_MAX,
+      "Launches one kernel on `stream` (a cudaStream_t, 0 = legacy default) copying num_ops\n"
+      "CopyOp read from device memory at `ops_device` (int64 [num_ops, 3]). Asynchronous: the\n"
+      "ops array and both buffers must stay alive until the stream passes this point.\n"
+      "max_op_bytes: an upper bound on every op's nbytes (sizes the grid).");
+}
+
+}  // namespace epdrt::bindings

@@ -1,0 +1,150 @@
+// SPDX-License-Identifier: Apache-2.0
+// Transfer engine: executes batches of (src region, offset, dst region, offset, bytes) copies
+// asynchronously, on worker threads (CPU) or one CUDA stream per peer (GPU).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "epdrt/block_copy.h"
+#include "epdrt/region.h"
+
+namespace epdrt {
+
+// One copy of nbytes from src[src_offset] to dst[dst_offset]. Both regions are kept alive by the
+// Transfer that runs the op until the Transfer is destroyed or released.
+struct TransferOp {
+  std::shared_ptr<Region> src;
+  uint64_t src_offset = 0;
+  std::shared_ptr<Region> dst;
+  uint64_t dst_offset = 0;
+  uint64_t nbytes = 0;
+};
+
+enum class TransferState : int32_t { kPending = 0, kDone = 1, kFailed = 2 };
+
+class TransferEngine;
+
+// Handle of one submitted batch. Thread-safe. Poll with state()/done() or block with wait().
+class Transfer {
+ public:
+  ~Transfer();
+  Transfer(const Transfer&) = delete;
+  Transfer& operator=(const Transfer&) = delete;
+
+  // Current state; never blocks (a CUDA transfer queries its completion event).
+  TransferState state();
+  bool done() { return state() != TransferState::kPending; }
+  // Blocks until the transfer finishes or timeout_s passes (negative: no limit). Returns the
+  // state: kPending means the timeout expired.
+  TransferState wait(double timeout_s);
+  // Why the transfer failed ("" unless state() is kFailed).
+  std::string error() const;
+
+  uint64_t nbytes() const noexcept { return nbytes_; }
+  size_t num_ops() const noexcept { return num_ops_; }
+  // Contiguous runs after coalescing adjacent ops (what is actually copied).
+  size_t num_runs() const noexcept { return runs_.size(); }
+  bool on_cuda() const noexcept { return on_cuda_; }
+  // Drops the references to the regions once the transfer has finished; a no-op before that.
+  void release();
+
+ private:
+  friend class TransferEngine;
+  Transfer() = default;
+  void finish_chunk();  // called by a CPU worker after one chunk of runs
+  void fail(const std::string& msg);
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<int32_t> state_{static_cast<int32_t>(TransferState::kPending)};
+  std::atomic<int32_t> chunks_left_{0};
+  std::string error_;
+  std::vector<std::shared_ptr<Region>> regions_;  // keeps every region alive while copying
+  std::vector<CopyOp> runs_;
+  uint64_t nbytes_ = 0;
+  size_t num_ops_ = 0;
+  bool on_cuda_ = false;
+  int32_t device_index_ = 0;
+  int notify_fd_ = -1;     // the engine's completion eventfd, signalled when this transfer ends
+  void* event_ = nullptr;  // cudaEvent_t recorded after the copies (CUDA only)
+  void* pinned_ops_ = nullptr;  // pinned copy of runs_ uploaded for the block-copy kernel
+  size_t pinned_bytes_ = 0;     // capacity of pinned_ops_
+};
+
+// Runs copies between regions. Submitting validates every op first and rejects the whole batch
+// (InvalidArgument, nothing copied) when an op is out of bounds, uses a closed region, mixes CPU
+// and CUDA regions, or when destination ranges overlap each other or a source range.
+//
+// CPU: adjacent ops are coalesced into runs, which are split into chunks of about the same size
+// and copied by num_threads worker threads; submit() only enqueues. CUDA: one stream per peer key;
+// a batch becomes a few cudaMemcpyAsync calls, or one batched launch when it has many runs,
+// followed by an event that completes the Transfer. Transfers are independent: no ordering is
+// promised between two transfers on CPU; on CUDA, transfers of the same peer run in order.
+class TransferEngine {
+ public:
+  // num_threads <= 0 picks min(4, hardware threads).
+  explicit TransferEngine(int num_threads = 0);
+  // Finishes every queued copy, then stops the workers and destroys the CUDA streams.
+  ~TransferEngine();
+  TransferEngine(const TransferEngine&) = delete;
+  TransferEngine& operator=(const TransferEngine&) = delete;
+
+  // Validates and starts ops. peer selects the CUDA stream (0: the destination region's id).
+  std::shared_ptr<Transfer> submit(const std::vector<TransferOp>& ops, uint64_t peer = 0);
+  // n copies from src to dst: src_offsets[i] -> dst_offsets[i], sizes[i] bytes each (or
+  // uniform_nbytes each when sizes is null). Same checks as submit().
+  std::shared_ptr<Transfer> submit_blocks(const std::shared_ptr<Region>& src,
+                                          const std::shared_ptr<Region>& dst,
+                                          const uint64_t* src_offsets, const uint64_t* dst_offsets,
+                                          const uint64_t* sizes, uint64_t uniform_nbytes, size_t n,
+                                          uint64_t peer = 0);
+
+  int num_threads() const noexcept { return static_cast<int>(workers_.size()); }
+  // An eventfd (non-blocking) that is incremented each time one of this engine's transfers
+  // finishes: poll it to wait for many transfers at once. Owned by the engine.
+  int completion_fd() const noexcept { return completion_fd_; }
+
+  // Smallest piece a CPU transfer is split into for parallel copying.
+  static constexpr uint64_t kMinChunkBytes = 256 << 10;
+  // A CUDA transfer with more runs than this uses one batched launch.
+  static constexpr size_t kMaxSingleCopies = 4;
+
+ private:
+  struct Chunk {
+    std::shared_ptr<Transfer> transfer;
+    size_t begin;  // runs [begin, end) of transfer->runs_, already split to chunk boundaries
+    size_t end;
+  };
+
+  std::shared_ptr<Transfer> start(std::shared_ptr<Transfer> t, uint64_t peer);
+  void start_cpu(const std::shared_ptr<Transfer>& t);
+  void start_cuda(const std::shared_ptr<Transfer>& t, uint64_t peer);
+  void worker_loop();
+
+  int completion_fd_ = -1;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Chunk> queue_;
+  bool stopping_ = false;
+  std::vector<std::thread> workers_;
+
+  void* acquire_pinned(size_t bytes, size_t* capacity);
+  void reap_cuda();  // with cuda_mu_ held: drops finished transfers, recycles their pinned arrays
+
+  std::mutex cuda_mu_;
+  std::unordered_map<uint64_t, void*> streams_;  // (peer, device) key -> cudaStream_t
+  std::vector<std::shared_ptr<Transfer>> inflight_cuda_;
+  std::multimap<size_t, void*> pinned_pool_;  // capacity -> free pinned host buffer
+};
+
+}  // namespace epdrt

@@ -1,0 +1,405 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Stage profiles: latency models per stage, memory facts and transfer cost of one model on one
+device, saved as JSON with a schema version.
+
+Units everywhere: seconds, bytes, tokens. "Image tokens" are the multimodal (MM) tokens an image
+becomes in the LM's input sequence.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from epdrt.errors import InvalidArgument
+
+SCHEMA_VERSION = 1
+SOURCES = ("measured", "estimated", "synthetic")
+
+
+def _segment(knots: Sequence[float], x: float) -> tuple[int, float]:
+    """Index i of the segment [knots[i], knots[i+1]] used for x and x's position t in it.
+
+    Outside the knots the end segments are extended, so t < 0 or t > 1 extrapolates linearly.
+    """
+    n = len(knots)
+    if n == 1:
+        return 0, 0.0
+    i = min(max(bisect.bisect_right(knots, x) - 1, 0), n - 2)
+    return i, (x - knots[i]) / (knots[i + 1] - knots[i])
+
+
+def _check_knots(name: str, knots: Sequence[float]) -> None:
+    if len(knots) < 1 or any(b <= a for a, b in itertools.pairwise(knots)):
+        raise InvalidArgument(f"{name}: knots must be non-empty and strictly increasing")
+
+
+@dataclass(frozen=True)
+class PiecewiseLinear:
+    """y(x), linear between knots and extended linearly beyond the end knots; never below 0.
+
+    Args:
+        knots: strictly increasing x values.
+        values: y at each knot.
+    """
+
+    knots: tuple[float, ...]
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        _check_knots("PiecewiseLinear", self.knots)
+        if len(self.values) != len(self.knots):
+            raise InvalidArgument("PiecewiseLinear: one value per knot")
+
+    @classmethod
+    def constant(cls, value: float) -> PiecewiseLinear:
+        return cls((0.0,), (float(value),))
+
+    def __call__(self, x: float) -> float:
+        if len(self.knots) == 1:
+            return max(self.values[0], 0.0)
+        i, t = _segment(self.knots, x)
+        return max(self.values[i] + t * (self.values[i + 1] - self.values[i]), 0.0)
+
+    def sum_arithmetic(self, x0: float, dx: float, n: int) -> float:
+        """``sum(self(x0 + j * dx) for j in range(n))`` in closed form (dx >= 0).
+
+        NOTE: the terms are not clamped at 0; callers use it on models that stay positive.
+        """
+        if n <= 0:
+            return 0.0
+        k, v = self.knots, self.values
+        if len(k) == 1:
+            return n * v[0]
+        last = len(k) - 2
+        # Segment of the first term; later terms only move right (dx >= 0).
+        i = min(max(bisect.bisect_right(k, x0) - 1, 0), last)
+        total, ja = 0.0, 0
+        while True:
+            jb = n  # the last segment, or every term equal
+            if i < last and dx > 0:
+                jb = min(max(math.ceil((k[i + 1] - x0) / dx), ja), n)
+            cnt = jb - ja
+            if cnt:
+                slope = (v[i + 1] - v[i]) / (k[i + 1] - k[i])
+                total += cnt * (v[i] + slope * (x0 - k[i])) + slope * dx * (ja + jb - 1) * cnt / 2
+            if jb >= n:
+                return total
+            ja = jb
+            i += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"knots": list(self.knots), "values": list(self.values)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PiecewiseLinear:
+        return cls(tuple(float(v) for v in d["knots"]), tuple(float(v) for v in d["values"]))
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    """z(x, y) on a grid of knots: bilinear inside, extended linearly outside; never below 0.
+
+    Args:
+        x_knots, y_knots: strictly increasing grid coordinates.
+        values: ``values[i][j]`` is z at ``(x_knots[i], y_knots[j])``.
+    """
+
+    x_knots: tuple[float, ...]
+    y_knots: tuple[float, ...]
+    values: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        _check_knots("Bilinear x", self.x_knots)
+        _check_knots("Bilinear y", self.y_knots)
+        if len(self.values) != len(self.x_knots) or any(
+            len(row) != len(self.y_knots) for row in self.values
+        ):
+            raise InvalidArgument("Bilinear: values must be len(x_knots) x len(y_knots)")
+
+    @classmethod
+    def constant(cls, value: float) -> Bilinear:
+        return cls((0.0,), (0.0,), ((float(value),),))
+
+    @classmethod
+    def from_function(cls, x_knots: Sequence[float], y_knots: Sequence[float], fn: Any) -> Bilinear:
+        """The grid of ``fn(x, y)`` at every pair of knots."""
+        xs, ys = tuple(float(x) for x in x_knots), tuple(float(y) for y in y_knots)
+        return cls(xs, ys, tuple(tuple(float(fn(x, y)) for y in ys) for x in xs))
+
+    def __call__(self, x: float, y: float) -> float:
+        v = self.values
+        i, t = _segment(self.x_knots, x)
+        j, u = _segment(self.y_knots, y)
+        i1 = i + 1 if len(self.x_knots) > 1 else i
+        j1 = j + 1 if len(self.y_knots) > 1 else j
+        z0 = v[i][j] + u * (v[i][j1] - v[i][j])
+        z1 = v[i1][j] + u * (v[i1][j1] - v[i1][j])
+        return max(z0 + t * (z1 - z0), 0.0)
+
+    def at_x(self, x: float) -> PiecewiseLinear:
+        """z(x, .) as a piecewise-linear function of y (not clamped at 0)."""
+        v = self.values
+        i, t = _segment(self.x_knots, x)
+        i1 = i + 1 if len(self.x_knots) > 1 else i
+        row = tuple(v[i][j] + t * (v[i1][j] - v[i][j]) for j in range(len(self.y_knots)))
+        return PiecewiseLinear(self.y_knots, row)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "x_knots": list(self.x_knots),
+            "y_knots": list(self.y_knots),
+            "values": [list(r) for r in self.values],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Bilinear:
+        return cls(
+            tuple(float(v) for v in d["x_knots"]),
+            tuple(float(v) for v in d["y_knots"]),
+            tuple(tuple(float(v) for v in r) for r in d["values"]),
+        )
+
+
+def _hat_weights(knots: Sequence[float], x: float) -> list[tuple[int, float]]:
+    """Weights of the knot values that give the piecewise-linear value at x."""
+    if len(knots) == 1:
+        return [(0, 1.0)]
+    i, t = _segment(knots, x)
+    return [(i, 1.0 - t), (i + 1, t)]
+
+
+def fit_piecewise_linear(
+    xs: Sequence[float], ys: Sequence[float], breakpoints: Sequence[float]
+) -> PiecewiseLinear:
+    """Least-squares continuous piecewise-linear fit with knots at ``breakpoints``.
+
+    Args:
+        xs, ys: samples (for example batch tokens and seconds).
+        breakpoints: strictly increasing knots; a knot with no samples nearby gets the
+            minimum-norm value, so put knots where there are samples.
+    """
+    knots = tuple(float(b) for b in breakpoints)
+    _check_knots("fit_piecewise_linear", knots)
+    if len(xs) != len(ys) or not xs:
+        raise InvalidArgument("fit_piecewise_linear: xs and ys must be equally long, not empty")
+    a = np.zeros((len(xs), len(knots)))
+    for r, x in enumerate(xs):
+        for k, w in _hat_weights(knots, float(x)):
+            a[r, k] += w
+    sol = np.linalg.lstsq(a, np.asarray(ys, dtype=float), rcond=None)[0]
+    return PiecewiseLinear(knots, tuple(float(v) for v in sol))
+
+
+def fit_bilinear(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    zs: Sequence[float],
+    x_knots: Sequence[float],
+    y_knots: Sequence[float],
+) -> Bilinear:
+    """Least-squares bilinear fit of samples ``z = f(x, y)`` on the given grid of knots."""
+    xk, yk = tuple(float(v) for v in x_knots), tuple(float(v) for v in y_knots)
+    _check_knots("fit_bilinear x", xk)
+    _check_knots("fit_bilinear y", yk)
+    if not (len(xs) == len(ys) == len(zs)) or not xs:
+        raise InvalidArgument("fit_bilinear: xs, ys, zs must be equally long, not empty")
+    a = np.zeros((len(xs), len(xk) * len(yk)))
+    for r, (x, y) in enumerate(zip(xs, ys)):
+        for i, wx in _hat_weights(xk, float(x)):
+            for j, wy in _hat_weights(yk, float(y)):
+                a[r, i * len(yk) + j] += wx * wy
+    sol = np.linalg.lstsq(a, np.asarray(zs, dtype=float), rcond=None)[0]
+    grid = sol.reshape(len(xk), len(yk))
+    return Bilinear(xk, yk, tuple(tuple(float(v) for v in row) for row in grid))
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """Memory facts per GPU, in bytes.
+
+    Args:
+        device_bytes: total device memory.
+        usable_fraction: share of ``device_bytes`` the runtime may use.
+        overhead_bytes: per-GPU fixed cost (CUDA context, allocator slack, graphs).
+        encode_weight_bytes: vision tower + projector weights.
+        lm_weight_bytes: language-model weights (shared by prefill and decode on one GPU).
+        encode_activation_bytes_per_token: peak encode activations per image token in a batch.
+        prefill_activation_bytes_per_token: peak prefill activations per token in a batch.
+        kv_bytes_per_token: KV cache of one token over all layers.
+        mm_bytes_per_token: one MM token (hidden size x dtype bytes).
+    """
+
+    device_bytes: int
+    encode_weight_bytes: int
+    lm_weight_bytes: int
+    kv_bytes_per_token: float
+    mm_bytes_per_token: float
+    encode_activation_bytes_per_token: float = 0.0
+    prefill_activation_bytes_per_token: float = 0.0
+    overhead_bytes: int = 0
+    usable_fraction: float = 0.9
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.device_bytes * self.usable_fraction - self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class TransferProfile:
+    """Cost of moving bytes between two GPUs: ``latency_s + bytes / bytes_per_s``."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def seconds(self, num_bytes: float) -> float:
+        return self.latency_s + num_bytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    """Latency, memory and transfer models of one model on one device.
+
+    Args:
+        encode: seconds of one encode batch against (images in batch, image tokens per image).
+        prefill: seconds of one prefill batch against tokens in the batch.
+        decode: seconds of one decode step against (sequences in batch, context tokens summed
+            over the batch).
+        source: "measured", "estimated" or "synthetic"; say which, plainly.
+        notes: how the numbers were obtained (the arithmetic, for an estimate).
+        samples: the raw measurements behind a measured profile (optional).
+    """
+
+    name: str
+    source: str
+    device: str
+    encode: Bilinear
+    prefill: PiecewiseLinear
+    decode: Bilinear
+    memory: MemoryProfile
+    transfer: TransferProfile
+    notes: str = ""
+    samples: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise InvalidArgument(f"source must be one of {SOURCES}, got {self.source!r}")
+
+    def encode_latency(self, num_images: int, tokens_per_image: float) -> float:
+        return self.encode(num_images, tokens_per_image)
+
+    def prefill_latency(self, num_tokens: int) -> float:
+        return self.prefill(num_tokens)
+
+    def decode_step_latency(self, batch_size: int, context_tokens: int) -> float:
+        return self.decode(batch_size, context_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.memory
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "source": self.source,
+            "device": self.device,
+            "notes": self.notes,
+            "encode_latency_s": {"x": "images_in_batch", "y": "tokens_per_image"}
+            | self.encode.to_dict(),
+            "prefill_latency_s": {"x": "tokens_in_batch"} | self.prefill.to_dict(),
+            "decode_step_latency_s": {"x": "batch_size", "y": "total_context_tokens"}
+            | self.decode.to_dict(),
+            "memory": {
+                "device_bytes": m.device_bytes,
+                "usable_fraction": m.usable_fraction,
+                "overhead_bytes": m.overhead_bytes,
+                "encode_weight_bytes": m.encode_weight_bytes,
+                "lm_weight_bytes": m.lm_weight_bytes,
+                "encode_activation_bytes_per_token": m.encode_activation_bytes_per_token,
+                "prefill_activation_bytes_per_token": m.prefill_activation_bytes_per_token,
+                "kv_bytes_per_token": m.kv_bytes_per_token,
+                "mm_bytes_per_token": m.mm_bytes_per_token,
+            },
+            "transfer": {
+                "latency_s": self.transfer.latency_s,
+                "bytes_per_s": self.transfer.bytes_per_s,
+            },
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageProfile:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise InvalidArgument(
+                f"profile schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
+            )
+        try:
+            m = d["memory"]
+            return cls(
+                name=str(d["name"]),
+                source=str(d["source"]),
+                device=str(d["device"]),
+                notes=str(d.get("notes", "")),
+                encode=Bilinear.from_dict(d["encode_latency_s"]),
+                prefill=PiecewiseLinear.from_dict(d["prefill_latency_s"]),
+                decode=Bilinear.from_dict(d["decode_step_latency_s"]),
+                memory=MemoryProfile(
+                    device_bytes=int(m["device_bytes"]),
+                    usable_fraction=float(m.get("usable_fraction", 0.9)),
+                    overhead_bytes=int(m.get("overhead_bytes", 0)),
+                    encode_weight_bytes=int(m["encode_weight_bytes"]),
+                    lm_weight_bytes=int(m["lm_weight_bytes"]),
+                    encode_activation_bytes_per_token=float(
+                        m.get("encode_activation_bytes_per_token", 0.0)
+                    ),
+                    prefill_activation_bytes_per_token=float(
+                        m.get("prefill_activation_bytes_per_token", 0.0)
+                    ),
+                    kv_bytes_per_token=float(m["kv_bytes_per_token"]),
+                    mm_bytes_per_token=float(m["mm_bytes_per_token"]),
+                ),
+                transfer=TransferProfile(
+                    float(d["transfer"]["latency_s"]), float(d["transfer"]["bytes_per_s"])
+                ),
+                samples=dict(d.get("samples", {})),
+            )
+        except KeyError as e:
+            raise InvalidArgument(f"profile is missing the key {e}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> StageProfile:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def builtin_profiles() -> list[str]:
+    """Names of the profiles shipped in ``epdrt/planner/profiles/`` (without ``.json``)."""
+    root = resources.files("epdrt.planner") / "profiles"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> StageProfile:
+    """Loads a profile from a JSON path, or a built-in one by name (see builtin_profiles())."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        return StageProfile.load(path)
+    name = str(name_or_path)
+    if name not in builtin_profiles():
+        raise InvalidArgument(
+            f"no profile file {name!r} and no built-in profile of that name "
+            f"(built-in: {', '.join(builtin_profiles()) or 'none'})"
+        )
+    text = (resources.files("epdrt.planner") / "profiles" / f"{name}.json").read_text()
+    return StageProfile.from_dict(json.loads(text))

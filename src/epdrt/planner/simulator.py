@@ -1,0 +1,652 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Discrete-event simulation of one deployment serving a list of requests.
+
+Model (one GPU runs one batch at a time; stages on one GPU take turns):
+
+- Arrival: the request is routed to the prefill GPU with the fewest outstanding input tokens
+  (``aggregated``: the fewest unfinished requests). Its images are cut into up to
+  ``image_split`` near-equal chunks on the least-loaded encoders (``pd``/``aggregated``: its
+  prefill GPU encodes them all).
+- Encode: FIFO over images; a batch takes up to ``encode_batch`` images (a request's images may
+  span batches) and lasts ``encode(images, mean tokens per image)``. A finished chunk's MM
+  tokens go to the prefill GPU (no transfer when it is the same GPU).
+- Prefill: FIFO over requests whose MM tokens have all arrived; a batch takes requests while
+  their tokens fit ``prefill_tokens`` (the first always) and their KV fits the GPU's free KV
+  (back-pressure: the batch waits, nothing is dropped); it lasts ``prefill(tokens)`` and ends
+  with every request's first token.
+- Hand-off (``epd``/``pd``/``ed``): the decode GPU with the fewest sequences among those with
+  KV room for input + output tokens is reserved; the KV (input tokens) then crosses the link;
+  the prefill GPU frees it on arrival. Without room anywhere the request waits, holding its
+  prefill KV.
+- Decode: continuous batching; at each step boundary waiting sequences join while the batch
+  has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
+  gives every sequence one token.
+- Shared GPUs run ready work by priority encode > prefill > decode at batch boundaries: a
+  pending prefill pre-empts the next decode step (prefill-first, no chunked prefill), and
+  in ``ed`` encode batches pre-empt decode steps the same way.
+- Transfers: ``latency + bytes / bandwidth``, serialized per sending GPU.
+- Memory: per-GPU KV capacity and the encode batch bound come from the memory plan
+  (config.memory_plan): colocated weights and activation reserves shrink KV capacity.
+  ``aggregated`` reserves input + output KV at prefill admission on its one GPU.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from epdrt.errors import InvalidArgument
+from epdrt.planner.config import DeployConfig, check_memory, memory_plan, role_stages
+from epdrt.planner.metrics import SLO, quantile, summarize
+from epdrt.planner.profile import PiecewiseLinear, StageProfile
+from epdrt.planner.workload import Request
+
+
+class _Req:
+    __slots__ = (
+        "arrival",
+        "bad",
+        "dgpu",
+        "inp",
+        "out",
+        "pending",
+        "pgpu",
+        "t_finish",
+        "t_first",
+        "t_join",
+        "t_pstart",
+        "t_ready",
+    )
+
+    def __init__(self, r: Request) -> None:
+        self.arrival = r.arrival_s
+        self.inp = r.input_tokens
+        self.out = r.output_tokens
+        self.pending = 0
+        self.pgpu: _Gpu | None = None
+        self.dgpu: _Gpu | None = None
+        self.bad = False
+        nan = float("nan")
+        self.t_ready = self.t_pstart = self.t_first = self.t_join = self.t_finish = nan
+
+
+class _Gpu:
+    __slots__ = (
+        "busy",
+        "busy_s",
+        "dec_wait",
+        "ei",
+        "enc_q",
+        "fin",
+        "incoming",
+        "index",
+        "kv_cap",
+        "kv_used",
+        "link_free",
+        "mac_ctx",
+        "mac_end",
+        "mac_id",
+        "mac_k",
+        "mac_line",
+        "mac_t0",
+        "pi",
+        "pre_q",
+        "run_ctx",
+        "run_n",
+        "stages",
+        "step",
+    )
+
+    def __init__(self, index: int, stages: tuple[str, ...], kv_cap: int) -> None:
+        self.index = index
+        self.stages = stages
+        self.busy = False
+        self.busy_s = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
+        self.enc_q: deque[tuple[list[Any], int]] = deque()  # (chunk, tokens) per image
+        self.ei = -1  # index into _Sim.enc_load (encode GPUs)
+        self.pre_q: deque[_Req] = deque()
+        self.pi = -1  # index into _Sim.pre_load (prefill GPUs)
+        self.kv_cap = kv_cap
+        self.kv_used = 0
+        self.run_n = 0  # sequences in the decode batch
+        self.run_ctx = 0  # their context tokens, summed
+        self.fin: list[tuple[int, int, _Req]] = []  # (finishing step, seq, request)
+        self.step = 0
+        self.dec_wait: deque[_Req] = deque()
+        self.incoming = 0  # KV transfers under way to this GPU
+        self.link_free = 0.0
+        # A run of mac_k decode steps started at mac_t0 (context mac_ctx); mac_k == 0: none.
+        self.mac_k = 0
+        self.mac_id = 0
+        self.mac_t0 = self.mac_end = 0.0
+        self.mac_ctx = 0
+        self.mac_line: PiecewiseLinear | None = None
+
+
+@dataclass
+class SimResult:
+    """What one simulation run gives. Arrays hold one entry per request, in arrival order;
+    NaN where a request did not get that far (only when the run stopped early).
+
+    Attributes:
+        aborted: the run stopped as soon as the SLO target could no longer be met
+            (``stop_below``); then ``slo_attainment`` is an upper bound below the target.
+        utilization: busy share of each stage's instances, 0..1.
+        phases: mean seconds per request in: encode (arrival to MM tokens at prefill, image
+            requests only), prefill_wait (ready to batch start), handoff (first token to decode
+            join), decode_per_token (per output token after joining).
+    """
+
+    config: DeployConfig
+    num_requests: int
+    completed: int
+    arrival_s: np.ndarray
+    ttft_s: np.ndarray
+    tpot_s: np.ndarray
+    output_tokens: np.ndarray
+    duration_s: float
+    slo: SLO | None
+    slo_attainment: float
+    aborted: bool
+    utilization: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def throughput_rps(self) -> float:
+        """Completed requests per second from the first arrival to the last finish."""
+        return self.completed / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        done = np.isfinite(self.tpot_s)
+        total = float(self.output_tokens[done].sum())
+        return total / self.duration_s if self.duration_s > 0 else 0.0
+
+    def ttft_quantile(self, q: float) -> float:
+        return quantile(self.ttft_s, q)
+
+    def tpot_quantile(self, q: float) -> float:
+        return quantile(self.tpot_s, q)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "num_requests": self.num_requests,
+            "completed": self.completed,
+            "duration_s": self.duration_s,
+            "throughput_rps": self.throughput_rps,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "ttft_s": summarize(self.ttft_s),
+            "tpot_s": summarize(self.tpot_s),
+            "slo_attainment": self.slo_attainment,
+            "aborted": self.aborted,
+            "utilization": self.utilization,
+            "phases": self.phases,
+        }
+
+
+def _chunks(tokens: tuple[int, ...], k: int) -> list[tuple[int, ...]]:
+    """``tokens`` cut into k contiguous, near-equal parts (the first ones one longer)."""
+    n = len(tokens)
+    base, extra = divmod(n, k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (1 if i < extra else 0)
+        out.append(tokens[start : start + size])
+        start += size
+    return out
+
+
+class _Sim:
+    def __init__(
+        self,
+        profile: StageProfile,
+        config: DeployConfig,
+        requests: Sequence[Request],
+        slo: SLO | None,
+        stop_below: float | None,
+    ) -> None:
+        self.p = profile
+        self.c = config
+        self.reqs = list(requests)
+        self.slo = slo
+        self.heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.agg = config.mode == "aggregated"
+        max_img = max((max(r.image_tokens) for r in self.reqs if r.image_tokens), default=1)
+        why = check_memory(
+            profile,
+            config,
+            max_img,
+            max(r.input_tokens + r.output_tokens for r in self.reqs),
+            max(r.input_tokens for r in self.reqs),
+        )
+        if why:
+            raise InvalidArgument(f"{config.label()} does not fit in memory: {why}")
+        plan = memory_plan(profile, config, max_img)
+        self.gpus: list[_Gpu] = []
+        for pool, count in zip(role_stages(config.mode), config.pools):
+            gm = plan[pool]
+            for _ in range(count):
+                self.gpus.append(_Gpu(len(self.gpus), gm.stages, gm.kv_tokens))
+        self.enc = [g for g in self.gpus if "encode" in g.stages]
+        self.pre = [g for g in self.gpus if "prefill" in g.stages]
+        self.dec = [g for g in self.gpus if "decode" in g.stages]
+        for i, g in enumerate(self.enc):
+            g.ei = i
+        for i, g in enumerate(self.pre):
+            g.pi = i
+        # Routing loads: images queued or in service per encoder; outstanding input tokens per
+        # prefill GPU (unfinished requests in aggregated).
+        self.enc_load = [0] * len(self.enc)
+        self.pre_load = [0] * len(self.pre)
+        self.handoff: deque[_Req] = deque()
+        self.state = [_Req(r) for r in self.reqs]
+        self.violations = 0
+        self.max_violations = len(self.reqs) + 1
+        if stop_below is not None and slo is not None:
+            self.max_violations = int((1.0 - stop_below) * len(self.reqs) + 1e-9)
+        self.stop = False
+        self.completed = 0
+        self.next_arrival = 0
+        m = profile.memory
+        self.kv_bytes = m.kv_bytes_per_token
+        self.mm_bytes = m.mm_bytes_per_token
+        self.xfer = profile.transfer.seconds
+        self.lines: dict[int, PiecewiseLinear] = {}  # decode latency against context, by batch
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _at(self, t: float, fn: Callable[[Any], None], arg: Any) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), fn, arg))
+
+    def _send(self, src: _Gpu, num_bytes: float, fn: Callable[[Any], None], arg: Any) -> None:
+        start = max(self.now, src.link_free)
+        src.link_free = start + self.xfer(num_bytes)
+        self._at(src.link_free, fn, arg)
+
+    def _violate(self, rq: _Req) -> None:
+        if not rq.bad:
+            rq.bad = True
+            self.violations += 1
+            if self.violations > self.max_violations:
+                self.stop = True
+
+    def run(self) -> None:
+        if self.reqs:
+            self._at(self.reqs[0].arrival_s, self._arrive, 0)
+        heap, pop = self.heap, heapq.heappop
+        while heap and not self.stop:
+            t, _, fn, arg = pop(heap)
+            self.now = t
+            fn(arg)
+        if not self.stop and self.completed < len(self.reqs):
+            raise InvalidArgument(f"{self.c.label()}: requests stuck (can never be admitted)")
+
+    # -- events ----------------------------------------------------------------------------
+    def _arrive(self, i: int) -> None:
+        r, rq = self.reqs[i], self.state[i]
+        if i + 1 < len(self.reqs):
+            self._at(self.reqs[i + 1].arrival_s, self._arrive, i + 1)
+        loads = self.pre_load
+        pi = loads.index(min(loads))
+        loads[pi] += 1 if self.agg else rq.inp
+        p = self.pre[pi]
+        rq.pgpu = p
+        if not r.image_tokens:
+            rq.pending = 1
+            self._mm_arrive(rq)
+            return
+        if self.c.mode in ("pd", "aggregated"):
+            encoders = [p]
+        else:
+            k = min(self.c.image_split, len(r.image_tokens))
+            el = self.enc_load
+            if k == 1:
+                encoders = [self.enc[el.index(min(el))]]
+            else:
+                encoders = [self.enc[i] for i in heapq.nsmallest(k, range(len(el)), el.__getitem__)]
+        parts = _chunks(r.image_tokens, len(encoders))
+        rq.pending = len(encoders)
+        for g, part in zip(encoders, parts):
+            chunk = [rq, len(part), sum(part)]
+            g.enc_q.extend((chunk, t) for t in part)
+            self.enc_load[g.ei] += len(part)
+            self._kick(g)
+
+    def _mm_arrive(self, rq: _Req) -> None:
+        rq.pending -= 1
+        if rq.pending == 0:
+            rq.t_ready = self.now
+            p = rq.pgpu
+            assert p is not None
+            p.pre_q.append(rq)
+            self._kick(p)
+
+    def _enc_done(self, arg: tuple[_Gpu, list[tuple[list[Any], int]]]) -> None:
+        g, batch = arg
+        for chunk, _ in batch:
+            chunk[1] -= 1
+            if chunk[1] == 0:
+                rq = chunk[0]
+                if rq.pgpu is g:
+                    # Same GPU: the prefill queue sees it when g is free again (below).
+                    rq.pending -= 1
+                    if rq.pending == 0:
+                        rq.t_ready = self.now
+                        g.pre_q.append(rq)
+                else:
+                    self._send(g, chunk[2] * self.mm_bytes, self._mm_arrive, rq)
+        self.enc_load[g.ei] -= len(batch)
+        g.busy = False
+        self._kick(g)
+
+    def _pre_done(self, arg: tuple[_Gpu, list[_Req]]) -> None:
+        g, batch = arg
+        now = self.now
+        slo = self.slo
+        for rq in batch:
+            rq.t_first = now
+            if not self.agg:
+                self.pre_load[g.pi] -= rq.inp
+            if slo is not None and now - rq.arrival > slo.ttft_s:
+                self._violate(rq)
+            if rq.out == 1:
+                g.kv_used -= rq.inp + (1 if self.agg else 0)
+                if self.agg:
+                    self.pre_load[g.pi] -= 1
+                self._finish(rq)
+            elif self.agg:
+                rq.dgpu = g
+                g.dec_wait.append(rq)
+            else:
+                self.handoff.append(rq)
+        if self.handoff:
+            self._place_handoffs()
+        g.busy = False
+        self._kick(g)
+
+    def _place_handoffs(self) -> None:
+        free = [d.kv_cap - d.kv_used for d in self.dec]
+        most = max(free)
+        waiting: deque[_Req] = deque()
+        for rq in self.handoff:
+            need = rq.inp + rq.out
+            if need > most:
+                waiting.append(rq)
+                continue
+            best, best_i, best_load = None, -1, 0
+            for i, d in enumerate(self.dec):
+                if free[i] >= need:
+                    load = d.run_n + len(d.dec_wait) + d.incoming
+                    if best is None or load < best_load:
+                        best, best_i, best_load = d, i, load
+            assert best is not None
+            best.kv_used += need
+            best.incoming += 1
+            free[best_i] -= need
+            most = max(free)
+            rq.dgpu = best
+            src = rq.pgpu
+            assert src is not None
+            self._send(src, rq.inp * self.kv_bytes, self._kv_arrive, rq)
+        self.handoff = waiting
+
+    def _kv_arrive(self, rq: _Req) -> None:
+        src, d = rq.pgpu, rq.dgpu
+        assert src is not None and d is not None
+        src.kv_used -= rq.inp
+        d.incoming -= 1
+        d.dec_wait.append(rq)
+        self._kick(d)
+        self._kick(src)
+
+    def _steps_done(self, arg: tuple[_Gpu, int]) -> None:
+        g, mac_id = arg
+        if mac_id != g.mac_id:
+            return  # superseded by a shorter run (_truncate)
+        g.step += g.mac_k
+        g.run_ctx += g.run_n * g.mac_k
+        g.mac_k = 0
+        fin, step = g.fin, g.step
+        released = False
+        while fin and fin[0][0] <= step:
+            rq = heapq.heappop(fin)[2]
+            g.run_n -= 1
+            g.run_ctx -= rq.inp + rq.out
+            g.kv_used -= rq.inp + rq.out
+            if self.agg:
+                self.pre_load[g.pi] -= 1
+            released = True
+            self._finish(rq)
+        if released and self.handoff:
+            self._place_handoffs()
+        g.busy = False
+        self._kick(g)
+
+    def _truncate(self, g: _Gpu) -> None:
+        """Ends g's run of decode steps at the first step boundary at or after now."""
+        line, ctx, b = g.mac_line, g.mac_ctx, g.run_n
+        assert line is not None
+        elapsed = self.now - g.mac_t0
+        lo, hi = 1, g.mac_k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if line.sum_arithmetic(ctx, b, mid) >= elapsed:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo == g.mac_k:
+            return
+        end = g.mac_t0 + line.sum_arithmetic(ctx, b, lo)
+        g.busy_s["decode"] -= g.mac_end - end
+        g.mac_k, g.mac_end = lo, end
+        g.mac_id += 1
+        self._at(end, self._steps_done, (g, g.mac_id))
+
+    def _finish(self, rq: _Req) -> None:
+        rq.t_finish = self.now
+        self.completed += 1
+        slo = self.slo
+        if (
+            slo is not None
+            and rq.out > 1
+            and not rq.bad
+            and (self.now - rq.t_first) / (rq.out - 1) > slo.tpot_s
+        ):
+            self._violate(rq)
+
+    # -- scheduling ------------------------------------------------------------------------
+    def _kick(self, g: _Gpu) -> None:
+        """Starts g's next batch if g is idle: encode, else prefill, else a decode step."""
+        c = self.c
+        if g.busy:
+            # New work waits for the current batch; a run of decode steps ends at the next
+            # step boundary when the work could start then.
+            if g.mac_k > 1 and (g.enc_q or g.pre_q or (g.dec_wait and g.run_n < c.decode_batch)):
+                self._truncate(g)
+            return
+        now = self.now
+        if g.enc_q:
+            q = g.enc_q
+            n = min(len(q), c.encode_batch)
+            batch = [q.popleft() for _ in range(n)]
+            dur = self.p.encode(n, sum(t for _, t in batch) / n)
+            g.busy = True
+            g.busy_s["encode"] += dur
+            self._at(now + dur, self._enc_done, (g, batch))
+            return
+        if g.pre_q:
+            pbatch: list[_Req] = []
+            tokens = kv = 0
+            free = g.kv_cap - g.kv_used
+            for rq in g.pre_q:
+                if pbatch and tokens + rq.inp > c.prefill_tokens:
+                    break
+                need = rq.inp + (rq.out if self.agg else 0)
+                if kv + need > free:
+                    break
+                pbatch.append(rq)
+                tokens += rq.inp
+                kv += need
+            if pbatch:
+                for rq in pbatch:
+                    g.pre_q.popleft()
+                    rq.t_pstart = now
+                g.kv_used += kv
+                dur = self.p.prefill(tokens)
+                g.busy = True
+                g.busy_s["prefill"] += dur
+                self._at(now + dur, self._pre_done, (g, pbatch))
+                return
+        if g.dec_wait:
+            wait, fin = g.dec_wait, g.fin
+            while wait and g.run_n < c.decode_batch:
+                rq = wait.popleft()
+                rq.t_join = now
+                g.run_n += 1
+                g.run_ctx += rq.inp + 1
+                heapq.heappush(fin, (g.step + rq.out - 1, next(self.seq), rq))
+        if g.run_n:
+            # Nothing changes the batch before its next finish, so its steps run as one event
+            # (cut short by _truncate when other work arrives).
+            line = self.lines.get(g.run_n)
+            if line is None:
+                line = self.lines[g.run_n] = self.p.decode.at_x(g.run_n)
+            k = g.fin[0][0] - g.step
+            dur = line.sum_arithmetic(g.run_ctx, g.run_n, k)
+            g.busy = True
+            g.busy_s["decode"] += dur
+            g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, now, now + dur, g.run_ctx, line
+            g.mac_id += 1
+            self._at(now + dur, self._steps_done, (g, g.mac_id))
+
+    # -- results ---------------------------------------------------------------------------
+    def result(self) -> SimResult:
+        st = self.state
+        arrival = np.array([s.arrival for s in st])
+        first = np.array([s.t_first for s in st])
+        finish = np.array([s.t_finish for s in st])
+        out = np.array([s.out for s in st], dtype=np.int64)
+        ttft = first - arrival
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), 0.0)
+        tpot = np.where(np.isfinite(finish), tpot, np.nan)
+        done = np.isfinite(finish)
+        end = float(finish[done].max()) if done.any() else self.now
+        duration = end - float(arrival.min()) if len(arrival) else 0.0
+        if self.slo is None:
+            attainment = float("nan")
+        elif self.stop:
+            attainment = 1.0 - self.violations / len(st)
+        else:
+            attainment = self.slo.attainment(ttft, tpot)
+        util: dict[str, float] = {}
+        for stage, gpus in (("encode", self.enc), ("prefill", self.pre), ("decode", self.dec)):
+            if gpus and duration > 0:
+                util[stage] = sum(g.busy_s[stage] for g in gpus) / (len(gpus) * duration)
+        ready = np.array([s.t_ready for s in st])
+        pstart = np.array([s.t_pstart for s in st])
+        join = np.array([s.t_join for s in st])
+        has_img = np.array([r.num_images > 0 for r in self.reqs])
+        multi = out > 1
+
+        def mean(x: np.ndarray) -> float:
+            x = x[np.isfinite(x)]
+            return float(x.mean()) if len(x) else 0.0
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            phases = {
+                "encode": mean((ready - arrival)[has_img]),
+                "prefill_wait": mean(pstart - ready),
+                "prefill": mean(first - pstart),
+                "handoff": mean((join - first)[multi]),
+                "decode_per_token": mean(((finish - join) / np.maximum(out - 1, 1))[multi]),
+            }
+        return SimResult(
+            config=self.c,
+            num_requests=len(st),
+            completed=self.completed,
+            arrival_s=arrival,
+            ttft_s=ttft,
+            tpot_s=tpot,
+            output_tokens=out,
+            duration_s=duration,
+            slo=self.slo,
+            slo_attainment=attainment,
+            aborted=self.stop,
+            utilization=util,
+            phases=phases,
+        )
+
+
+def simulate(
+    profile: StageProfile,
+    config: DeployConfig,
+    requests: Sequence[Request],
+    slo: SLO | None = None,
+    *,
+    stop_below: float | None = None,
+) -> SimResult:
+    """Simulates ``config`` serving ``requests`` (sorted by arrival) until all finish.
+
+    Args:
+        slo: when given, the result's ``slo_attainment`` is the share meeting both SLOs.
+        stop_below: stop as soon as the attainment can no longer reach this share (the search
+            uses it to give up on overloaded configs early); needs ``slo``.
+
+    Raises:
+        InvalidArgument: the config cannot hold the workload in memory.
+    """
+    if not requests:
+        raise InvalidArgument("simulate needs at least one request")
+    if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(requests)):
+        raise InvalidArgument("requests must be sorted by arrival_s")
+    sim = _Sim(profile, config, requests, slo, stop_below)
+    sim.run()
+    return sim.result()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The simulator's prediction for one config and workload (seconds, requests/s)."""
+
+    ttft_p50_s: float
+    ttft_p90_s: float
+    tpot_p50_s: float
+    tpot_p90_s: float
+    throughput_rps: float
+    output_tokens_per_s: float
+    slo_attainment: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def predict(
+    profile: StageProfile,
+    config: DeployConfig,
+    requests: Sequence[Request],
+    slo: SLO | None = None,
+) -> Prediction:
+    """Predicted TTFT/TPOT percentiles and throughput of ``config`` serving ``requests``.
+
+    The entry point for validating the simulator against real ``epdrt run`` measurements:
+    replay the measured run's requests (workload.load_trace) and compare (planner.validation).
+    """
+    res = simulate(profile, config, sorted(requests, key=lambda r: r.arrival_s), slo)
+    return Prediction(
+        ttft_p50_s=res.ttft_quantile(0.5),
+        ttft_p90_s=res.ttft_quantile(0.9),
+        tpot_p50_s=res.tpot_quantile(0.5),
+        tpot_p90_s=res.tpot_quantile(0.9),
+        throughput_rps=res.throughput_rps,
+        output_tokens_per_s=res.output_tokens_per_s,
+        slo_attainment=res.slo_attainment,
+    )

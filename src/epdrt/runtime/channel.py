@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ZeroMQ control channel: each process receives on one PULL socket and pushes to peers.
+
+Endpoints are ``ipc://`` paths in the cluster's private run directory (or ``tcp://127.0.0.1``
+when given), never a public interface. Sends never block forever: a peer that stopped reading
+makes ``send`` raise after ``send_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import msgspec
+import torch
+import zmq
+
+from epdrt.errors import EpdrtError
+from epdrt.runtime.messages import CODEC
+
+
+class ChannelError(EpdrtError):
+    """A control message could not be sent (the peer is gone or not reading)."""
+
+
+class Channel:
+    """Receives on ``endpoint``; sends to named peers registered with ``connect``."""
+
+    def __init__(self, endpoint: str, *, send_timeout_s: float = 30.0) -> None:
+        self._ctx = zmq.Context.instance()
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(endpoint)
+        self.endpoint = endpoint
+        self._send_timeout_ms = int(send_timeout_s * 1000)
+        self._peers: dict[str, zmq.Socket] = {}
+        self._send_lock = threading.Lock()  # sends may come from several threads
+        self._poller = zmq.Poller()
+        self._poller.register(self._pull, zmq.POLLIN)
+
+    def connect(self, name: str, endpoint: str) -> None:
+        with self._send_lock:
+            if name not in self._peers:
+                self._peers[name] = self._push(endpoint)
+
+    def _push(self, endpoint: str) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDTIMEO, self._send_timeout_ms)
+        sock.connect(endpoint)
+        return sock
+
+    def send(self, peer: str, msg: msgspec.Struct, tensors: Sequence[torch.Tensor] = ()) -> None:
+        frames = CODEC.encode(msg, tensors)
+        try:
+            with self._send_lock:
+                sock = self._peers.get(peer)
+                if sock is None:
+                    raise ChannelError(f"no connection to {peer!r}")
+                sock.send_multipart(frames, copy=False)
+        except zmq.Again as exc:
+            raise ChannelError(f"{peer} did not accept a message in time") from exc
+
+    def recv(self, timeout_s: float) -> tuple[object, list[bytes]] | None:
+        """The next message and its tensor frames, or None after ``timeout_s`` seconds."""
+        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+            return None
+        frames = self._pull.recv_multipart()
+        return CODEC.decode(frames)
+
+    def close(self) -> None:
+        with self._send_lock:
+            for sock in self._peers.values():
+                sock.close(linger=0)
+            self._peers.clear()
+        self._pull.close()

@@ -1,0 +1,396 @@
+# SPDX-License-Identifier: Apache-2.0
+"""EPDCluster: launches the stage workers, routes requests, collects tokens, supervises.
+
+The cluster process is the router: it preprocesses requests (image decoding, content keys,
+tokenization), picks an encoder per image (the one that last encoded that content, else the
+least loaded), the least-loaded prefill and decode workers, and records per-request timings.
+A receiver thread turns worker messages into results and watches the workers: when one dies,
+every request that depends on it fails with the reason and the survivors free what those
+requests held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import torch
+
+from epdrt.errors import EpdrtError
+from epdrt.runtime import messages as m
+from epdrt.runtime.channel import Channel, ChannelError
+from epdrt.runtime.config import EPDConfig, WorkerSpec
+from epdrt.runtime.request import Request, RequestError, RequestResult
+from epdrt.runtime.stage_model import Preprocessor
+from epdrt.runtime.wire import tensor_meta
+
+POLL_S = 0.02
+KEY_HOMES = 65536  # how many image keys the router remembers the encoder of
+
+
+@dataclass
+class _Worker:
+    name: str
+    roles: frozenset[str]
+    device: str
+    proc: subprocess.Popen
+    log_path: Path
+    load: int = 0  # requests (prefill/decode) or images (encode) in flight
+    alive: bool = True
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class _Inflight:
+    request: Request
+    future: Future
+    loads: dict[str, int]  # worker -> load this request added (undone when it resolves)
+    submitted: float
+    deadline: float
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    encode_s: float = 0.0
+
+
+class EPDCluster:
+    """A running deployment. Use ``with EPDCluster.launch(model_dir, config) as cluster``."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], config: EPDConfig) -> None:
+        self.model_dir = str(Path(model_dir).resolve())
+        self.config = config
+        self.pre = Preprocessor.load(self.model_dir, config)
+        self._run_dir = Path(tempfile.mkdtemp(prefix="epdrt-run-"))
+        self._channel = Channel(f"ipc://{self._run_dir}/cluster.sock")
+        self._workers: dict[str, _Worker] = {}
+        self._inflight: dict[str, _Inflight] = {}
+        self._key_home: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._receiver: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    def launch(
+        cls, model_dir: str | os.PathLike[str], config: EPDConfig | None = None
+    ) -> EPDCluster:
+        """Starts every worker and completes the handshake; raises EpdrtError if one fails."""
+        cluster = cls(model_dir, config or EPDConfig())
+        try:
+            cluster._start()
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
+
+    def __enter__(self) -> EPDCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _devices(self) -> list[str]:
+        roles = self.config.worker_roles()
+        if self.config.devices != "auto":
+            return list(self.config.devices)
+        n_gpu = torch.cuda.device_count()
+        if n_gpu >= len(roles):
+            return [f"cuda:{i}" for i in range(len(roles))]
+        if n_gpu > 0:
+            return [f"cuda:{i % n_gpu}" for i in range(len(roles))]
+        return ["cpu"] * len(roles)
+
+    def _start(self) -> None:
+        cluster_endpoint = self._channel.endpoint
+        for (name, roles), device in zip(self.config.worker_roles(), self._devices()):
+            spec = WorkerSpec(
+                name=name, roles=sorted(roles), device=device, model_dir=self.model_dir,
+                config=self.config, endpoint=f"ipc://{self._run_dir}/{name}.sock",
+                cluster_endpoint=cluster_endpoint, parent_pid=os.getpid(),
+            )  # fmt: skip
+            log_path = self._run_dir / f"{name}.log"
+            argv = [
+                sys.executable,
+                "-m",
+                "epdrt.runtime.worker",
+                msgspec.json.encode(spec).decode(),
+            ]
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            self._workers[name] = _Worker(name, roles, device, proc, log_path)
+            self._channel.connect(name, spec.endpoint)
+        hellos = self._await_hellos()
+        peers = m.Peers(
+            endpoints={n: f"ipc://{self._run_dir}/{n}.sock" for n in self._workers},
+            mm_regions={h.worker: h.mm_region for h in hellos if h.mm_region is not None},
+            kv_regions={h.worker: h.kv_region for h in hellos if h.kv_region is not None},
+        )
+        for name in self._workers:
+            self._channel.send(name, peers)
+        self._receiver = threading.Thread(
+            target=self._receive_loop, name="epdrt-receiver", daemon=True
+        )
+        self._receiver.start()
+
+    def _await_hellos(self) -> list[m.Hello]:
+        deadline = time.monotonic() + self.config.worker_start_timeout_s
+        hellos: dict[str, m.Hello] = {}
+        while len(hellos) < len(self._workers):
+            for w in self._workers.values():
+                if w.proc.poll() is not None:
+                    raise EpdrtError(
+                        f"worker {w.name} exited with code {w.proc.returncode} while starting:\n"
+                        f"{w.log_tail()}"
+                    )
+            if time.monotonic() > deadline:
+                missing = sorted(set(self._workers) - set(hellos))
+                raise EpdrtError(
+                    f"workers {missing} did not start within {self.config.worker_start_timeout_s} s"
+                )
+            got = self._channel.recv(0.1)
+            if got is not None and isinstance(got[0], m.Hello):
+                hellos[got[0].worker] = got[0]
+        return list(hellos.values())
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stops every worker (asking first, killing after ``timeout_s``) and cleans up."""
+        if self._closing:
+            return
+        self._closing = True
+        for w in self._workers.values():
+            if w.alive and w.proc.poll() is None:
+                with contextlib.suppress(ChannelError):
+                    self._channel.send(w.name, m.Shutdown())
+        if self._receiver is not None:
+            self._receiver.join(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for w in self._workers.values():
+            try:
+                w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(timeout=timeout_s)
+        with self._lock:
+            for req_id in list(self._inflight):
+                self._resolve(req_id, "the cluster shut down")
+        self._channel.close()
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    # ---- requests --------------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> list[RequestResult]:
+        """Submits every request and waits for all of them (results in request order)."""
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    def submit(self, request: Request) -> Future:
+        """Queues one request; the future resolves to a RequestResult (never raises)."""
+        future: Future = Future()
+        submitted = time.monotonic()
+        try:
+            prepared = self.pre.prepare(request)
+        except RequestError as exc:
+            future.set_result(_failed(request.id, str(exc)))
+            return future
+        with self._lock:
+            if self._closing:
+                future.set_result(_failed(request.id, "the cluster is shut down"))
+                return future
+            if request.id in self._inflight:
+                future.set_result(_failed(request.id, "a request with this id is in flight"))
+                return future
+            try:
+                prefill, decode, encoders, loads = self._route(prepared)
+            except EpdrtError as exc:
+                future.set_result(_failed(request.id, str(exc)))
+                return future
+            state = _Inflight(
+                request, future, loads, submitted, submitted + self.config.request_timeout_s
+            )
+            self._inflight[request.id] = state
+            try:
+                self._dispatch(request, prepared, prefill, decode, encoders)
+            except ChannelError as exc:
+                self._fail(request.id, f"could not reach a worker: {exc}")
+        return future
+
+    def _live(self, role: str) -> list[_Worker]:
+        return [w for w in self._workers.values() if w.alive and role in w.roles]
+
+    def _route(self, prepared) -> tuple[str, str, dict[bytes, str], dict[str, int]]:
+        """Picks the workers of a request and adds its load to them."""
+        prefills, decodes = self._live("prefill"), self._live("decode")
+        if not prefills or not decodes:
+            raise EpdrtError("no live prefill or decode worker")
+        prefill = min(prefills, key=lambda w: w.load)
+        decode = prefill if self.config.mode == "aggregated" else min(decodes, key=lambda w: w.load)
+        encoders: dict[bytes, str] = {}
+        for image in prepared.images:
+            if self.config.mode != "epd":
+                encoders[image.key] = prefill.name  # encode runs with prefill
+                continue
+            home = self._key_home.get(image.key)
+            if home is None or not self._workers[home].alive:
+                live = self._live("encode")
+                if not live:
+                    raise EpdrtError("no live encode worker")
+                # Least loaded, counting this request's images already placed: a request's
+                # images spread across encoders.
+                placed = list(encoders.values())
+                home = min(live, key=lambda w: w.load + placed.count(w.name)).name
+            encoders[image.key] = home
+            self._key_home[image.key] = home
+            self._key_home.move_to_end(image.key)
+            if len(self._key_home) > KEY_HOMES:
+                self._key_home.popitem(last=False)
+        loads = {prefill.name: 1, decode.name: 1}
+        for name in encoders.values():
+            loads[name] = loads.get(name, 0) + 1
+        for name, amount in loads.items():
+            self._workers[name].load += amount
+        return prefill.name, decode.name, encoders, loads
+
+    def _dispatch(self, request, prepared, prefill, decode, encoders) -> None:
+        """Sends the images to their encoders first (encoding starts at once), then prefill."""
+        per_encoder: dict[str, list] = {}
+        for image in prepared.images:
+            if image.key in {i.key for i in per_encoder.get(encoders[image.key], [])}:
+                continue  # the same image twice in one request is encoded once
+            per_encoder.setdefault(encoders[image.key], []).append(image)
+        for name, images in per_encoder.items():
+            items, tensors = [], []
+            for image in images:
+                names = list(image.tensors)
+                items.append(
+                    m.EncodeItem(
+                        image.key,
+                        image.num_tokens,
+                        [m.NamedTensor(n, tensor_meta(image.tensors[n])) for n in names],
+                    )
+                )
+                tensors += [image.tensors[n] for n in names]
+            self._channel.send(name, m.EncodeImages(request.id, items), tensors)
+        slots = [
+            m.ImageSlot(i.key, i.num_tokens, i.start, encoders[i.key]) for i in prepared.images
+        ]
+        extra_names = list(prepared.extras)
+        self._channel.send(
+            prefill,
+            m.PrefillRequest(
+                request.id, prepared.input_ids, slots, request.max_new_tokens, decode,
+                [m.NamedTensor(n, tensor_meta(prepared.extras[n])) for n in extra_names],
+            ),
+            [prepared.extras[n] for n in extra_names],
+        )  # fmt: skip
+
+    # ---- receiving -------------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        stats_expected = None
+        while True:
+            got = self._channel.recv(POLL_S)
+            with self._lock:
+                if got is not None:
+                    self._on_message(got[0])
+                self._check_workers()
+                self._check_deadlines()
+                if self._closing:
+                    live = [w for w in self._workers.values() if w.alive and w.proc.poll() is None]
+                    if stats_expected is None:
+                        stats_expected = time.monotonic() + 10.0
+                    if not any(not w.stats for w in live) or time.monotonic() > stats_expected:
+                        return
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, m.Tokens):
+            now = time.monotonic()
+            for req_id, seconds in msg.encode_s.items():
+                if req_id in self._inflight:
+                    self._inflight[req_id].encode_s += seconds
+            for ev in msg.events:
+                state = self._inflight.get(ev.req_id)
+                if state is None:
+                    continue
+                state.tokens.append(ev.token)
+                state.first_token_at = state.first_token_at or now
+                state.last_token_at = now
+                if ev.finished:
+                    self._resolve(ev.req_id, None)
+        elif isinstance(msg, m.Failed):
+            self._fail(msg.req_id, msg.error)
+        elif isinstance(msg, m.Stats):
+            self._workers[msg.worker].stats = dict(msg.counters)
+
+    def _check_workers(self) -> None:
+        for w in self._workers.values():
+            if not w.alive or w.proc.poll() is None:
+                continue
+            w.alive = False
+            if self._closing and w.proc.returncode == 0:
+                continue
+            roles = "+".join(sorted(w.roles))
+            reason = f"worker {w.name} ({roles}) died with exit code {w.proc.returncode}"
+            for req_id in [r for r, s in self._inflight.items() if w.name in s.loads]:
+                self._fail(req_id, reason)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for req_id in [r for r, s in self._inflight.items() if now > s.deadline]:
+            self._fail(req_id, f"timed out after {self.config.request_timeout_s} s")
+
+    def _fail(self, req_id: str, error: str) -> None:
+        """Fails a request and tells the live workers it touched to free what it holds."""
+        state = self._inflight.get(req_id)
+        if state is None:
+            return
+        for name in state.loads:
+            w = self._workers[name]
+            if w.alive:
+                with contextlib.suppress(ChannelError):
+                    self._channel.send(name, m.Abort(req_id))
+        self._resolve(req_id, error)
+
+    def _resolve(self, req_id: str, error: str | None) -> None:
+        state = self._inflight.pop(req_id)
+        for name, amount in state.loads.items():
+            self._workers[name].load -= amount
+        ttft = None if state.first_token_at is None else state.first_token_at - state.submitted
+        tpot = None
+        if state.last_token_at is not None and len(state.tokens) > 1:
+            tpot = (state.last_token_at - state.first_token_at) / (len(state.tokens) - 1)
+        e2e = None if state.last_token_at is None else state.last_token_at - state.submitted
+        text = self.pre.decode(state.tokens) if error is None else ""
+        state.future.set_result(
+            RequestResult(state.request.id, state.tokens if error is None else [], text, ttft,
+                          tpot, state.encode_s, e2e, error)
+        )  # fmt: skip
+
+    # ---- introspection ---------------------------------------------------------------------
+    def worker_stats(self) -> dict[str, dict[str, float]]:
+        """Counters each worker reported at shutdown (empty while running)."""
+        return {name: dict(w.stats) for name, w in self._workers.items()}
+
+    def worker_pids(self) -> dict[str, int]:
+        return {name: w.proc.pid for name, w in self._workers.items()}
+
+
+def _failed(req_id: str, error: str) -> RequestResult:
+    return RequestResult(req_id, [], "", None, None, 0.0, None, error)

@@ -1,0 +1,102 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Deployment configuration: stage counts, placement, batching limits and cache sizes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from epdrt.errors import InvalidArgument
+
+Mode = Literal["epd", "pd", "aggregated"]
+Role = Literal["encode", "prefill", "decode"]
+
+
+class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How to deploy a model. Sizes are per worker.
+
+    Modes: ``epd`` runs encode, prefill and decode workers apart; ``pd`` runs encode and prefill
+    together (the common non-disaggregated-encoder design) with decode apart; ``aggregated``
+    runs all three stages in each worker. In ``pd`` the prefill count is the number of E+P
+    workers; in ``aggregated`` it is the number of workers.
+    """
+
+    mode: Mode = "epd"
+    num_encode: int = 1
+    num_prefill: int = 1
+    num_decode: int = 1
+    #: "auto": one GPU per worker when enough GPUs are visible, else CPU; or one device string
+    #: per worker, in worker order (encoders, prefills, decoders).
+    devices: Literal["auto"] | list[str] = "auto"
+    #: CPU threads per worker on CPU hosts (torch intra-op threads).
+    cpu_threads: int = 1
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    encode_max_batch_images: int = 8
+    prefill_max_batch_tokens: int = 4096
+    decode_max_batch: int = 32
+    kv_block_size: int = 16
+    kv_cache_tokens: int = 16384
+    mm_block_size: int = 16
+    mm_cache_tokens: int = 8192
+    max_images_per_request: int = 8
+    max_image_bytes: int = 32 << 20
+    max_image_pixels: int = 4096 * 4096
+    #: a request not finished this long after submission fails with a timeout error
+    request_timeout_s: float = 600.0
+    worker_start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_prefill", "num_decode", "cpu_threads", "encode_max_batch_images",
+            "prefill_max_batch_tokens", "decode_max_batch", "kv_block_size", "kv_cache_tokens",
+            "mm_block_size", "mm_cache_tokens", "max_images_per_request", "max_image_bytes",
+            "max_image_pixels",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidArgument(f"EPDConfig.{name} must be a positive int, got {value!r}")
+        if self.mode == "epd" and self.num_encode <= 0:
+            raise InvalidArgument("epd mode needs at least one encode worker")
+        if self.request_timeout_s <= 0 or self.worker_start_timeout_s <= 0:
+            raise InvalidArgument("timeouts must be positive")
+        if self.devices != "auto" and len(self.devices) != len(self.worker_roles()):
+            raise InvalidArgument(
+                f"devices lists {len(self.devices)} entries for {len(self.worker_roles())} workers"
+            )
+
+    def worker_roles(self) -> list[tuple[str, frozenset[str]]]:
+        """(worker name, roles) for every worker, encoders first."""
+        if self.mode == "aggregated":
+            both = frozenset({"encode", "prefill", "decode"})
+            return [(f"w{i}", both) for i in range(self.num_prefill)]
+        workers: list[tuple[str, frozenset[str]]] = []
+        if self.mode == "epd":
+            workers += [(f"e{i}", frozenset({"encode"})) for i in range(self.num_encode)]
+            workers += [(f"p{i}", frozenset({"prefill"})) for i in range(self.num_prefill)]
+        else:
+            workers += [
+                (f"ep{i}", frozenset({"encode", "prefill"})) for i in range(self.num_prefill)
+            ]
+        workers += [(f"d{i}", frozenset({"decode"})) for i in range(self.num_decode)]
+        return workers
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> EPDConfig:
+        return msgspec.json.decode(data, type=cls)
+
+
+class WorkerSpec(msgspec.Struct, kw_only=True):
+    """Everything a worker process needs, passed to it as JSON on its command line."""
+
+    name: str
+    roles: list[str]
+    device: str
+    model_dir: str
+    config: EPDConfig
+    endpoint: str  # where this worker receives (ipc://...)
+    cluster_endpoint: str  # where the cluster receives
+    parent_pid: int

@@ -1,0 +1,171 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Control messages between the cluster (router) and the stage workers.
+
+Every message is a tagged ``msgspec`` struct; tensors ride as raw frames after it, named by
+``NamedTensor`` entries in the struct (see wire.py). Request ids are cluster-unique strings.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from epdrt.runtime.wire import Codec, TensorMeta
+
+
+class NamedTensor(msgspec.Struct, frozen=True):
+    """A model-specific tensor (e.g. ``pixel_values``) sent as the next raw frame."""
+
+    name: str
+    meta: TensorMeta
+
+
+class Msg(msgspec.Struct, tag=True, frozen=True):
+    """Base of every control message."""
+
+
+# ---- start-up --------------------------------------------------------------------------------
+class Hello(Msg):
+    """Worker -> cluster once its model and caches are ready: region descriptors to share."""
+
+    worker: str
+    pid: int
+    mm_region: bytes | None
+    kv_region: bytes | None
+    device: str
+
+
+class Peers(Msg):
+    """Cluster -> worker: every worker's endpoint and regions (the one-time handshake)."""
+
+    endpoints: dict[str, str]
+    mm_regions: dict[str, bytes]
+    kv_regions: dict[str, bytes]
+
+
+class Shutdown(Msg):
+    """Cluster -> worker: finish nothing more, report stats, exit."""
+
+
+# ---- encode ----------------------------------------------------------------------------------
+class EncodeItem(msgspec.Struct, frozen=True):
+    """One image to encode: its content key, expected token count and input tensors."""
+
+    key: bytes
+    num_tokens: int
+    tensors: list[NamedTensor]
+
+
+class EncodeImages(Msg):
+    """Cluster -> encoder: images of one request (tensor frames follow, in item order)."""
+
+    req_id: str
+    items: list[EncodeItem]
+
+
+class FetchMM(Msg):
+    """Prefill -> encoder: copy ``key``'s tokens into ``blocks`` of my MM cache, then tell me."""
+
+    req_id: str
+    key: bytes
+    dst: str
+    blocks: list[int]
+
+
+class MMReady(Msg):
+    """Encoder -> prefill: ``key``'s tokens are in the blocks you asked for (or an error)."""
+
+    req_id: str
+    key: bytes
+    encode_s: float
+    error: str | None = None
+
+
+# ---- prefill ---------------------------------------------------------------------------------
+class ImageSlot(msgspec.Struct, frozen=True):
+    """Where one image's tokens go in the prompt, and which encoder makes them."""
+
+    key: bytes
+    num_tokens: int
+    start: int
+    encoder: str
+
+
+class PrefillRequest(Msg):
+    """Cluster -> prefill worker: a tokenized request (model extras as tensor frames)."""
+
+    req_id: str
+    input_ids: list[int]
+    images: list[ImageSlot]
+    max_new_tokens: int
+    decoder: str
+    extras: list[NamedTensor]
+
+
+class KVAlloc(Msg):
+    """Prefill -> decode: reserve room for a sequence of ``num_tokens`` (+ its output)."""
+
+    req_id: str
+    num_tokens: int
+    max_new_tokens: int
+    src: str
+
+
+class KVGranted(Msg):
+    """Decode -> prefill: write the sequence's KV into these blocks of my cache."""
+
+    req_id: str
+    blocks: list[int]
+
+
+class StartDecode(Msg):
+    """Prefill -> decode: the KV is in place; continue from ``first_token``."""
+
+    req_id: str
+    first_token: int
+    num_tokens: int
+    max_new_tokens: int
+    extras: list[NamedTensor]
+
+
+# ---- results and faults ----------------------------------------------------------------------
+class TokenEvent(msgspec.Struct, frozen=True):
+    """One generated token of a request; ``finished`` on its last."""
+
+    req_id: str
+    token: int
+    finished: bool
+
+
+class Tokens(Msg):
+    """Worker -> cluster: tokens produced in one step (the first token comes from prefill)."""
+
+    events: list[TokenEvent]
+    encode_s: dict[str, float] = {}
+
+
+class Failed(Msg):
+    """Worker -> cluster: a request failed here; its resources on this worker are freed."""
+
+    req_id: str
+    error: str
+
+
+class Abort(Msg):
+    """Cluster -> workers: forget a request (it failed elsewhere); free what it holds."""
+
+    req_id: str
+
+
+class Stats(Msg):
+    """Worker -> cluster, on shutdown: counters and peak memory."""
+
+    worker: str
+    counters: dict[str, float]
+
+
+Message = (
+    Hello | Peers | Shutdown | EncodeImages | FetchMM | MMReady | PrefillRequest | KVAlloc
+    | KVGranted | StartDecode | Tokens | Failed | Abort | Stats
+)  # fmt: skip
+
+CODEC = Codec(Message)

@@ -1,0 +1,244 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Prefill role: admits requests by MM-token bytes, gathers their images' tokens from the
+encoders, runs the LM prefill, emits the first token and hands the KV to a decode worker.
+
+Admission is FIFO and per request: a request enters only when blocks for all of its missing
+images can be reserved in this worker's MM cache (back-pressure, no worst-case reservation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from epdrt.errors import InvalidArgument, PoolExhausted
+from epdrt.runtime import messages as m
+from epdrt.runtime.wire import tensor_meta
+
+if TYPE_CHECKING:
+    from epdrt.runtime.worker import Worker
+
+
+@dataclass
+class _Request:
+    msg: m.PrefillRequest
+    extras: dict[str, torch.Tensor]
+    keys: dict[bytes, m.ImageSlot]  # unique images of the request
+    reserved: set[bytes] = field(default_factory=set)  # reserved here, committed on MMReady
+    held: set[bytes] = field(default_factory=set)  # cache entries this request holds
+    encode_s: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return len(self.held) == len(self.keys)
+
+
+@dataclass
+class _Handoff:
+    """A prefilled sequence whose KV waits in this worker's cache for a decode grant."""
+
+    req_id: str
+    decoder: str
+    num_tokens: int
+    first_token: int
+    max_new_tokens: int
+    extras: dict[str, torch.Tensor]
+
+
+class PrefillRole:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        assert worker.mm is not None and worker.kv is not None
+        self.mm, self.kv = worker.mm, worker.kv
+        self.queue: deque[_Request] = deque()  # not yet admitted
+        self.admitted: dict[str, _Request] = {}
+        self.handoffs: dict[str, _Handoff] = {}
+
+    # ---- messages --------------------------------------------------------------------------
+    def handle(self, msg: object, frames: list[bytes]) -> bool:
+        from epdrt.runtime.worker import named_tensors
+
+        if isinstance(msg, m.PrefillRequest):
+            extras = named_tensors(msg.extras, frames)
+            keys = {slot.key: slot for slot in msg.images}
+            self.queue.append(_Request(msg, extras, keys))
+            return True
+        if isinstance(msg, m.MMReady):
+            self._mm_ready(msg)
+            return True
+        if isinstance(msg, m.KVGranted):
+            self._send_kv(msg)
+            return True
+        return False
+
+    def _mm_ready(self, msg: m.MMReady) -> None:
+        req = self.admitted.get(msg.req_id)
+        if req is None:
+            return  # aborted meanwhile
+        req.encode_s += msg.encode_s
+        if msg.key in req.reserved:
+            req.reserved.discard(msg.key)
+            self.mm.commit(msg.key)
+            req.held.add(msg.key)
+        elif msg.key not in req.held:
+            self._hold_committed(req, msg.key)
+
+    def _hold_committed(self, req: _Request, key: bytes) -> bool:
+        """Holds ``key`` for ``req`` if it is cached (committed) here."""
+        if self.mm.lookup(key) is None:
+            return False
+        req.held.add(key)
+        return True
+
+    # ---- work ------------------------------------------------------------------------------
+    def step(self) -> bool:
+        progressed = self._admit()
+        progressed = self._poll_local_encoder() or progressed
+        # One step prefills ready requests up to the token budget (always at least one).
+        used, budget = 0, self.w.config.prefill_max_batch_tokens
+        for req in [r for r in self.admitted.values() if r.ready]:
+            n = len(req.msg.input_ids)
+            if used and used + n > budget:
+                break
+            used += n
+            self._prefill(req)
+            progressed = True
+        return progressed
+
+    def _admit(self) -> bool:
+        admitted_any = False
+        while self.queue:
+            req = self.queue[0]
+            try:
+                fetches = self._reserve(req)
+            except PoolExhausted:
+                self.w.count("prefill_admission_waits")
+                return admitted_any  # back-pressure: retry when blocks are released
+            except InvalidArgument as exc:
+                self.queue.popleft()
+                self.w.fail(req.msg.req_id, str(exc))
+                continue
+            self.queue.popleft()
+            self.admitted[req.msg.req_id] = req
+            for fetch, encoder in fetches:
+                self.w.send(encoder, fetch)
+            admitted_any = True
+        return admitted_any
+
+    def _reserve(self, req: _Request) -> list[tuple[m.FetchMM, str]]:
+        """Reserves MM blocks for every remote image not cached here; all or nothing."""
+        fetches = []
+        try:
+            for key, slot in req.keys.items():
+                if slot.encoder == self.w.name:
+                    continue  # the encode role in this worker delivers it in-process
+                blocks: list[int] = []
+                if not self._hold_committed(req, key):
+                    entry = self.mm.reserve(key, slot.num_tokens)
+                    req.reserved.add(key)
+                    blocks = list(entry.blocks)
+                fetches.append((m.FetchMM(req.msg.req_id, key, self.w.name, blocks), slot.encoder))
+        except Exception:
+            self._release(req)
+            raise
+        return fetches
+
+    def _poll_local_encoder(self) -> bool:
+        if self.w.encode is None:
+            return False
+        progressed = False
+        for req in self.admitted.values():
+            for key, slot in req.keys.items():
+                if slot.encoder == self.w.name and key not in req.held:
+                    seconds = self.w.encode.claim_ready(req.msg.req_id, key)
+                    if seconds is not None:  # the encoder's hold becomes this request's
+                        req.held.add(key)
+                        req.encode_s += seconds
+                        progressed = True
+        return progressed
+
+    def _prefill(self, req: _Request) -> None:
+        msg = req.msg
+        del self.admitted[msg.req_id]
+        start = time.perf_counter()
+        ids = torch.tensor(msg.input_ids, dtype=torch.int64, device=self.w.device)
+        embeds = self.w.model.embed(ids)
+        for slot in msg.images:
+            embeds[slot.start : slot.start + slot.num_tokens] = self.mm.tokens(
+                self.mm.peek(slot.key)
+            )
+        logits, kv, decode_extras = self.w.model.prefill(msg.input_ids, embeds, req.extras)
+        token = int(torch.argmax(logits))
+        self._release(req)
+        self.w.count("prefill_seconds", time.perf_counter() - start)
+        self.w.count("prefill_tokens", len(msg.input_ids))
+        finished = msg.max_new_tokens <= 1 or token in self.w.model.spec.eos_token_ids
+        self.w.send(
+            "cluster",
+            m.Tokens(
+                events=[m.TokenEvent(msg.req_id, token, finished)],
+                encode_s={msg.req_id: req.encode_s},
+            ),
+        )
+        if finished:
+            return
+        n = len(msg.input_ids)
+        if self.w.decode is not None and msg.decoder == self.w.name:
+            self.w.decode.start_local(msg.req_id, kv, token, msg.max_new_tokens, decode_extras)
+            return
+        try:
+            slots = self.kv.reserve(msg.req_id, n)
+        except PoolExhausted as exc:
+            self.w.fail(msg.req_id, f"prefill KV staging: {exc}")
+            return
+        for layer in range(self.kv.num_layers):
+            self.kv.write(layer, slots, kv[layer, 0], kv[layer, 1])
+        self.handoffs[msg.req_id] = _Handoff(
+            msg.req_id, msg.decoder, n, token, msg.max_new_tokens, decode_extras
+        )
+        self.w.send(msg.decoder, m.KVAlloc(msg.req_id, n, msg.max_new_tokens, self.w.name))
+
+    def _send_kv(self, grant: m.KVGranted) -> None:
+        """Copies a staged sequence's KV blocks into the decoder's cache and starts it there."""
+        h = self.handoffs.pop(grant.req_id, None)
+        if h is None:
+            return
+        dst = self.w.peer_kv_cache(h.decoder)
+        src_blocks = torch.tensor(
+            self.kv.block_table(h.req_id), dtype=torch.int64, device=self.kv.device
+        )
+        dst_blocks = torch.tensor(grant.blocks, dtype=torch.int64, device=dst.device)
+        dst.storage.index_copy_(0, dst_blocks, self.kv.storage.index_select(0, src_blocks))
+        if self.kv.device.type == "cuda":
+            torch.cuda.current_stream(self.kv.device).synchronize()
+        self.w.count("kv_bytes_sent", len(grant.blocks) * self.kv.block_nbytes)
+        self.kv.free(h.req_id)
+        names = list(h.extras)
+        extras = [m.NamedTensor(k, tensor_meta(h.extras[k])) for k in names]
+        self.w.send(
+            h.decoder,
+            m.StartDecode(h.req_id, h.first_token, h.num_tokens, h.max_new_tokens, extras),
+            [h.extras[k] for k in names],
+        )
+
+    # ---- cleanup ---------------------------------------------------------------------------
+    def _release(self, req: _Request) -> None:
+        for key in req.reserved:
+            self.mm.abort(key)
+        for key in req.held:
+            self.mm.release(key)
+        req.reserved.clear()
+        req.held.clear()
+
+    def abort(self, req_id: str) -> None:
+        for req in [r for r in self.queue if r.msg.req_id == req_id]:
+            self.queue.remove(req)
+        req = self.admitted.pop(req_id, None)
+        if req is not None:
+            self._release(req)
+        if self.handoffs.pop(req_id, None) is not None:
+            self.kv.free(req_id)

@@ -1,0 +1,134 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The runtime's view of a model: the few calls its roles make, on top of epdrt.models.
+
+``Preprocessor`` (router side, no weights): request -> token ids, image tensors, content keys.
+``StageModel`` (worker side, only the weights of its roles): encode, embed, prefill, decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epdrt.models import load_adapter
+from epdrt.models.errors import RequestError as ModelRequestError
+from epdrt.models.types import DecodeInput, ImageInput, ImageLimits, ModelSpec, PreparedRequest
+from epdrt.runtime.config import EPDConfig
+from epdrt.runtime.request import Request, RequestError
+
+__all__ = ["DecodeInput", "PreparedImage", "Preprocessor", "StageModel"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image of a prepared request: its key, token count, prompt position, encoder inputs."""
+
+    key: bytes
+    num_tokens: int
+    start: int
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    input_ids: list[int]
+    images: list[PreparedImage]
+    extras: dict[str, torch.Tensor]
+
+
+class Preprocessor:
+    """Decodes, checks and preprocesses images and tokenizes prompts (the router's part)."""
+
+    def __init__(self, adapter, config: EPDConfig) -> None:
+        self.adapter = adapter
+        self.spec: ModelSpec = adapter.spec
+        self.limits = ImageLimits(
+            max_images=config.max_images_per_request,
+            max_bytes=config.max_image_bytes,
+            max_pixels=config.max_image_pixels,
+        )
+
+    @classmethod
+    def load(cls, model_dir: str, config: EPDConfig) -> Preprocessor:
+        return cls(load_adapter(model_dir, device="cpu", stages=frozenset()), config)
+
+    @property
+    def placeholder(self) -> str:
+        return self.spec.image_placeholder
+
+    def prepare(self, request: Request) -> Prepared:
+        """Raises RequestError with a clear reason for any bad input."""
+        if len(request.images) > self.limits.max_images:
+            raise RequestError(
+                f"{len(request.images)} images exceed the limit of {self.limits.max_images}"
+            )
+        try:
+            images = [
+                self.adapter.preprocess_image(self.adapter.load_image(src, self.limits))
+                for src in request.images
+            ]
+            prepared: PreparedRequest = self.adapter.tokenize(request.prompt, images)
+        except ModelRequestError as exc:
+            raise RequestError(str(exc)) from exc
+        total = prepared.num_tokens + request.max_new_tokens
+        if total > self.spec.max_context:
+            raise RequestError(
+                f"prompt ({prepared.num_tokens} tokens) plus max_new_tokens"
+                f" ({request.max_new_tokens}) exceeds the context of {self.spec.max_context}"
+            )
+        return Prepared(
+            prepared.input_ids,
+            [
+                PreparedImage(im.content_key, im.num_tokens, start, dict(im.tensors))
+                for im, start in zip(prepared.images, prepared.image_starts)
+            ],
+            dict(prepared.extras),
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.adapter.decode_text(token_ids)
+
+
+class StageModel:
+    """The model calls of one worker, on its device, with only its roles' weights loaded."""
+
+    def __init__(self, adapter) -> None:
+        self.adapter = adapter
+        self.spec: ModelSpec = adapter.spec
+        self.dtype: torch.dtype = adapter.spec.dtype
+
+    @classmethod
+    def load(cls, model_dir: str, roles: set[str], device: torch.device, dtype: str) -> StageModel:
+        adapter = load_adapter(
+            model_dir, device=device, dtype=_DTYPES[dtype], stages=frozenset(roles)
+        )
+        return cls(adapter)
+
+    @torch.inference_mode()
+    def encode(self, items: list[tuple[bytes, int, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
+        """Encoder outputs ``[num_tokens_i, hidden]`` for (key, num_tokens, tensors) items."""
+        images = [ImageInput(tensors, n, key, (0, 0)) for key, n, tensors in items]
+        return self.adapter.encode(images)
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings ``[n, hidden]`` of ``input_ids [n] int64``."""
+        return self.adapter.embed(input_ids)
+
+    @torch.inference_mode()
+    def prefill(
+        self, input_ids: list[int], embeds: torch.Tensor, extras: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits ``[vocab]``, KV ``[L, 2, n, H, D]`` and the request's decode extras."""
+        request = PreparedRequest(list(input_ids), [], [], dict(extras))
+        out = self.adapter.prefill(embeds, request)
+        return out.logits, out.kv, dict(out.decode_extras)
+
+    @torch.inference_mode()
+    def decode(self, inputs: list[DecodeInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[b, vocab]`` and the new tokens' KV ``[L, 2, b, H, D]``."""
+        out = self.adapter.decode(inputs)
+        return out.logits, out.kv

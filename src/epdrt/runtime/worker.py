@@ -1,0 +1,190 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A stage worker process: one or more roles (encode, prefill, decode) on one device.
+
+``python -m epdrt.runtime.worker SPEC_JSON`` runs one. The worker loads only what its roles
+need, creates its caches in shareable regions, says Hello to the cluster, receives every peer's
+endpoint and region descriptors once (the handshake), then loops: handle messages, let each
+role make one step of progress. Roles in the same worker hand work to each other in-process
+(no copies), which is how the ``pd`` and ``aggregated`` baselines run on the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import traceback
+
+import msgspec
+import torch
+
+from epdrt.cache import MMTokenCache, PagedKVCache
+from epdrt.region import Region
+from epdrt.runtime import messages as m
+from epdrt.runtime.channel import Channel
+from epdrt.runtime.config import WorkerSpec
+from epdrt.runtime.stage_model import StageModel
+from epdrt.runtime.wire import tensor_from_frame
+
+IDLE_POLL_S = 0.02
+
+
+def named_tensors(entries: list[m.NamedTensor], frames: list[bytes]) -> dict[str, torch.Tensor]:
+    """Decodes ``entries`` from the next ``len(entries)`` frames (consumed from the front)."""
+    out = {}
+    for entry in entries:
+        out[entry.name] = tensor_from_frame(entry.meta, frames.pop(0))
+    return out
+
+
+class Worker:
+    """Owns the channel, the caches and the roles of one worker process."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.config = spec.config
+        self.device = torch.device(spec.device)
+        roles = set(spec.roles)
+        self.channel = Channel(spec.endpoint)
+        self.channel.connect("cluster", spec.cluster_endpoint)
+        self.model = StageModel.load(spec.model_dir, roles, self.device, self.config.dtype)
+        s = self.model.spec
+        dtype = self.model.dtype
+        self.mm: MMTokenCache | None = None
+        self.kv: PagedKVCache | None = None
+        if roles & {"encode", "prefill"}:
+            cfg = self.config
+            num_blocks = -(-cfg.mm_cache_tokens // cfg.mm_block_size)
+            self.mm = MMTokenCache(s.hidden_size, cfg.mm_block_size, num_blocks, dtype, self.device)
+        if roles & {"prefill", "decode"}:
+            cfg = self.config
+            num_blocks = -(-cfg.kv_cache_tokens // cfg.kv_block_size)
+            self.kv = PagedKVCache(
+                s.num_layers, s.num_kv_heads, s.head_dim, cfg.kv_block_size, num_blocks, dtype,
+                self.device,
+            )  # fmt: skip
+        self.peer_mm: dict[str, MMTokenCache] = {}
+        self.peer_kv: dict[str, PagedKVCache] = {}
+        self._mm_descs: dict[str, bytes] = {}
+        self._kv_descs: dict[str, bytes] = {}
+        self.counters: dict[str, float] = {}
+        # Imported here: the role modules import this one for named_tensors.
+        from epdrt.runtime.decode_role import DecodeRole
+        from epdrt.runtime.encode_role import EncodeRole
+        from epdrt.runtime.prefill_role import PrefillRole
+
+        self.encode = EncodeRole(self) if "encode" in roles else None
+        self.decode = DecodeRole(self) if "decode" in roles else None
+        self.prefill = PrefillRole(self) if "prefill" in roles else None
+        self.roles = [r for r in (self.prefill, self.decode, self.encode) if r is not None]
+
+    # ---- peers -----------------------------------------------------------------------------
+    def peer_mm_cache(self, name: str) -> MMTokenCache:
+        """The MM cache of worker ``name``, mapped into this process on first use."""
+        if name not in self.peer_mm:
+            cfg, s = self.config, self.model.spec
+            num_blocks = -(-cfg.mm_cache_tokens // cfg.mm_block_size)
+            region = Region.open(self._mm_descs[name])
+            self.peer_mm[name] = MMTokenCache(
+                s.hidden_size, cfg.mm_block_size, num_blocks, self.model.dtype, region=region
+            )
+        return self.peer_mm[name]
+
+    def peer_kv_cache(self, name: str) -> PagedKVCache:
+        """The KV cache of worker ``name``, mapped into this process on first use."""
+        if name not in self.peer_kv:
+            cfg, s = self.config, self.model.spec
+            num_blocks = -(-cfg.kv_cache_tokens // cfg.kv_block_size)
+            self.peer_kv[name] = PagedKVCache(
+                s.num_layers, s.num_kv_heads, s.head_dim, cfg.kv_block_size, num_blocks,
+                self.model.dtype, region=Region.open(self._kv_descs[name]),
+            )  # fmt: skip
+        return self.peer_kv[name]
+
+    def count(self, name: str, amount: float = 1.0) -> None:
+        self.counters[name] = self.counters.get(name, 0.0) + amount
+
+    def send(self, peer: str, msg: m.Msg, tensors: list[torch.Tensor] | None = None) -> None:
+        self.channel.send(peer, msg, tensors or ())
+
+    def fail(self, req_id: str, error: str) -> None:
+        """Frees everything ``req_id`` holds here and reports the failure to the cluster."""
+        for role in self.roles:
+            role.abort(req_id)
+        self.send("cluster", m.Failed(req_id=req_id, error=f"{self.name}: {error}"))
+
+    # ---- main loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        self.send(
+            "cluster",
+            m.Hello(
+                worker=self.name,
+                pid=os.getpid(),
+                mm_region=self.mm.region.export() if self.mm else None,
+                kv_region=self.kv.region.export() if self.kv else None,
+                device=str(self.device),
+            ),
+        )
+        busy = False
+        while True:
+            got = self.channel.recv(0.0 if busy else IDLE_POLL_S)
+            if got is not None:
+                msg, frames = got
+                if isinstance(msg, m.Shutdown):
+                    break
+                self.dispatch(msg, frames)
+            elif not busy and os.getppid() != self.spec.parent_pid:
+                return  # the cluster is gone: exit quietly, the kernel reclaims our memory
+            busy = False
+            for role in self.roles:
+                busy = role.step() or busy
+        self.send("cluster", m.Stats(worker=self.name, counters=self.stats()))
+
+    def dispatch(self, msg: object, frames: list[bytes]) -> None:
+        if isinstance(msg, m.Peers):
+            for name, endpoint in msg.endpoints.items():
+                if name != self.name:
+                    self.channel.connect(name, endpoint)
+            self._mm_descs, self._kv_descs = msg.mm_regions, msg.kv_regions
+            return
+        if isinstance(msg, m.Abort):
+            for role in self.roles:
+                role.abort(msg.req_id)
+            return
+        for role in self.roles:
+            if role.handle(msg, frames):
+                return
+        raise RuntimeError(f"{self.name} got a message no role handles: {type(msg).__name__}")
+
+    def stats(self) -> dict[str, float]:
+        out = dict(self.counters)
+        if self.device.type == "cuda":
+            out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+        else:
+            out["peak_memory_bytes"] = float(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+        if self.mm is not None:
+            out.update(
+                mm_hits=self.mm.hits, mm_misses=self.mm.misses, mm_evictions=self.mm.evictions
+            )
+        return out
+
+
+def main(argv: list[str]) -> int:
+    spec = msgspec.json.decode(argv[0], type=WorkerSpec)
+    if spec.device == "cpu":
+        torch.set_num_threads(spec.config.cpu_threads)
+    else:
+        torch.cuda.set_device(torch.device(spec.device))
+    try:
+        Worker(spec).run()
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,86 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Helpers shared by tests/test_models_*.py: test images, the staged pipeline, HF references."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from epdrt.models import DecodeInput, ModelAdapter, PreparedRequest, insert_image_tokens
+
+
+def test_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A deterministic noisy gradient image (distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256])
+    noise = rng.integers(0, 96, size=(3, height, width))
+    rgb = ((base + noise) % 256).astype(np.uint8).transpose(1, 2, 0)
+    img = Image.fromarray(rgb, "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@dataclass
+class Case:
+    """One request of an equivalence test."""
+
+    prompt: str
+    images: list[Image.Image]
+
+
+def staged_generate(
+    encoder: ModelAdapter,
+    lm: ModelAdapter,
+    requests: Sequence[PreparedRequest],
+    max_new_tokens: int,
+    *,
+    batched_prefill: bool = False,
+) -> list[list[int]]:
+    """Greedy tokens through the split pipeline, KV passed as tensors between steps.
+
+    Images of all requests are encoded in one batch; prefill runs per request (or batched);
+    decode runs all unfinished requests in one batch with ragged past lengths.
+    """
+    eos = set(lm.spec.eos_token_ids)
+    images = [im for r in requests for im in r.images]
+    feats = iter(encoder.encode(images))
+    embeds = []
+    for r in requests:
+        e = lm.embed(r.input_ids)
+        insert_image_tokens(e, r.image_starts, [next(feats) for _ in r.images])
+        embeds.append(e)
+    if batched_prefill:
+        outs = lm.prefill_batch(list(zip(embeds, requests)))
+    else:
+        outs = [lm.prefill(e, r) for e, r in zip(embeds, requests)]
+    tokens = [[int(o.logits.argmax())] for o in outs]
+    kvs = [o.kv for o in outs]
+    extras = [o.decode_extras for o in outs]
+    live = [i for i, t in enumerate(tokens) if t[-1] not in eos and max_new_tokens > 1]
+    while live:
+        out = lm.decode([DecodeInput(tokens[i][-1], kvs[i], extras[i]) for i in live])
+        assert out.logits.shape == (len(live), lm.spec.vocab_size)
+        for j, i in enumerate(live):
+            kvs[i] = torch.cat([kvs[i], out.kv[:, :, j : j + 1]], dim=2)
+            tokens[i].append(int(out.logits[j].argmax()))
+        live = [i for i in live if tokens[i][-1] not in eos and len(tokens[i]) < max_new_tokens]
+    return tokens
+
+
+def hf_generate(model, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
+    """New tokens of ``model.generate(do_sample=False)`` for one unpadded request."""
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    return [int(t) for t in out[0, n:]]

@@ -1,0 +1,231 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Stage profiles: piecewise-linear models and their fits, JSON round trip and schema check,
+the shipped estimated profile, the profiler on a fake runner with an injected clock, and
+validation records."""
+
+import json
+
+import numpy as np
+import pytest
+
+from epdrt import InvalidArgument
+from epdrt.planner import (
+    Bilinear,
+    DeployConfig,
+    PiecewiseLinear,
+    StageProfile,
+    builtin_profiles,
+    fit_bilinear,
+    fit_piecewise_linear,
+    load_profile,
+)
+from epdrt.planner.estimate import H100_SXM, QWEN2_VL_7B, estimate_profile
+from epdrt.planner.profiler import (
+    ProfileGrid,
+    RunnerFacts,
+    fit_transfer,
+    measure_profile,
+    transfer_from_records,
+)
+from epdrt.planner.synthetic import linear_profile
+from epdrt.planner.validation import agreement, validation_records
+
+BUILTIN = "qwen2-vl-7b-h100-estimated"
+
+
+def test_piecewise_linear_interpolates_and_extrapolates():
+    f = PiecewiseLinear((0.0, 10.0, 20.0), (1.0, 2.0, 4.0))
+    assert f(5) == pytest.approx(1.5)
+    assert f(15) == pytest.approx(3.0)
+    assert f(30) == pytest.approx(6.0)  # last segment extended
+    assert f(-10) == pytest.approx(0.0)  # first segment extended, clamped at 0
+    assert PiecewiseLinear.constant(2.5)(1e9) == 2.5
+
+
+def test_sum_arithmetic_matches_the_loop():
+    f = PiecewiseLinear((0.0, 100.0, 300.0, 1000.0), (1.0, 2.0, 2.5, 9.0))
+    for x0, dx, n in [(-50, 7, 60), (0, 0, 5), (250, 30, 100), (2000, 5, 3), (99, 1, 1)]:
+        want = sum(f(x0 + j * dx) for j in range(n))
+        assert f.sum_arithmetic(x0, dx, n) == pytest.approx(want, rel=1e-12)
+
+
+def test_fit_piecewise_linear_recovers_a_piecewise_linear_function():
+    truth = PiecewiseLinear((0.0, 512.0, 4096.0), (0.005, 0.006, 0.15))
+    xs = [1, 64, 256, 512, 1000, 2048, 4096, 8192]
+    fit = fit_piecewise_linear(xs, [truth(x) for x in xs], [0, 512, 4096])
+    np.testing.assert_allclose(fit.values, truth.values, rtol=1e-9, atol=1e-12)
+    assert fit(8192) == pytest.approx(truth(8192))
+
+
+def test_fit_bilinear_recovers_a_bilinear_function():
+    def fn(x, y):
+        return 0.002 + 0.001 * x + 1e-5 * y + 3e-6 * x * y
+
+    xs, ys = np.meshgrid([1, 2, 4, 8, 16], [64, 256, 1024])
+    xs, ys = xs.ravel().tolist(), ys.ravel().tolist()
+    fit = fit_bilinear(xs, ys, [fn(x, y) for x, y in zip(xs, ys)], [1, 16], [64, 1024])
+    assert fit(5, 500) == pytest.approx(fn(5, 500), rel=1e-9)
+    assert fit(32, 2048) == pytest.approx(fn(32, 2048), rel=1e-9)  # extrapolated
+
+
+def test_bad_knots_are_rejected():
+    with pytest.raises(InvalidArgument):
+        PiecewiseLinear((1.0, 1.0), (0.0, 0.0))
+    with pytest.raises(InvalidArgument):
+        Bilinear((0.0, 1.0), (0.0,), ((1.0,),))
+
+
+def test_profile_json_round_trip(tmp_path):
+    p = linear_profile(encode_fixed_s=0.01, prefill_per_token_s=1e-4, decode_fixed_s=0.02)
+    path = tmp_path / "p.json"
+    p.save(path)
+    q = StageProfile.load(path)
+    assert q == p
+    assert load_profile(str(path)) == p
+
+
+def test_profile_schema_version_is_checked(tmp_path):
+    d = linear_profile().to_dict()
+    d["schema_version"] = 99
+    with pytest.raises(InvalidArgument, match="schema_version"):
+        StageProfile.from_dict(d)
+    d = linear_profile().to_dict()
+    del d["memory"]
+    with pytest.raises(InvalidArgument, match="missing"):
+        StageProfile.from_dict(d)
+    with pytest.raises(InvalidArgument):
+        load_profile("no-such-profile")
+
+
+def test_shipped_profile_is_the_labelled_estimate():
+    assert BUILTIN in builtin_profiles()
+    p = load_profile(BUILTIN)
+    assert p.source == "estimated"
+    assert p.notes.startswith("ESTIMATE, NOT A MEASUREMENT")
+    regenerated = estimate_profile(QWEN2_VL_7B, H100_SXM)
+    assert json.loads(json.dumps(regenerated.to_dict())) == json.loads(json.dumps(p.to_dict()))
+
+
+def test_estimate_arithmetic():
+    m = QWEN2_VL_7B
+    assert m.lm_params == pytest.approx(7.6e9, rel=0.01)
+    assert m.vit_params == pytest.approx(0.675e9, rel=0.01)
+    assert m.kv_bytes_per_token == 2 * 28 * 4 * 128 * 2
+    p = load_profile(BUILTIN)
+    eff = H100_SXM.peak_flops * H100_SXM.mfu
+    # Large prefill batches are compute-bound: tokens * FLOP/token / effective FLOP/s.
+    want = 8192 * m.prefill_flops_per_token() / eff + H100_SXM.prefill_overhead_s
+    assert p.prefill(8192) == pytest.approx(want, rel=1e-9)
+    # A lone decode step is bound by reading the weights (minus the embedding table).
+    read = (m.lm_params - m.vocab * m.lm_hidden) * 2
+    want = read / H100_SXM.hbm_bytes_per_s + H100_SXM.decode_overhead_s
+    assert p.decode(1, 0) == pytest.approx(want, rel=1e-9)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeRunner:
+    """Advances a fake clock by known latencies; peak memory grows with the batch."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.peak = 0
+
+    def facts(self):
+        return RunnerFacts("fake", 1 << 30, 100, 1000, 64.0, 16.0)
+
+    def tokens_per_image(self, image_size):
+        return (image_size // 28) ** 2
+
+    def _run(self, seconds, nbytes):
+        self.clock.now += seconds
+        self.peak = max(self.peak, nbytes)
+
+    def encode(self, num_images, image_size):
+        t = self.tokens_per_image(image_size)
+        self._run(0.004 + num_images * (0.001 + 2e-6 * t), num_images * t * 300)
+
+    def prefill(self, num_tokens):
+        self._run(max(0.005, num_tokens * 4e-5) + 0.001, num_tokens * 1000)
+
+    def decode(self, batch_size, context_tokens):
+        self._run(0.006 + 1e-5 * batch_size + 2e-9 * batch_size * context_tokens, 0)
+
+    def synchronize(self):
+        pass
+
+    def reset_peak_memory(self):
+        self.peak = 0
+
+    def peak_memory_bytes(self):
+        return self.peak
+
+
+def test_profiler_fits_the_fake_runner_exactly():
+    clock = FakeClock()
+    runner = FakeRunner(clock)
+    grid = ProfileGrid(
+        encode_images=(1, 4, 16),
+        image_sizes=(224, 448),
+        prefill_tokens=(64, 125, 512, 2048),
+        decode_batch=(1, 16, 64),
+        decode_context=(512, 2048),
+        warmup=1,
+        repeats=3,
+    )
+    transfer = fit_transfer([1e6, 1e7, 1e8], [1e-4 + 1e6 / 5e10, 1e-4 + 1e7 / 5e10,
+                                              1e-4 + 1e8 / 5e10])  # fmt: skip
+    assert transfer.latency_s == pytest.approx(1e-4)
+    assert transfer.bytes_per_s == pytest.approx(5e10)
+    p = measure_profile(runner, transfer, name="fake", grid=grid, clock=clock)
+    assert p.source == "measured" and p.device == "fake"
+    for n in (1, 4, 16):
+        for size in (224, 448):
+            t = runner.tokens_per_image(size)
+            assert p.encode(n, t) == pytest.approx(0.004 + n * (0.001 + 2e-6 * t), rel=1e-9)
+    assert p.prefill(125) == pytest.approx(0.006, rel=1e-9)  # the kink, a knot
+    assert p.prefill(2048) == pytest.approx(2048 * 4e-5 + 0.001, rel=1e-9)
+    for b in (1, 16, 64):
+        for c in (512, 2048, 1000):
+            want = 0.006 + 1e-5 * b + 2e-9 * b * c
+            assert p.decode(b, b * c) == pytest.approx(want, rel=1e-9)
+    assert p.memory.encode_activation_bytes_per_token == pytest.approx(300)
+    assert p.memory.prefill_activation_bytes_per_token == pytest.approx(1000)
+    assert p.memory.kv_bytes_per_token == 64.0
+    assert len(p.samples["decode"]) == 6
+
+
+def test_transfer_from_benchmark_records():
+    recs = [
+        {"bench": "transfer", "metric": "GB/s", "value": b / (1e-5 + b / 2e10) / 1e9,
+         "extra": {"bytes": b}}
+        for b in (1 << 16, 1 << 20, 1 << 24)
+    ] + [{"bench": "block-pool", "metric": "ops/s", "value": 1.0}]  # fmt: skip
+    t = transfer_from_records(recs)
+    assert t.latency_s == pytest.approx(1e-5, rel=1e-6)
+    assert t.bytes_per_s == pytest.approx(2e10, rel=1e-6)
+    with pytest.raises(InvalidArgument):
+        transfer_from_records(recs[-1:])
+
+
+def test_validation_records_hold_predicted_measured_and_min_over_max():
+    cfg = DeployConfig("epd", 2, 1, 1, image_split=2)
+    recs = validation_records(
+        cfg, {"ttft_p90_s": 0.5, "throughput_rps": 10.0, "tpot_p90_s": 0.02},
+        {"ttft_p90_s": 0.4, "throughput_rps": 12.5}, extra={"rate": 10.0},
+    )  # fmt: skip
+    assert [r.metric for r in recs] == ["ttft_p90_s", "throughput_rps"]
+    assert all(r.bench == "planner" for r in recs)
+    assert recs[0].value == 0.5 and recs[0].baseline_value == 0.4
+    assert recs[0].ratio == pytest.approx(0.8)
+    assert recs[1].ratio == pytest.approx(0.8)
+    assert recs[0].extra["predicted"] == 0.5 and recs[0].extra["measured"] == 0.4
+    assert recs[0].extra["rate"] == 10.0
+    assert json.loads(recs[0].to_json())["case"].startswith("epd E2 P1 D1")
+    assert agreement(0.0, 0.0) == 1.0
