@@ -17,3 +17,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_model_dir(arch)``: a tiny random-weight model directory, made once per session."""
+    from epdrt.models import make_tiny_model
+
+    made: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            make_tiny_model(path, arch, seed=0)
+            made[arch] = str(path)
+        return made[arch]
+
+    return get

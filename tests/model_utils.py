@@ -14,7 +14,7 @@ from PIL import Image
 from epdrt.models import DecodeInput, ModelAdapter, PreparedRequest, insert_image_tokens
 
 
-def test_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
     """A deterministic noisy gradient image (distinct per seed)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
@@ -84,3 +84,22 @@ def hf_generate(model, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> 
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
     return [int(t) for t in out[0, n:]]
+
+
+def hf_inputs(adapter: ModelAdapter, request: PreparedRequest) -> dict[str, torch.Tensor]:
+    """What the model's own HF processor would hand ``model.generate`` for ``request``."""
+    ids = torch.tensor([request.input_ids])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if request.images:
+        for name in request.images[0].tensors:
+            inputs[name] = torch.cat([im.tensors[name] for im in request.images])
+        if "image_grid_thw" in inputs:  # Qwen2-VL's M-RoPE index needs the token types
+            inputs["mm_token_type_ids"] = (ids == adapter.spec.image_token_id).long()
+    return inputs
+
+
+def reference_tokens(
+    adapter: ModelAdapter, requests: Sequence[PreparedRequest], max_new_tokens: int
+) -> list[list[int]]:
+    """``model.generate(do_sample=False)`` of the unsplit model, one request at a time."""
+    return [hf_generate(adapter.model, hf_inputs(adapter, r), max_new_tokens) for r in requests]

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "epdrt.commands.plan",
     "epdrt.commands.run",
     "epdrt.commands.demo",
+    "epdrt.commands.make_tiny_model",
 )
 
 

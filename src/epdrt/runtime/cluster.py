@@ -306,7 +306,11 @@ class EPDCluster:
     def _receive_loop(self) -> None:
         stats_expected = None
         while True:
-            got = self._channel.recv(POLL_S)
+            try:
+                got = self._channel.recv(POLL_S)
+            except EpdrtError as exc:  # a malformed message: drop it, keep serving
+                print(f"epdrt cluster: dropped a message: {exc}", file=sys.stderr)
+                got = None
             with self._lock:
                 if got is not None:
                     self._on_message(got[0])

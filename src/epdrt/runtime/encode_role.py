@@ -75,9 +75,20 @@ class EncodeRole:
     def step(self) -> bool:
         if not self.pending:
             return False
+        # Back-pressure: encode, oldest first, only what the cache can take now; the rest
+        # waits until prefill workers fetch (and so release) earlier images.
         batch: list[tuple[bytes, _Pending]] = []
+        room = self.mm.num_free_blocks
         while self.pending and len(batch) < self.w.config.encode_max_batch_images:
+            p = next(iter(self.pending.values()))
+            need = self.mm.blocks_for(p.num_tokens)
+            if need > room:
+                break
+            room -= need
             batch.append(self.pending.popitem(last=False))
+        if not batch:
+            self.w.count("encode_cache_waits")
+            return False
         start = time.perf_counter()
         try:
             outputs = self.w.model.encode([(key, p.num_tokens, p.tensors) for key, p in batch])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from epdrt.errors import InvalidArgument, PoolExhausted
+from epdrt.kernels import assemble_inputs_embeds
 from epdrt.runtime import messages as m
 from epdrt.runtime.wire import tensor_meta
 
@@ -30,6 +31,8 @@ class _Request:
     keys: dict[bytes, m.ImageSlot]  # unique images of the request
     reserved: set[bytes] = field(default_factory=set)  # reserved here, committed on MMReady
     held: set[bytes] = field(default_factory=set)  # cache entries this request holds
+    # images another request of this worker is receiving: held once that one commits them
+    awaiting: set[bytes] = field(default_factory=set)
     encode_s: float = 0.0
 
     @property
@@ -57,6 +60,7 @@ class PrefillRole:
         self.queue: deque[_Request] = deque()  # not yet admitted
         self.admitted: dict[str, _Request] = {}
         self.handoffs: dict[str, _Handoff] = {}
+        self.receiving: dict[bytes, str] = {}  # image key -> the request its blocks arrive for
 
     # ---- messages --------------------------------------------------------------------------
     def handle(self, msg: object, frames: list[bytes]) -> bool:
@@ -78,14 +82,26 @@ class PrefillRole:
     def _mm_ready(self, msg: m.MMReady) -> None:
         req = self.admitted.get(msg.req_id)
         if req is None:
-            return  # aborted meanwhile
+            return  # aborted or prefilled meanwhile
         req.encode_s += msg.encode_s
-        if msg.key in req.reserved:
-            req.reserved.discard(msg.key)
-            self.mm.commit(msg.key)
-            req.held.add(msg.key)
-        elif msg.key not in req.held:
-            self._hold_committed(req, msg.key)
+        if msg.key not in req.reserved:
+            return  # an answer to a fetch that only released the encoder's claim
+        req.reserved.discard(msg.key)
+        del self.receiving[msg.key]
+        self.mm.commit(msg.key)
+        req.held.add(msg.key)
+        for other in self._awaiting(msg.key):
+            other.awaiting.discard(msg.key)
+            self._hold_committed(other, msg.key)
+            self._release_claim(other, msg.key)
+
+    def _awaiting(self, key: bytes) -> list[_Request]:
+        return [r for r in self.admitted.values() if key in r.awaiting]
+
+    def _release_claim(self, req: _Request, key: bytes) -> None:
+        """Tells the image's encoder that ``req`` needs no copy (it frees its claim)."""
+        slot = req.keys[key]
+        self.w.send(slot.encoder, m.FetchMM(req.msg.req_id, key, self.w.name, []))
 
     def _hold_committed(self, req: _Request, key: bytes) -> bool:
         """Holds ``key`` for ``req`` if it is cached (committed) here."""
@@ -104,10 +120,19 @@ class PrefillRole:
             n = len(req.msg.input_ids)
             if used and used + n > budget:
                 break
+            if not self._kv_room(req):
+                self.w.count("prefill_kv_waits")  # back-pressure: decode frees staged KV
+                break
             used += n
             self._prefill(req)
             progressed = True
         return progressed
+
+    def _kv_room(self, req: _Request) -> bool:
+        """True when the request's KV can be staged here (not needed when decode is local)."""
+        if self.w.decode is not None and req.msg.decoder == self.w.name:
+            return True
+        return self.kv.num_free_blocks * self.kv.block_size >= len(req.msg.input_ids)
 
     def _admit(self) -> bool:
         admitted_any = False
@@ -130,22 +155,34 @@ class PrefillRole:
         return admitted_any
 
     def _reserve(self, req: _Request) -> list[tuple[m.FetchMM, str]]:
-        """Reserves MM blocks for every remote image not cached here; all or nothing."""
+        """Reserves MM blocks for every remote image not cached here; all or nothing.
+
+        An image another admitted request is receiving is neither reserved nor fetched again:
+        this request waits for that copy, and the encoder keeps its claim until then (so the
+        image can still be fetched if that request is aborted).
+        """
         fetches = []
         try:
             for key, slot in req.keys.items():
                 if slot.encoder == self.w.name:
                     continue  # the encode role in this worker delivers it in-process
+                if key in self.receiving:
+                    req.awaiting.add(key)
+                    continue
                 blocks: list[int] = []
                 if not self._hold_committed(req, key):
-                    entry = self.mm.reserve(key, slot.num_tokens)
-                    req.reserved.add(key)
-                    blocks = list(entry.blocks)
+                    blocks = self._reserve_one(req, key)
                 fetches.append((m.FetchMM(req.msg.req_id, key, self.w.name, blocks), slot.encoder))
         except Exception:
             self._release(req)
             raise
         return fetches
+
+    def _reserve_one(self, req: _Request, key: bytes) -> list[int]:
+        entry = self.mm.reserve(key, req.keys[key].num_tokens)
+        req.reserved.add(key)
+        self.receiving[key] = req.msg.req_id
+        return list(entry.blocks)
 
     def _poll_local_encoder(self) -> bool:
         if self.w.encode is None:
@@ -166,11 +203,8 @@ class PrefillRole:
         del self.admitted[msg.req_id]
         start = time.perf_counter()
         ids = torch.tensor(msg.input_ids, dtype=torch.int64, device=self.w.device)
-        embeds = self.w.model.embed(ids)
-        for slot in msg.images:
-            embeds[slot.start : slot.start + slot.num_tokens] = self.mm.tokens(
-                self.mm.peek(slot.key)
-            )
+        placements = [(slot.start, self.mm.peek(slot.key)) for slot in msg.images]
+        embeds = assemble_inputs_embeds(self.w.model.embed(ids), self.mm, placements)
         logits, kv, decode_extras = self.w.model.prefill(msg.input_ids, embeds, req.extras)
         token = int(torch.argmax(logits))
         self._release(req)
@@ -227,12 +261,28 @@ class PrefillRole:
 
     # ---- cleanup ---------------------------------------------------------------------------
     def _release(self, req: _Request) -> None:
+        """Frees what ``req`` holds; images it was receiving pass to a request awaiting them."""
         for key in req.reserved:
             self.mm.abort(key)
+            del self.receiving[key]
         for key in req.held:
             self.mm.release(key)
+        reserved = list(req.reserved)
         req.reserved.clear()
         req.held.clear()
+        req.awaiting.clear()
+        for key in reserved:
+            heir = next(iter(self._awaiting(key)), None)
+            if heir is None:
+                continue
+            heir.awaiting.discard(key)
+            try:
+                blocks = self._reserve_one(heir, key)
+            except (PoolExhausted, InvalidArgument) as exc:
+                self.w.fail(heir.msg.req_id, f"re-reserving an image: {exc}")
+                continue
+            slot = heir.keys[key]
+            self.w.send(slot.encoder, m.FetchMM(heir.msg.req_id, key, self.w.name, blocks))
 
     def abort(self, req_id: str) -> None:
         for req in [r for r in self.queue if r.msg.req_id == req_id]:

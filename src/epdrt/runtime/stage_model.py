@@ -45,6 +45,7 @@ class Preprocessor:
     def __init__(self, adapter, config: EPDConfig) -> None:
         self.adapter = adapter
         self.spec: ModelSpec = adapter.spec
+        self.config = config
         self.limits = ImageLimits(
             max_images=config.max_images_per_request,
             max_bytes=config.max_image_bytes,
@@ -79,6 +80,7 @@ class Preprocessor:
                 f"prompt ({prepared.num_tokens} tokens) plus max_new_tokens"
                 f" ({request.max_new_tokens}) exceeds the context of {self.spec.max_context}"
             )
+        self._check_fits(prepared, request.max_new_tokens)
         return Prepared(
             prepared.input_ids,
             [
@@ -88,8 +90,29 @@ class Preprocessor:
             dict(prepared.extras),
         )
 
+    def _check_fits(self, prepared: PreparedRequest, max_new_tokens: int) -> None:
+        """A request that could never fit a worker's caches fails now instead of waiting
+        forever: its distinct images' MM tokens, and its prompt plus output KV."""
+        cfg = self.config
+        sizes = {im.content_key: im.num_tokens for im in prepared.images}
+        mm_blocks = sum(-(-n // cfg.mm_block_size) for n in sizes.values())
+        mm_capacity = -(-cfg.mm_cache_tokens // cfg.mm_block_size)
+        if mm_blocks > mm_capacity:
+            raise RequestError(
+                f"the request's images need {sum(sizes.values())} multimodal tokens"
+                f" ({mm_blocks} blocks), more than the whole MM-token cache of"
+                f" {mm_capacity * cfg.mm_block_size} tokens"
+            )
+        kv_tokens = prepared.num_tokens + max_new_tokens
+        kv_capacity = -(-cfg.kv_cache_tokens // cfg.kv_block_size) * cfg.kv_block_size
+        if -(-kv_tokens // cfg.kv_block_size) * cfg.kv_block_size > kv_capacity:
+            raise RequestError(
+                f"the request needs KV for {kv_tokens} tokens (prompt + max_new_tokens), more"
+                f" than the whole KV cache of {kv_capacity} tokens"
+            )
+
     def decode(self, token_ids: list[int]) -> str:
-        return self.adapter.decode_text(token_ids)
+        return self.adapter.detokenize(token_ids)
 
 
 class StageModel:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
 import traceback
 
 import msgspec
@@ -121,14 +122,15 @@ class Worker:
             m.Hello(
                 worker=self.name,
                 pid=os.getpid(),
-                mm_region=self.mm.region.export() if self.mm else None,
-                kv_region=self.kv.region.export() if self.kv else None,
+                mm_region=self.mm.region.export() if self.mm is not None else None,
+                kv_region=self.kv.region.export() if self.kv is not None else None,
                 device=str(self.device),
             ),
         )
+        early = self._await_peers()
         busy = False
         while True:
-            got = self.channel.recv(0.0 if busy else IDLE_POLL_S)
+            got = early.pop(0) if early else self.channel.recv(0.0 if busy else IDLE_POLL_S)
             if got is not None:
                 msg, frames = got
                 if isinstance(msg, m.Shutdown):
@@ -141,13 +143,32 @@ class Worker:
                 busy = role.step() or busy
         self.send("cluster", m.Stats(worker=self.name, counters=self.stats()))
 
+    def _await_peers(self) -> list[tuple[object, list[bytes]]]:
+        """Waits for the handshake (``Peers``); returns what other peers sent meanwhile.
+
+        NOTE: a peer that got its ``Peers`` first may message this worker before the cluster's
+        ``Peers`` arrives here (separate sockets are not ordered), so those are kept for later.
+        """
+        early: list[tuple[object, list[bytes]]] = []
+        deadline = time.monotonic() + self.config.worker_start_timeout_s
+        while time.monotonic() < deadline:
+            got = self.channel.recv(IDLE_POLL_S)
+            if got is None:
+                if os.getppid() != self.spec.parent_pid:
+                    raise RuntimeError("the cluster exited before the handshake")
+                continue
+            msg, _ = got
+            if isinstance(msg, m.Peers):
+                for name, endpoint in msg.endpoints.items():
+                    if name != self.name:
+                        self.channel.connect(name, endpoint)
+                self._mm_descs, self._kv_descs = msg.mm_regions, msg.kv_regions
+                return early
+            early.append(got)
+        limit = self.config.worker_start_timeout_s
+        raise RuntimeError(f"no handshake from the cluster within {limit} s")
+
     def dispatch(self, msg: object, frames: list[bytes]) -> None:
-        if isinstance(msg, m.Peers):
-            for name, endpoint in msg.endpoints.items():
-                if name != self.name:
-                    self.channel.connect(name, endpoint)
-            self._mm_descs, self._kv_descs = msg.mm_regions, msg.kv_regions
-            return
         if isinstance(msg, m.Abort):
             for role in self.roles:
                 role.abort(msg.req_id)
