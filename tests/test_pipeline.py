@@ -13,6 +13,7 @@ from epdrt.runtime import EPDCluster, EPDConfig, Request
 ARCHS = ["llava", "qwen2-vl"]
 MODES = ["epd", "pd", "aggregated"]
 MAX_NEW = 6
+TIMEOUT_S = 120.0  # a stuck request fails with a reason before pytest-timeout hits
 
 
 def _workload(ph: str) -> tuple[Request, list[Request]]:
@@ -64,7 +65,9 @@ def _fresh(ph: str, expected_ids: list[str]) -> tuple[Request, list[Request]]:
 def test_tokens_equal_generate(arch, mode, tiny_model_dir, references):
     ph, expected = references[arch]
     single, batch = _fresh(ph, list(expected))
-    with EPDCluster.launch(tiny_model_dir(arch), EPDConfig(mode=mode)) as cluster:
+    with EPDCluster.launch(
+        tiny_model_dir(arch), EPDConfig(mode=mode, request_timeout_s=TIMEOUT_S)
+    ) as cluster:
         first = cluster.generate([single])[0]
         results = cluster.generate(batch)
     for r in [first, *results]:
@@ -85,7 +88,9 @@ def test_tokens_equal_generate(arch, mode, tiny_model_dir, references):
 def test_images_split_across_encoders(tiny_model_dir, references):
     ph, expected = references["llava"]
     single, batch = _fresh(ph, list(expected))
-    config = EPDConfig(mode="epd", num_encode=2, num_prefill=1, num_decode=2)
+    config = EPDConfig(
+        mode="epd", num_encode=2, num_prefill=1, num_decode=2, request_timeout_s=TIMEOUT_S
+    )
     with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
         results = cluster.generate([single, *batch])
     assert {r.id: r.token_ids for r in results} == expected
@@ -99,7 +104,10 @@ def test_back_pressure_small_caches(tiny_model_dir, references):
     """MM and KV caches that hold about one request at a time: requests queue, none fails."""
     ph, expected = references["llava"]
     single, batch = _fresh(ph, list(expected))
-    config = EPDConfig(mode="epd", mm_cache_tokens=48, kv_cache_tokens=64, mm_block_size=16)
+    config = EPDConfig(
+        mode="epd", mm_cache_tokens=48, kv_cache_tokens=64, mm_block_size=16,
+        request_timeout_s=TIMEOUT_S,
+    )  # fmt: skip
     with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
         results = cluster.generate([single, *batch])
     assert {r.id: r.token_ids for r in results} == expected

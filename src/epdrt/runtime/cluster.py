@@ -358,7 +358,9 @@ class EPDCluster:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for req_id in [r for r, s in self._inflight.items() if now > s.deadline]:
-            self._fail(req_id, f"timed out after {self.config.request_timeout_s} s")
+            tokens = len(self._inflight[req_id].tokens)
+            where = f"after {tokens} tokens" if tokens else "before its first token"
+            self._fail(req_id, f"timed out after {self.config.request_timeout_s} s, {where}")
 
     def _fail(self, req_id: str, error: str) -> None:
         """Fails a request and tells the live workers it touched to free what it holds."""

@@ -128,17 +128,24 @@ class EncodeRole:
     def _serve(self, fetch: m.FetchMM) -> None:
         """Copies the claimed tokens into the fetcher's cache, tells it, drops the claim."""
         seconds = self.claims.pop((fetch.req_id, fetch.key))
+
+        def done(error: str | None) -> None:  # the claim's hold lasts until the copy is done
+            self.mm.release(fetch.key)
+            self.w.send(
+                fetch.dst,
+                m.MMReady(req_id=fetch.req_id, key=fetch.key, encode_s=seconds, error=error),
+            )
+
+        if not fetch.blocks:
+            done(None)
+            return
         entry = self.mm.peek(fetch.key)
-        if fetch.blocks:
-            dst = self.w.peer_mm_cache(fetch.dst)
-            src_blocks = torch.tensor(entry.blocks, dtype=torch.int64, device=self.mm.device)
-            dst_blocks = torch.tensor(fetch.blocks, dtype=torch.int64, device=dst.device)
-            dst.storage.index_copy_(0, dst_blocks, self.mm.storage.index_select(0, src_blocks))
-            if self.mm.device.type == "cuda":
-                torch.cuda.current_stream(self.mm.device).synchronize()
-            self.w.count("mm_bytes_sent", len(fetch.blocks) * self.mm.block_nbytes)
-        self.mm.release(fetch.key)
-        self.w.send(fetch.dst, m.MMReady(req_id=fetch.req_id, key=fetch.key, encode_s=seconds))
+        dst = self.w.peer_mm_cache(fetch.dst)
+        self.w.copy_blocks(
+            self.mm.region, dst.region, list(entry.blocks), list(fetch.blocks),
+            self.mm.block_nbytes, done,
+        )  # fmt: skip
+        self.w.count("mm_bytes_sent", len(fetch.blocks) * self.mm.block_nbytes)
 
     def abort(self, req_id: str) -> None:
         for claim in [c for c in self.claims if c[0] == req_id]:

@@ -84,6 +84,11 @@ class PrefillRole:
         if req is None:
             return  # aborted or prefilled meanwhile
         req.encode_s += msg.encode_s
+        if msg.error is not None:
+            self.w.fail(
+                msg.req_id, f"receiving an image from {req.keys[msg.key].encoder}: {msg.error}"
+            )
+            return
         if msg.key not in req.reserved:
             return  # an answer to a fetch that only released the encoder's claim
         req.reserved.discard(msg.key)
@@ -241,23 +246,27 @@ class PrefillRole:
         h = self.handoffs.pop(grant.req_id, None)
         if h is None:
             return
+
+        def done(error: str | None) -> None:
+            self.kv.free(h.req_id)
+            if error is not None:
+                self.w.send(h.decoder, m.Abort(h.req_id))
+                self.w.fail(h.req_id, f"KV transfer to {h.decoder} failed: {error}")
+                return
+            names = list(h.extras)
+            extras = [m.NamedTensor(k, tensor_meta(h.extras[k])) for k in names]
+            self.w.send(
+                h.decoder,
+                m.StartDecode(h.req_id, h.first_token, h.num_tokens, h.max_new_tokens, extras),
+                [h.extras[k] for k in names],
+            )
+
         dst = self.w.peer_kv_cache(h.decoder)
-        src_blocks = torch.tensor(
-            self.kv.block_table(h.req_id), dtype=torch.int64, device=self.kv.device
+        src_blocks = self.kv.block_table(h.req_id)
+        self.w.copy_blocks(
+            self.kv.region, dst.region, src_blocks, list(grant.blocks), self.kv.block_nbytes, done
         )
-        dst_blocks = torch.tensor(grant.blocks, dtype=torch.int64, device=dst.device)
-        dst.storage.index_copy_(0, dst_blocks, self.kv.storage.index_select(0, src_blocks))
-        if self.kv.device.type == "cuda":
-            torch.cuda.current_stream(self.kv.device).synchronize()
         self.w.count("kv_bytes_sent", len(grant.blocks) * self.kv.block_nbytes)
-        self.kv.free(h.req_id)
-        names = list(h.extras)
-        extras = [m.NamedTensor(k, tensor_meta(h.extras[k])) for k in names]
-        self.w.send(
-            h.decoder,
-            m.StartDecode(h.req_id, h.first_token, h.num_tokens, h.max_new_tokens, extras),
-            [h.extras[k] for k in names],
-        )
 
     # ---- cleanup ---------------------------------------------------------------------------
     def _release(self, req: _Request) -> None:

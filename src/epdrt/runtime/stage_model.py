@@ -62,24 +62,15 @@ class Preprocessor:
 
     def prepare(self, request: Request) -> Prepared:
         """Raises RequestError with a clear reason for any bad input."""
-        if len(request.images) > self.limits.max_images:
-            raise RequestError(
-                f"{len(request.images)} images exceed the limit of {self.limits.max_images}"
-            )
         try:
-            images = [
-                self.adapter.preprocess_image(self.adapter.load_image(src, self.limits))
-                for src in request.images
-            ]
-            prepared: PreparedRequest = self.adapter.tokenize(request.prompt, images)
+            prepared: PreparedRequest = self.adapter.prepare(
+                request.prompt,
+                request.images,
+                max_new_tokens=request.max_new_tokens,
+                limits=self.limits,
+            )
         except ModelRequestError as exc:
             raise RequestError(str(exc)) from exc
-        total = prepared.num_tokens + request.max_new_tokens
-        if total > self.spec.max_context:
-            raise RequestError(
-                f"prompt ({prepared.num_tokens} tokens) plus max_new_tokens"
-                f" ({request.max_new_tokens}) exceeds the context of {self.spec.max_context}"
-            )
         self._check_fits(prepared, request.max_new_tokens)
         return Prepared(
             prepared.input_ids,

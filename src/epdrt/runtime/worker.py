@@ -15,8 +15,10 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 import msgspec
+import numpy as np
 import torch
 
 from epdrt.cache import MMTokenCache, PagedKVCache
@@ -26,6 +28,7 @@ from epdrt.runtime.channel import Channel
 from epdrt.runtime.config import WorkerSpec
 from epdrt.runtime.stage_model import StageModel
 from epdrt.runtime.wire import tensor_from_frame
+from epdrt.transfer.engine import Transfer, TransferEngine
 
 IDLE_POLL_S = 0.02
 
@@ -65,6 +68,10 @@ class Worker:
                 s.num_layers, s.num_kv_heads, s.head_dim, cfg.kv_block_size, num_blocks, dtype,
                 self.device,
             )  # fmt: skip
+        # Cache-to-cache copies into peers' regions (mapped over IPC) run on this engine, off
+        # the main loop; ``outbox`` holds each until it completes.
+        self.engine = TransferEngine(num_threads=self.config.cpu_threads)
+        self.outbox: list[tuple[Transfer, Callable[[str | None], None]]] = []
         self.peer_mm: dict[str, MMTokenCache] = {}
         self.peer_kv: dict[str, PagedKVCache] = {}
         self._mm_descs: dict[str, bytes] = {}
@@ -103,6 +110,37 @@ class Worker:
             )  # fmt: skip
         return self.peer_kv[name]
 
+    def copy_blocks(
+        self,
+        src: Region,
+        dst: Region,
+        src_blocks: list[int],
+        dst_blocks: list[int],
+        block_nbytes: int,
+        then: Callable[[str | None], None],
+    ) -> None:
+        """Starts copying whole blocks ``src_blocks[i]`` -> ``dst_blocks[i]`` between two
+        block regions; ``then(error)`` runs in the main loop once the copy is done."""
+        transfer = self.engine.submit_blocks(
+            src,
+            dst,
+            np.asarray(src_blocks, dtype=np.int64) * block_nbytes,
+            np.asarray(dst_blocks, dtype=np.int64) * block_nbytes,
+            block_nbytes,
+        )
+        self.outbox.append((transfer, then))
+
+    def _finish_transfers(self) -> bool:
+        """Runs the callbacks of finished copies, in submission order; True if any ran."""
+        done = [(t, then) for t, then in self.outbox if t.done()]
+        if not done:
+            return False
+        self.outbox = [(t, then) for t, then in self.outbox if not t.done()]
+        for transfer, then in done:
+            then(None if transfer.state == "done" else transfer.error or "copy failed")
+            transfer.release()
+        return True
+
     def count(self, name: str, amount: float = 1.0) -> None:
         self.counters[name] = self.counters.get(name, 0.0) + amount
 
@@ -138,9 +176,10 @@ class Worker:
                 self.dispatch(msg, frames)
             elif not busy and os.getppid() != self.spec.parent_pid:
                 return  # the cluster is gone: exit quietly, the kernel reclaims our memory
-            busy = False
+            busy = self._finish_transfers()
             for role in self.roles:
                 busy = role.step() or busy
+            busy = busy or bool(self.outbox)
         self.send("cluster", m.Stats(worker=self.name, counters=self.stats()))
 
     def _await_peers(self) -> list[tuple[object, list[bytes]]]:

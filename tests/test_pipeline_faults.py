@@ -1,0 +1,134 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Bad input and dying workers: the request fails with a clear reason, the rest go on, and
+nothing is left behind (processes, /dev/shm)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from model_utils import make_image, png_bytes
+
+from epdrt.runtime import EPDCluster, EPDConfig, Request
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def _gone(pids: list[int], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_bad_requests_fail_alone(tiny_model_dir, tmp_path):
+    ph = "<image>"
+    good = png_bytes(make_image(40, 30, 1))
+    config = EPDConfig(
+        mode="epd", max_images_per_request=2, max_image_bytes=500_000, mm_cache_tokens=16
+    )
+    bad = {
+        "not a readable image": Request(f"{ph}", [b"garbage, not an image"], 4),
+        "corrupt": Request(f"{ph}", [good[: len(good) // 2]], 4),
+        "not accepted": Request(f"{ph}", [png_bytes(make_image(40, 30, 2), fmt="TIFF")], 4),
+        "bytes, more than the limit": Request(f"{ph}", [bytes(600_000)], 4),
+        "more than the limit of 2": Request(f"{ph}{ph}{ph}", [good] * 3, 4),
+        "placeholders": Request(f"{ph} {ph}", [good], 4),
+        "context": Request(f"{ph} " + "word " * 600, [good], 4),
+        "whole MM-token cache": Request(
+            f"{ph}{ph}", [good, png_bytes(make_image(40, 30, 3))], 4
+        ),
+        "could not read": Request(f"{ph}", [str(tmp_path / "missing.png")], 4),
+    }
+    with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
+        results = cluster.generate([*bad.values(), Request(f"fine {ph}", [good], 4)])
+    for (expected, _), r in zip(bad.items(), results):
+        assert r.error is not None and expected in r.error, (expected, r.error)
+        assert r.token_ids == []
+    assert results[-1].error is None and len(results[-1].token_ids) == 4
+
+
+def test_killed_worker_fails_its_requests(tiny_model_dir):
+    shm_before = _shm()
+    config = EPDConfig(mode="epd", num_decode=2, request_timeout_s=60)
+    ph = "<image>"
+    with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
+        pids = list(cluster.worker_pids().values())
+        warm = cluster.generate([Request(f"{ph} warm", [make_image(40, 30, 9)], 2)])[0]
+        assert warm.error is None
+        longest = cluster.pre.spec.max_context - 40  # the prompts take < 40 tokens
+        futures = [
+            cluster.submit(Request(f"{ph} long {i}", [make_image(40, 30, i)], longest))
+            for i in range(6)
+        ]
+        time.sleep(0.5)  # decoding is under way on both decoders
+        os.kill(cluster.worker_pids()["d0"], signal.SIGKILL)
+        start = time.monotonic()
+        results = [f.result(timeout=60) for f in futures]
+        assert time.monotonic() - start < 60
+        failed = [r for r in results if r.error is not None]
+        assert failed, "requests decoding on the killed worker must fail"
+        for r in failed:
+            assert "worker d0 (decode) died" in r.error
+        # The survivors go on serving, on the remaining decoder.
+        after = cluster.generate([Request(f"{ph} after", [make_image(40, 30, 20)], 3)])[0]
+        assert after.error is None and len(after.token_ids) == 3
+    assert _gone(pids)
+    assert _shm() <= shm_before
+
+
+def test_ctrl_c_shuts_down_cleanly(tiny_model_dir, tmp_path):
+    shm_before = _shm()
+    pid_file = tmp_path / "pids"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from epdrt.runtime import EPDCluster, EPDConfig
+        with EPDCluster.launch({tiny_model_dir("llava")!r}, EPDConfig(mode="epd")) as c:
+            open({str(pid_file)!r}, "w").write(" ".join(map(str, c.worker_pids().values())))
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the cluster script exited early"
+            time.sleep(0.2)
+        pids = [int(p) for p in Path(pid_file).read_text().split()]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _gone(pids)
+    assert _shm() <= shm_before
+
+
+@pytest.mark.parametrize("victim", ["e0", "p0"])
+def test_killed_stage_reports_reason(tiny_model_dir, victim):
+    config = EPDConfig(mode="epd", request_timeout_s=60)
+    ph = "<image>"
+    with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
+        pids = list(cluster.worker_pids().values())
+        os.kill(cluster.worker_pids()[victim], signal.SIGKILL)
+        time.sleep(0.5)
+        r = cluster.generate([Request(f"{ph} x", [make_image(40, 30, 1)], 3)])[0]
+        assert r.error is not None
+        assert victim in r.error or "no live" in r.error
+    assert _gone(pids)
