@@ -23,7 +23,7 @@ $(STAMP): $(SOURCES)
 
 demo: setup
 	$(VENV)/bin/epdrt info
-	$(VENV)/bin/epdrt bench block-pool --ops 200000 --json out/demo-block-pool.jsonl
+	$(VENV)/bin/epdrt demo --out out/demo
 
 test: setup lint
 	$(PY) -m pytest

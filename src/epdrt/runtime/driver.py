@@ -27,11 +27,15 @@ def replay(
             time.sleep(delay)
         futures.append(cluster.submit(item.request))
     results = []
+    tty = sys.stderr.isatty()
+    step = max(1, len(futures) // 4)  # without a terminal: a line every quarter
     for i, fut in enumerate(futures):
         results.append(fut.result())
-        if progress:
-            print(f"\r[{label}] {i + 1}/{len(futures)} requests done", end="", file=sys.stderr)
-    if progress:
+        done = i + 1
+        if progress and (tty or done % step == 0 or done == len(futures)):
+            line = f"[{label}] {done}/{len(futures)} requests done"
+            print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr)
+    if progress and tty:
         print(file=sys.stderr)
     return results, time.monotonic() - start
 

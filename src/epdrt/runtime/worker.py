@@ -132,10 +132,14 @@ class Worker:
 
     def _finish_transfers(self) -> bool:
         """Runs the callbacks of finished copies, in submission order; True if any ran."""
-        done = [(t, then) for t, then in self.outbox if t.done()]
+        # One done() per transfer: one that finishes between two polls must land in exactly
+        # one of the two lists.
+        done, pending = [], []
+        for item in self.outbox:
+            (done if item[0].done() else pending).append(item)
         if not done:
             return False
-        self.outbox = [(t, then) for t, then in self.outbox if not t.done()]
+        self.outbox = pending
         for transfer, then in done:
             then(None if transfer.state == "done" else transfer.error or "copy failed")
             transfer.release()

@@ -1,0 +1,77 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The serving commands on the tiny models: ``run``, ``demo``, ``bench e2e``,
+``make-tiny-model``."""
+
+from __future__ import annotations
+
+import json
+
+from model_utils import make_image, reference_tokens
+
+from epdrt.cli import main
+from epdrt.models import load_adapter
+
+RESULT_KEYS = {"id", "token_ids", "text", "ttft_s", "tpot_s", "encode_s", "error"}
+
+
+def test_make_tiny_model(tmp_path):
+    out = tmp_path / "qwen"
+    assert (
+        main(
+            ["make-tiny-model", str(out), "--arch", "qwen2-vl", "--json", str(tmp_path / "m.json")]
+        )
+        == 0
+    )
+    info = json.loads((tmp_path / "m.json").read_text())
+    assert info["model_type"] == "qwen2_vl"
+    assert load_adapter(out).spec.image_placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def test_run_jsonl(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llava")
+    make_image(40, 30, 1).save(tmp_path / "a.png")
+    make_image(64, 48, 2).save(tmp_path / "b.jpg")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    lines = [
+        {"id": "one", "prompt": "USER: <image>\nWhat? ASSISTANT:", "images": ["a.png"],
+         "max_new_tokens": 5},
+        {"id": "two", "prompt": "<image> vs <image>", "images": ["a.png", "b.jpg"],
+         "max_new_tokens": 4},
+        {"id": "text", "prompt": "just text", "images": [], "max_new_tokens": 3},
+        {"id": "bad", "prompt": "<image>", "images": ["corrupt.png"], "max_new_tokens": 3},
+    ]  # fmt: skip
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.json"
+    args = ["run", "--model", model, "--requests", str(requests), "--mode", "epd"]
+    assert main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["id"]: r for r in report["requests"]}
+    assert all(r.keys() >= RESULT_KEYS for r in rows.values())
+    adapter = load_adapter(model)
+    for line in lines[:3]:
+        prepared = adapter.prepare(line["prompt"], [tmp_path / p for p in line["images"]])
+        expected = reference_tokens(adapter, [prepared], line["max_new_tokens"])[0]
+        assert rows[line["id"]]["token_ids"] == expected
+        assert rows[line["id"]]["error"] is None and rows[line["id"]]["ttft_s"] > 0
+    assert rows["bad"]["error"] and rows["bad"]["token_ids"] == []
+    assert report["summary"]["requests"] == 4 and report["summary"]["failed"] == 1
+
+
+def test_demo_and_bench_e2e(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--requests", "6", "--rate", "20"]) == 0
+    report = json.loads((out / "demo.json").read_text())
+    assert report["token_mismatches"] == []
+    assert [r["label"] for r in report["runs"]] == ["epd 1E+1P+1D", "aggregated"]
+    assert all(r["summary"]["failed"] == 0 for r in report["runs"])
+    assert (out / "demo.png").stat().st_size > 0
+
+    records = tmp_path / "e2e.jsonl"
+    model = str(out / "tiny-llava")
+    args = ["bench", "e2e", "--model", model, "--requests", "4", "--rate", "20"]
+    assert main([*args, "--json", str(records)]) == 0
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert {r["baseline"] for r in rows} == {"pd", "aggregated"}
+    assert all(r["bench"] == "e2e" and r["value"] > 0 and r["ratio"] > 0 for r in rows)
+    assert records.with_suffix(".png").exists()
