@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from epdrt.benchmarking import Record
 
 HELP = "EPD vs pd vs aggregated: TTFT, TPOT, throughput, goodput, peak memory"
@@ -41,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="seconds")
     parser.add_argument("--slo-tpot", type=float, default=0.2, help="seconds")
     parser.add_argument("--plot", help="PNG path (default: beside --json)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights, KV and MM tokens (default: bfloat16 on a GPU, float32 on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -64,19 +71,14 @@ def run(args: argparse.Namespace) -> list[Record]:
     )
     # Same devices for all: EPD's E+P+D worker count, pd's E+P and D, aggregated's workers.
     total = args.encode + args.prefill + args.decode
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     configs = [
-        (
-            "epd",
-            EPDConfig(
-                mode="epd", num_encode=args.encode, num_prefill=args.prefill, num_decode=args.decode
-            ),
-        ),
-        (
-            "pd",
-            EPDConfig(mode="pd", num_prefill=args.encode + args.prefill, num_decode=args.decode),
-        ),
-        ("aggregated", EPDConfig(mode="aggregated", num_prefill=total)),
-    ]
+        ("epd", EPDConfig(mode="epd", num_encode=args.encode, num_prefill=args.prefill,
+                          num_decode=args.decode, dtype=dtype)),
+        ("pd", EPDConfig(mode="pd", num_prefill=args.encode + args.prefill,
+                         num_decode=args.decode, dtype=dtype)),
+        ("aggregated", EPDConfig(mode="aggregated", num_prefill=total, dtype=dtype)),
+    ]  # fmt: skip
     runs = run_modes(
         model_dir, workload, configs, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
     )

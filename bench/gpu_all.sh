@@ -29,4 +29,12 @@ for name in $(python3 -c "from epdrt.bench import BENCHMARKS; print(' '.join(BEN
   python3 -m epdrt.cli bench "$name" --json "$RES/bench-$name.jsonl" 2>&1 \
     | tee "$RES/bench-$name.log" | tail -25
 done
+# End to end on real-size shapes (random weights; config-only directories, weights drawn at load).
+MODELS=$(mktemp -d)
+for arch in llava qwen2-vl; do
+  log "bench e2e on $arch 7B shapes"
+  python3 -m epdrt.cli make-tiny-model "$MODELS/$arch-7b" --arch "$arch" --size 7b >/dev/null
+  python3 -m epdrt.cli bench e2e --model "$MODELS/$arch-7b" --requests 32 --rate 2 \
+    --json "$RES/bench-e2e-$arch-7b.jsonl" 2>&1 | tee "$RES/bench-e2e-$arch-7b.log" | tail -25
+done
 log "done; records in $OUT/results.tar.gz"
