@@ -68,8 +68,11 @@ def test_tokens_equal_generate(arch, mode, tiny_model_dir, references):
     with EPDCluster.launch(
         tiny_model_dir(arch), EPDConfig(mode=mode, request_timeout_s=TIMEOUT_S)
     ) as cluster:
-        first = cluster.generate([single])[0]
+        streamed: list[int] = []
+        future = cluster.submit(single, on_token=lambda _, token: streamed.append(token))
+        first = future.result(timeout=TIMEOUT_S)
         results = cluster.generate(batch)
+    assert streamed == first.token_ids  # tokens stream as they are generated
     for r in [first, *results]:
         assert r.error is None, r.error
         assert r.token_ids == expected[r.id], r.id

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +65,7 @@ class _Inflight:
     loads: dict[str, int]  # worker -> load this request added (undone when it resolves)
     submitted: float
     deadline: float
+    on_token: Callable[[str, int], None] | None = None
     tokens: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -120,11 +121,21 @@ class EPDCluster:
 
     def _start(self) -> None:
         cluster_endpoint = self._channel.endpoint
-        for (name, roles), device in zip(self.config.worker_roles(), self._devices()):
+        cores = sorted(os.sched_getaffinity(0))
+        threads = self.config.cpu_threads
+        for i, ((name, roles), device) in enumerate(
+            zip(self.config.worker_roles(), self._devices())
+        ):
+            # CPU workers get their own cores, round robin when there are fewer than needed.
+            cpus = (
+                sorted({cores[(i * threads + k) % len(cores)] for k in range(threads)})
+                if device == "cpu"
+                else []
+            )
             spec = WorkerSpec(
                 name=name, roles=sorted(roles), device=device, model_dir=self.model_dir,
                 config=self.config, endpoint=f"ipc://{self._run_dir}/{name}.sock",
-                cluster_endpoint=cluster_endpoint, parent_pid=os.getpid(),
+                cluster_endpoint=cluster_endpoint, parent_pid=os.getpid(), cpus=cpus,
             )  # fmt: skip
             log_path = self._run_dir / f"{name}.log"
             argv = [
@@ -202,8 +213,15 @@ class EPDCluster:
         futures = [self.submit(r) for r in requests]
         return [f.result() for f in futures]
 
-    def submit(self, request: Request) -> Future:
-        """Queues one request; the future resolves to a RequestResult (never raises)."""
+    def submit(
+        self, request: Request, on_token: Callable[[str, int], None] | None = None
+    ) -> Future:
+        """Queues one request; the future resolves to a RequestResult (never raises).
+
+        ``on_token(request_id, token_id)`` streams each generated token as it arrives (called
+        on the cluster's receiver thread: keep it short, it must not call back into the
+        cluster).
+        """
         future: Future = Future()
         submitted = time.monotonic()
         try:
@@ -224,8 +242,9 @@ class EPDCluster:
                 future.set_result(_failed(request.id, str(exc)))
                 return future
             state = _Inflight(
-                request, future, loads, submitted, submitted + self.config.request_timeout_s
-            )
+                request, future, loads, submitted, submitted + self.config.request_timeout_s,
+                on_token,
+            )  # fmt: skip
             self._inflight[request.id] = state
             try:
                 self._dispatch(request, prepared, prefill, decode, encoders)
@@ -336,6 +355,12 @@ class EPDCluster:
                 state.tokens.append(ev.token)
                 state.first_token_at = state.first_token_at or now
                 state.last_token_at = now
+                if state.on_token is not None:
+                    try:
+                        state.on_token(ev.req_id, ev.token)
+                    except Exception as exc:  # a faulty callback must not stop the receiver
+                        print(f"epdrt cluster: on_token raised {exc!r}", file=sys.stderr)
+                        state.on_token = None
                 if ev.finished:
                     self._resolve(ev.req_id, None)
         elif isinstance(msg, m.Failed):

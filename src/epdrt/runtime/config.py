@@ -100,3 +100,4 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     endpoint: str  # where this worker receives (ipc://...)
     cluster_endpoint: str  # where the cluster receives
     parent_pid: int
+    cpus: list[int] = []  # CPU cores to pin to (CPU workers); empty: no pinning

@@ -239,6 +239,8 @@ class Worker:
 def main(argv: list[str]) -> int:
     spec = msgspec.json.decode(argv[0], type=WorkerSpec)
     if spec.device == "cpu":
+        if spec.cpus:
+            os.sched_setaffinity(0, spec.cpus)
         torch.set_num_threads(spec.config.cpu_threads)
     else:
         torch.cuda.set_device(torch.device(spec.device))
