@@ -52,9 +52,7 @@ def test_bad_requests_fail_alone(tiny_model_dir, tmp_path):
         "more than the limit of 2": Request(f"{ph}{ph}{ph}", [good] * 3, 4),
         "placeholders": Request(f"{ph} {ph}", [good], 4),
         "context": Request(f"{ph} " + "word " * 600, [good], 4),
-        "whole MM-token cache": Request(
-            f"{ph}{ph}", [good, png_bytes(make_image(40, 30, 3))], 4
-        ),
+        "whole MM-token cache": Request(f"{ph}{ph}", [good, png_bytes(make_image(40, 30, 3))], 4),
         "could not read": Request(f"{ph}", [str(tmp_path / "missing.png")], 4),
     }
     with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:

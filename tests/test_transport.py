@@ -4,6 +4,9 @@ shared memory, cross-node fallbacks on loopback), notices, argument checks, time
 
 import contextlib
 import hashlib
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from epdrt import InvalidArgument, Region, TransferError
 from epdrt.transfer import TransferAgent, nixl_available
+from epdrt.transfer.agent import Wakeup
 from epdrt.transfer.scripted_peer import Command, digest, encode, spawn, stop
 
 BLOCK = 4096
@@ -248,11 +252,72 @@ def test_local_transport_is_refused_across_processes():
         agent.close()
 
 
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def mapped_regions() -> set[str]:
+    """Inodes of the memfd regions mapped into this process."""
+    with open("/proc/self/maps") as f:
+        return {line.split()[4] for line in f if "memfd:epdrt-region" in line}
+
+
+def test_peer_killed_mid_transfer_is_reported_and_leaks_nothing():
+    big = 32 << 20
+    before = shm_entries()
+    agent = TransferAgent(timeout=TIMEOUT_S)
+    agent.register("buf", Region.create(big))
+    own = mapped_regions()
+    proc, peer = spawn(agent, region_bytes=big, transport="ipc", timeout=TIMEOUT_S)
+    try:
+        assert len(mapped_regions() - own) == 1  # the child's region, mapped here
+        # Both directions busy: the child writes 32 MiB copies into our region without pause,
+        # we have four 32 MiB copies into its region in flight when it is killed.
+        stream = Command(op="stream", src_offsets=[0], dst_offsets=[0], sizes=[big], count=0)
+        peer.notify("cmd", data=encode(stream))
+        peer.recv("s0")
+        handles = [peer.write(f"out{i}", "buf", "buf", [0], [0], big) for i in range(4)]
+        proc.send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(TransferError, match=r"exited|lost"):
+            while True:  # notices that arrived before the kill come out first
+                peer.recv(None, timeout=10)
+        for handle in handles:  # each one finished or failed; none hangs
+            with contextlib.suppress(TransferError):
+                handle.wait(timeout=10)
+        assert time.monotonic() - start < 10
+        assert not peer.alive
+        with pytest.raises(TransferError):
+            peer.write("late", "buf", "buf", [0], [0], BLOCK)
+        assert proc.wait(TIMEOUT_S) == -signal.SIGKILL
+        deadline = time.monotonic() + 5  # the engine drops the mapping once its copies end
+        while mapped_regions() != own and time.monotonic() < deadline:
+            agent.poll(0.01)
+        assert mapped_regions() == own
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT_S)
+        agent.close()
+    assert shm_entries() == before
+
+
 @pytest.mark.gpu
 def test_cuda_ipc_between_processes():
     with child_pair("auto", device="cuda") as (_agent, peer, region, _proc):
         assert peer.transport == "ipc"
         roundtrip(peer, region)
+
+
+def test_wakeup_is_readable_once_signalled_and_inert_after_close():
+    wake = Wakeup()
+    wake.drain()  # nothing pending: no error
+    wake.signal()
+    wake.signal()
+    assert os.eventfd_read(wake.fd) == 2
+    wake.close()
+    wake.signal()  # a transport thread that outlives the agent writes nowhere
+    wake.close()
 
 
 def test_digest_helper_matches_hashlib():

@@ -54,7 +54,8 @@ _LOCAL_AGENTS: weakref.WeakValueDictionary[str, TransferAgent] = weakref.WeakVal
 
 # Longest a pump sleeps without looking at pending work, as a guard against missed wakeups.
 _MAX_SLICE_S = 0.05
-# Poll interval while a transport without a wakeup fd (nixl, dist) has work in flight.
+# Poll interval while a transport without a wakeup fd (nixl) has work in flight; dist waits
+# signal the agent's Wakeup eventfd instead.
 _POLL_SLICE_S = 0.001
 
 
@@ -93,6 +94,34 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class Wakeup:
+    """An eventfd that threads other than the agent's signal to end its poll early.
+
+    ``signal`` after ``close`` does nothing, so a transport thread that outlives the agent never
+    writes to a closed (or reused) descriptor.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def signal(self) -> None:
+        with self._lock:
+            if not self._closed:
+                os.eventfd_write(self.fd, 1)
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
 
 
 class _LocalRegion(msgspec.Struct):
@@ -422,6 +451,9 @@ class TransferAgent:
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self.engine.completion_fd, zmq.POLLIN)
+        #: signalled by transport threads (torch.distributed waits) when work completes
+        self.wakeup = Wakeup()
+        self._poller.register(self.wakeup.fd, zmq.POLLIN)
         self._regions: dict[str, _LocalRegion] = {}
         self._peers: dict[str, Peer] = {}
         self._by_monitor: dict[zmq.Socket, Peer] = {}
@@ -575,6 +607,8 @@ class TransferAgent:
         if self.engine.completion_fd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.engine.completion_fd, 8)
+        if self.wakeup.fd in ready:
+            self.wakeup.drain()
         for sock in [s for s in ready if isinstance(s, zmq.Socket) and s in self._by_monitor]:
             self._handle_monitor(sock)
         self._progress()
@@ -775,6 +809,8 @@ class TransferAgent:
             self._nixl.close()
             self._nixl = None
         self._router.close(linger=0)
+        self._poller.unregister(self.wakeup.fd)
+        self.wakeup.close()
         self._closed = True
         if _LOCAL_AGENTS.get(self.name) is self:
             del _LOCAL_AGENTS[self.name]

@@ -14,6 +14,7 @@ import queue
 import secrets
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -384,14 +385,17 @@ class _Waiter:
 
     NOTE: gloo's send/recv works only complete inside ``wait()`` (``is_completed`` stays
     False otherwise), and a wait with a timeout may leave the pair unusable; so one thread per
-    peer and direction blocks in ``wait()`` (GIL released) while the agent polls the flags.
-    A dead peer makes the wait raise; a stuck one leaves only this daemon thread behind.
+    peer and direction blocks in ``wait()`` (GIL released), sets the work's ``done`` flag and
+    then calls ``wake`` (the agent's wakeup eventfd), so the agent's poll ends at once instead
+    of at its next polling slice. A dead peer makes the wait raise; a stuck one leaves only
+    this daemon thread behind.
     """
 
     #: seconds ``stop`` waits for the thread; a wait stuck on a dead peer is left behind
     join_timeout_s = 2.0
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, wake: Callable[[], None]) -> None:
+        self._wake = wake
         self._queue: queue.SimpleQueue[_Waited | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -420,6 +424,7 @@ class _Waiter:
             except Exception as exc:
                 waited.error = f"{type(exc).__name__}: {exc}"
             waited.done = True
+            self._wake()  # after the flag: the woken agent sees it
             del waited  # hold no work (nor its tensors) while blocked on the queue
 
 
@@ -473,8 +478,9 @@ class DistBackend(Backend):
 
     def _waiters(self) -> tuple[_Waiter, _Waiter]:
         if self._send_waiter is None or self._recv_waiter is None:
-            self._send_waiter = _Waiter(f"epdrt-dist-send-{self.peer.name}")
-            self._recv_waiter = _Waiter(f"epdrt-dist-recv-{self.peer.name}")
+            wake = self.agent.wakeup.signal
+            self._send_waiter = _Waiter(f"epdrt-dist-send-{self.peer.name}", wake)
+            self._recv_waiter = _Waiter(f"epdrt-dist-recv-{self.peer.name}", wake)
         return self._send_waiter, self._recv_waiter
 
     def _group(self, store: Any, rank: int, timeout: float) -> Any:
@@ -644,7 +650,9 @@ class DistBackend(Backend):
             self._recvs.pop(0)
 
     def needs_polling(self) -> bool:
-        return bool(self._sends or self._recvs or self._unposted)
+        # Every completion wakes the agent: gathers and scatters through the engine's
+        # completion fd, sends and receives through the waiters' wakeup fd.
+        return False
 
     def fail_all(self, reason: str) -> None:
         sends, self._sends = self._sends, []

@@ -7,7 +7,8 @@ from it:
 
 - key ``cmd``: a msgspec-encoded :class:`Command` in ``data``;
 - key ``ping``: writes the echo plan back (key ``pong``) - the benchmark's round trip;
-- key ``bw``: counts; after ``Command.count`` of them notifies ``bw-done``.
+- key ``bw``: counts; after ``Command.count`` of them notifies ``bw-done``, whose ``data`` is
+  the ``time.monotonic_ns()`` (8 bytes, little-endian) at which the last one was received.
 
 It exits when told to, or (status 3) as soon as the driver goes away.
 """
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             while True:
                 notice = peer.recv(None, timeout=args.timeout)
+                received_ns = time.monotonic_ns()  # CLOCK_MONOTONIC: shared by the host
                 if notice.key == "ping":
                     peer.write("pong", buf, buf, plan.src_offsets, plan.dst_offsets,
                                plan.sizes).wait()  # fmt: skip
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     seen += 1
                     if seen == plan.count:
                         seen = 0
-                        peer.notify("bw-done")
+                        peer.notify("bw-done", data=received_ns.to_bytes(8, "little"))
                 elif notice.key == "cmd":
                     cmd = msgspec.msgpack.decode(notice.data, type=Command)
                     if cmd.op == "exit":
