@@ -5,6 +5,7 @@ the CUDA kernel on a GPU) against per-block slicing, bit for bit; errors before 
 import pytest
 import torch
 from epdrt.kernels import BlockCopy, block_copy
+from kernel_utils import CPU_TRITON, random_bits
 
 from epdrt import CudaUnavailable, InvalidArgument, PagedKVCache, Region, _core
 
@@ -12,20 +13,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 BLOCK_SIZES = [1, 16, 64]  # tokens per block; a block is block_size rows of ROW elements
 ROW = 24
-BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Triton on CPU tensors needs the interpreter, which conftest turns on only on hosts without a GPU.
-CPU_TRITON = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="Triton runs on CPU tensors only under TRITON_INTERPRET"
-)
 CPU_BACKENDS = ["native", pytest.param("triton", marks=CPU_TRITON), "torch"]
 PAIR_COUNTS = [0, 1, 7, 40]
-
-
-def random_bits(shape, dtype, gen):
-    """Random bit patterns (NaNs, infinities, -0.0 included): copies must keep every bit."""
-    bits = BITS[torch.empty((), dtype=dtype).element_size()]
-    info = torch.iinfo(bits)
-    return torch.randint(info.min, info.max, shape, generator=gen, dtype=bits).view(dtype)
 
 
 def random_pairs(n, num_src, num_dst, gen):

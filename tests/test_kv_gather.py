@@ -5,6 +5,7 @@ the reference against concatenated appends, and argument errors raised before an
 import pytest
 import torch
 from epdrt.kernels import kv_gather
+from kernel_utils import CPU_TRITON, DEVICES, bits_equal, random_bits
 
 from epdrt import InvalidArgument, PagedKVCache
 from epdrt.testing import refs
@@ -15,24 +16,6 @@ BLOCK_SIZES = [1, 16, 64]
 # Sequence lengths of one gather: none, an empty one, one token, ragged, exact block multiples.
 SEQ_LENS = [[], [0], [1], [1, 0, 1], [17, 1, 40], [64, 128, 3]]
 LAYERS, HEADS, HEAD_DIM = 3, 3, 24  # rows of 72 elements: not a power of two
-BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Triton on CPU tensors needs the interpreter, which conftest turns on only on hosts without a GPU.
-CPU_TRITON = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="Triton runs on CPU tensors only under TRITON_INTERPRET"
-)
-DEVICES = [pytest.param("cpu", marks=CPU_TRITON), pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def random_bits(shape, dtype, gen):
-    """Random bit patterns (NaNs, infinities, -0.0 included): copies must keep every bit."""
-    bits = BITS[torch.empty((), dtype=dtype).element_size()]
-    info = torch.iinfo(bits)
-    return torch.randint(info.min, info.max, shape, generator=gen, dtype=bits).view(dtype)
-
-
-def bits_equal(a, b):
-    bits = BITS[a.element_size()]
-    return a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
 
 
 def random_tables(lens, block_size, num_blocks, gen, pad=-1):

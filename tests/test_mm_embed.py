@@ -6,6 +6,7 @@ map builder; argument errors raised before any launch."""
 import pytest
 import torch
 from epdrt.kernels import assemble_inputs_embeds, mm_embed, mm_source_rows
+from kernel_utils import CPU_TRITON, DEVICES, bits_equal, random_bits
 
 from epdrt import InvalidArgument, MMTokenCache
 from epdrt.testing import refs
@@ -14,12 +15,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 BLOCK_SIZES = [1, 16, 64]
 HIDDEN = 40  # not a power of two
-BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Triton on CPU tensors needs the interpreter, which conftest turns on only on hosts without a GPU.
-CPU_TRITON = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="Triton runs on CPU tensors only under TRITON_INTERPRET"
-)
-DEVICES = [pytest.param("cpu", marks=CPU_TRITON), pytest.param("cuda", marks=pytest.mark.gpu)]
 # (backend, device) pairs: the reference, Triton interpreted on CPU, Triton on a GPU.
 IMPLS = [
     pytest.param("torch", "cpu", id="torch"),
@@ -34,18 +29,6 @@ BATCHES = {
     "several images": [(30, [(2, 5), (9, 17)]), (3, []), (70, [(0, 64), (64, 3)])],
     "mixed sizes": [(5, [(4, 1)]), (81, [(1, 16), (20, 33), (60, 20)])],
 }
-
-
-def random_bits(shape, dtype, gen):
-    """Random bit patterns (NaNs, infinities, -0.0 included): copies must keep every bit."""
-    bits = BITS[torch.empty((), dtype=dtype).element_size()]
-    info = torch.iinfo(bits)
-    return torch.randint(info.min, info.max, shape, generator=gen, dtype=bits).view(dtype)
-
-
-def bits_equal(a, b):
-    bits = BITS[a.element_size()]
-    return a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
 
 
 def build(batch, block_size, dtype, gen, device="cpu"):
