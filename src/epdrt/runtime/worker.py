@@ -31,6 +31,7 @@ from epdrt.runtime.wire import tensor_from_frame
 from epdrt.transfer.engine import Transfer, TransferEngine
 
 IDLE_POLL_S = 0.02
+MAX_MESSAGES_PER_STEP = 256
 
 
 def named_tensors(entries: list[m.NamedTensor], frames: list[bytes]) -> dict[str, torch.Tensor]:
@@ -169,22 +170,27 @@ class Worker:
                 device=str(self.device),
             ),
         )
-        early = self._await_peers()
+        inbox = self._await_peers()
         busy = False
         while True:
-            got = early.pop(0) if early else self.channel.recv(0.0 if busy else IDLE_POLL_S)
-            if got is not None:
-                msg, frames = got
-                if isinstance(msg, m.Shutdown):
-                    break
-                self.dispatch(msg, frames)
-            elif not busy and os.getppid() != self.spec.parent_pid:
+            # Every message that is waiting goes in before the next step (up to a bound, so a
+            # flood cannot starve the running batches): arrivals join the next batch.
+            got = self.channel.recv(0.0 if busy or inbox else IDLE_POLL_S)
+            while got is not None:
+                inbox.append(got)
+                got = self.channel.recv(0.0) if len(inbox) < MAX_MESSAGES_PER_STEP else None
+            if not inbox and not busy and os.getppid() != self.spec.parent_pid:
                 return  # the cluster is gone: exit quietly, the kernel reclaims our memory
+            for msg, frames in inbox:
+                if isinstance(msg, m.Shutdown):
+                    self.send("cluster", m.Stats(worker=self.name, counters=self.stats()))
+                    return
+                self.dispatch(msg, frames)
+            inbox = []
             busy = self._finish_transfers()
             for role in self.roles:
                 busy = role.step() or busy
             busy = busy or bool(self.outbox)
-        self.send("cluster", m.Stats(worker=self.name, counters=self.stats()))
 
     def _await_peers(self) -> list[tuple[object, list[bytes]]]:
         """Waits for the handshake (``Peers``); returns what other peers sent meanwhile.
