@@ -4,10 +4,13 @@
 Each module has ``HELP``, ``add_arguments(parser)`` and ``run(args) -> list[Record]``.
 """
 
-from epdrt.bench import block_pool, e2e, kernels
+from epdrt.bench import block_pool, capacity, e2e, kernels, planner, transfer
 
 BENCHMARKS = {
     "block-pool": block_pool,
     "kernels": kernels,
     "e2e": e2e,
+    "transfer": transfer,
+    "capacity": capacity,
+    "planner": planner,
 }

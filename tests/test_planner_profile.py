@@ -229,3 +229,91 @@ def test_validation_records_hold_predicted_measured_and_min_over_max():
     assert recs[0].extra["rate"] == 10.0
     assert json.loads(recs[0].to_json())["case"].startswith("epd E2 P1 D1")
     assert agreement(0.0, 0.0) == 1.0
+
+
+def test_transfer_from_the_transfer_benchmark_format():
+    # `epdrt bench transfer` records: payload in extra.payload_bytes, per transport; latency
+    # records ("us", one transfer alone) win over bandwidth records when both are there.
+    def rec(metric, value, nbytes, transport="ipc"):
+        return {"bench": "transfer", "metric": metric, "value": value,
+                "extra": {"payload_bytes": nbytes, "transport": transport}}  # fmt: skip
+
+    sizes = (1 << 12, 1 << 20, 1 << 24)
+    recs = [rec("us", (2e-5 + b / 1e10) * 1e6, b) for b in sizes]
+    recs += [rec("GB/s", 99.0, b) for b in sizes]
+    recs += [rec("us", 1e6, b, transport="dist") for b in sizes]
+    t = transfer_from_records(recs, transport="ipc")
+    assert t.latency_s == pytest.approx(2e-5, rel=1e-6)
+    assert t.bytes_per_s == pytest.approx(1e10, rel=1e-6)
+    bw_only = transfer_from_records([r for r in recs if r["metric"] == "GB/s"])
+    assert bw_only.bytes_per_s == pytest.approx(99e9, rel=1e-6)
+
+
+def test_overheads_round_trip_and_default_to_zero():
+    from dataclasses import replace
+
+    from epdrt.planner.profile import Overheads
+
+    o = Overheads(prepare_s=1e-4, prepare_per_image_s=2e-4, message_s=3e-5, wake_s=1e-3,
+                  wake_tau_s=0.02, request_s=1e-3, step_s=1e-4,
+                  request_spread=(-1e-4, 0.0, 2e-4))  # fmt: skip
+    p = replace(linear_profile(), overheads=o)
+    assert StageProfile.from_dict(json.loads(json.dumps(p.to_dict()))).overheads == o
+    d = p.to_dict()
+    del d["overheads"]  # profiles written before overheads existed
+    assert StageProfile.from_dict(d).overheads == Overheads()
+    assert o.prepare(3) == pytest.approx(7e-4)
+    assert o.wake(0.0) == 0.0
+    assert o.wake(float("inf")) == pytest.approx(1e-3)
+    assert o.wake(0.02) == pytest.approx(1e-3 * (1 - np.exp(-1)))
+    assert Overheads().wake(1.0) == 0.0
+
+
+def test_fit_wake_recovers_the_curve():
+    from epdrt.planner.model_runner import fit_wake
+
+    gaps = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25]
+    extra = [1.5e-3 * (1 - np.exp(-g / 0.03)) for g in gaps]
+    wake, tau = fit_wake(gaps, extra)
+    assert wake == pytest.approx(1.5e-3, rel=0.03)
+    assert tau == pytest.approx(0.03, rel=0.1)
+    assert fit_wake(gaps, [-1e-5] * len(gaps))[0] == 0.0  # no penalty: none fitted
+
+
+def test_observed_runs_become_simulator_inputs():
+    from epdrt.planner.validation import (
+        Observed,
+        observed_metrics,
+        observed_trace,
+        runtime_deploy_config,
+    )
+
+    obs = [
+        Observed("b", 0.5, (16, 16), 10, 4, 0.02, 0.002, 0.026),
+        Observed("a", 0.0, (), 7, 1, 0.01, None, 0.01),
+    ]
+    trace = observed_trace(obs)
+    assert [r.id for r in trace] == ["a", "b"]
+    assert trace[1].input_tokens == 42 and trace[1].output_tokens == 4
+    m = observed_metrics(obs)
+    assert m["throughput_rps"] == pytest.approx(2 / 0.526)
+    assert m["ttft_p90_s"] == pytest.approx(0.019)
+    assert m["tpot_p50_s"] == pytest.approx(0.002)
+    cfg = runtime_deploy_config("epd", 2, 1, 1, 8, 32)
+    assert (cfg.pools, cfg.image_split, cfg.prefill_tokens) == ((2, 1, 1), 2, 1)
+    assert runtime_deploy_config("pd", 0, 2, 1, 8, 32).pools == (2, 1)
+    assert runtime_deploy_config("aggregated", 0, 3, 0, 8, 32).pools == (3,)
+    with pytest.raises(InvalidArgument):
+        runtime_deploy_config("ed", 1, 1, 1, 8, 32)
+
+
+def test_decode_shapes_that_do_not_fit_are_skipped():
+    g = ProfileGrid(decode_batch=(1, 8, 64), decode_context=(100, 400, 1000), warmup=1,
+                    repeats=3, max_decode_tokens=8 * 1005)  # fmt: skip
+    # Batch 8 keeps all three contexts (8 x 1005 fits); 64 keeps only 100: dropped.
+    assert g.decode_shapes() == [(1, 100), (1, 400), (1, 1000), (8, 100), (8, 400), (8, 1000)]
+    clock = FakeClock()
+    p = measure_profile(FakeRunner(clock), fit_transfer([1.0, 2.0], [1.0, 2.0]), name="f",
+                        grid=g, clock=clock)  # fmt: skip
+    assert sorted({r[0] for r in p.samples["decode"]}) == [1, 8]
+    assert p.decode(8, 8 * 400) == pytest.approx(0.006 + 8e-5 + 2e-9 * 8 * 400, rel=1e-9)

@@ -143,3 +143,42 @@ def test_cli_plan_json_and_png(tmp_path, capsys):
 def test_cli_plan_reports_missing_arguments(capsys):
     assert main(["plan", "--profile", "x"]) == 2
     assert "--slo-ttft" in capsys.readouterr().err
+
+
+def test_cli_plan_says_when_no_encode_pool_is_needed(tmp_path, capsys):
+    # 90% of requests without images, one small image otherwise: colocating encode wins.
+    prof = tmp_path / "p.json"
+    linear_profile(
+        encode_fixed_s=0.01, encode_per_token_s=1e-5, prefill_fixed_s=0.01,
+        prefill_per_token_s=5e-5, decode_fixed_s=0.01, decode_per_seq_s=1e-4,
+    ).save(prof)  # fmt: skip
+    out = tmp_path / "plan.json"
+    rc = main([
+        "plan", "--profile", str(prof), "--rate", "20", "--slo-ttft", "1", "--slo-tpot", "0.05",
+        "--gpus", "8", "--requests", "400", "--images", "0:0.9,1:0.1", "--image-tokens", "64",
+        "--prompt-tokens", "50-400", "--output-tokens", "10-100", "--no-png", "--json", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    verdict = next(line for line in text.splitlines() if line.startswith("best:"))
+    assert "without" in verdict and "encode pool" in verdict
+    d = json.loads(out.read_text())
+    assert d["ranked"][0]["config"]["mode"] in ("pd", "aggregated")
+    assert d["recommendation"] == verdict
+    epd = d["best_by_mode"]["epd"]
+    assert epd is not None and epd["config"]["num_gpus"] > d["ranked"][0]["config"]["num_gpus"]
+    assert "png" not in d
+
+
+@pytest.mark.slow
+def test_a_64_gpu_budget_is_searched_in_seconds():
+    from epdrt.planner import load_profile
+
+    p = load_profile("qwen2-vl-7b-h100-estimated")
+    spec = WorkloadSpec(IntDist.uniform(2, 6), IntDist.constant(1024), IntDist.uniform(32, 256),
+                        IntDist.uniform(32, 512))  # fmt: skip
+    plan = search(p, poisson_workload(spec, 1000, seed=0), SLO(1.5, 0.04), max_gpus=64, rate=150)
+    best = plan.ranked[0]
+    assert best.attainment >= 0.9 and 30 <= best.config.num_gpus <= 64
+    assert set(plan.best_by_mode) == {"epd", "pd", "ed", "aggregated"}
+    assert plan.elapsed_s < 25, plan.elapsed_s  # about 8 s on this project's 2-core CPU host

@@ -204,3 +204,135 @@ def test_modes_serve_a_mixed_workload_and_predict_is_deterministic():
         assert np.all(res.ttft_s > 0) and np.all(res.tpot_s >= 0)
         slo = SLO(1.0, 0.1)
         assert predict(p, cfg, reqs, slo) == predict(p, cfg, reqs, slo)
+
+
+def _with_overheads(p, **kw):
+    from dataclasses import replace
+
+    from epdrt.planner.profile import Overheads
+
+    return replace(p, overheads=Overheads(**kw))
+
+
+def test_runtime_overheads_are_sums_of_known_costs():
+    # Router: 1 ms + 0.5 ms per image (+ 0.2 ms); each control message 0.1 ms; no wake-up.
+    p = _with_overheads(
+        linear_profile(
+            encode_fixed_s=0.05, prefill_fixed_s=0.1, decode_fixed_s=0.02,
+            transfer_latency_s=0.001, transfer_bytes_per_s=1e30,
+        ),
+        prepare_s=1e-3, prepare_per_image_s=5e-4, message_s=1e-4, request_s=2e-4,
+    )  # fmt: skip
+    req = Request("a", 0.0, (100, 100), 50, 6)
+    # Preprocessing, the message to the workers, the calibrated rest of the router's path.
+    router = 1e-3 + 2 * 5e-4 + 1e-4 + 2e-4
+    res = simulate(p, DeployConfig("epd", 1, 1, 1), [req])
+    # MM tokens: the copy, then a "ready" message; the first token: one message back.
+    assert res.ttft_s[0] == pytest.approx(router + 0.05 + 0.001 + 1e-4 + 0.1 + 1e-4, abs=1e-12)
+    # KV hand-off: the copy and three messages; the last token's message cancels the first's.
+    assert res.tpot_s[0] == pytest.approx((0.001 + 3e-4 + 5 * 0.02) / 5, abs=1e-12)
+    agg = simulate(p, DeployConfig("aggregated", 1, 1, 1), [req])
+    assert agg.ttft_s[0] == pytest.approx(router + 0.05 + 0.1 + 1e-4, abs=1e-12)
+    assert agg.tpot_s[0] == pytest.approx(0.02, abs=1e-12)
+
+
+def test_router_preprocesses_one_request_at_a_time():
+    p = _with_overheads(linear_profile(prefill_fixed_s=0.01), prepare_s=0.05)
+    reqs = [_text(0, 0.0), _text(1, 0.01)]
+    res = simulate(p, DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16), reqs)
+    assert res.ttft_s[0] == pytest.approx(0.06, abs=1e-12)
+    assert res.ttft_s[1] == pytest.approx(0.1 + 0.01 - 0.01, abs=1e-12)  # waits for the router
+
+
+def test_wake_up_cost_grows_with_the_idle_gap():
+    # A batch started after g idle seconds costs 2 ms * (1 - exp(-g / 10 ms)) more.
+    import math
+
+    p = _with_overheads(linear_profile(prefill_fixed_s=0.01), wake_s=2e-3, wake_tau_s=1e-2)
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16)
+    reqs = [_text(0, 0.0), _text(1, 0.0), _text(2, 0.02 + 2e-3 + 0.005)]
+    res = simulate(p, cfg, reqs)
+    # r0: cold GPU (idle forever: the full 2 ms); r1 right behind it: warm; r2 after a gap.
+    assert res.ttft_s[0] == pytest.approx(0.012, abs=1e-12)
+    assert res.ttft_s[1] == pytest.approx(0.022, abs=1e-12)
+    gap = reqs[2].arrival_s - 0.022
+    want = 0.01 + 2e-3 * (1 - math.exp(-gap / 1e-2))
+    assert res.ttft_s[2] == pytest.approx(want, abs=1e-12)
+    # Decode steps run back to back: only the first step after idling pays.
+    d = _with_overheads(linear_profile(decode_fixed_s=0.01), wake_s=2e-3, wake_tau_s=1e-2)
+    one = simulate(d, DeployConfig("aggregated", 1, 1, 1), [_text(0, 0.0, out=11)])
+    assert one.ttft_s[0] == pytest.approx(2e-3, abs=1e-12)  # a cold (instant) prefill
+    assert one.tpot_s[0] == pytest.approx(0.01, abs=1e-12)  # warm from then on
+
+
+def test_shared_host_cores_slow_overlapping_batches_down():
+    # Processor sharing: n busy workers on c cores each run at min(1, c / n) of full speed.
+    p = linear_profile(prefill_fixed_s=0.1)
+    two = [_text(0, 0.0), _text(1, 0.0)]
+    cfg = DeployConfig("aggregated", 2, 2, 2, prefill_tokens=16)
+    np.testing.assert_allclose(simulate(p, cfg, two).ttft_s, [0.1, 0.1], atol=1e-12)
+    np.testing.assert_allclose(simulate(p, cfg, two, host_cores=2).ttft_s, [0.1, 0.1])
+    np.testing.assert_allclose(simulate(p, cfg, two, host_cores=1).ttft_s, [0.2, 0.2])
+    three = DeployConfig("aggregated", 3, 3, 3, prefill_tokens=16)
+    res = simulate(p, three, [_text(i, 0.0) for i in range(3)], host_cores=2)
+    np.testing.assert_allclose(res.ttft_s, [0.15] * 3, atol=1e-12)
+    # Staggered: r0 alone for 0.05 s, then both at half speed; r1 finishes alone.
+    res = simulate(p, cfg, [_text(0, 0.0), _text(1, 0.05)], host_cores=1)
+    np.testing.assert_allclose(res.ttft_s, [0.15, 0.15], atol=1e-12)
+
+
+def test_shared_cores_stretch_decode_steps_and_their_boundaries():
+    # pd on one core: a decodes 20 steps of 10 ms from 0.1; b's prefill (0.105-0.305) halves
+    # both; b joins at the step boundary after 0.305 (work 0.11 = step 11, at 0.31).
+    p = linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01)
+    a, b = _text(0, 0.0, out=21), _text(1, 0.105, out=3)
+    res = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), [a, b], host_cores=1)
+    assert res.ttft_s[1] == pytest.approx(0.2, abs=1e-9)
+    assert res.tpot_s[0] == pytest.approx((0.40 - 0.1) / 20, abs=1e-9)
+    assert res.tpot_s[1] == pytest.approx((0.33 - 0.305) / 2, abs=1e-9)
+    alone = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), [a, b], host_cores=2)
+    assert alone.tpot_s[0] == pytest.approx(0.01, abs=1e-9)
+
+
+def test_jitter_scales_batches_by_draws_from_the_profiles_spread():
+    from dataclasses import replace
+
+    p = linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01)
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16)
+    reqs = [_text(0, 0.0, out=11)]
+    slow = simulate(replace(p, jitter=(2.0, 2.0)), cfg, reqs)  # every batch twice as long
+    assert slow.ttft_s[0] == pytest.approx(0.2, abs=1e-12)
+    assert slow.tpot_s[0] == pytest.approx(0.02, abs=1e-12)
+    # A spread: each lone prefill's time is a draw, uniform on [0.8, 1.6] x 0.1 s here.
+    spread = replace(p, jitter=(0.8, 1.0, 1.6))
+    many = [_text(i, float(i)) for i in range(2000)]
+    res = simulate(spread, cfg, many)
+    assert res.ttft_s.min() >= 0.08 - 1e-12 and res.ttft_s.max() <= 0.16 + 1e-12
+    assert np.median(res.ttft_s) == pytest.approx(0.1, rel=0.03)
+    assert np.mean(res.ttft_s) == pytest.approx(0.1 * (0.9 + 1.3) / 2, rel=0.03)
+    np.testing.assert_array_equal(simulate(spread, cfg, many).ttft_s, res.ttft_s)  # seeded
+    with pytest.raises(InvalidArgument, match="jitter"):
+        replace(p, jitter=(1.2, 1.0))
+
+
+def test_calibrated_step_overhead_lengthens_every_decode_step():
+    # Steps of 10 ms + 2 ms of runtime work; b joins a's batch at a step boundary (0.024).
+    p = _with_overheads(linear_profile(decode_fixed_s=0.01), step_s=2e-3)
+    a, b = _text(0, 0.0, out=11), _text(1, 0.015, out=3)
+    res = simulate(p, DeployConfig("aggregated", 1, 1, 1), [a, b])
+    assert res.ttft_s[1] == pytest.approx(0.024 - 0.015, abs=1e-12)
+    assert res.tpot_s[0] == pytest.approx(0.012, abs=1e-12)
+    assert res.tpot_s[1] == pytest.approx(0.012, abs=1e-12)
+
+
+def test_request_latency_spread_is_drawn_per_request():
+    # request_s 20 ms, spread quantiles -10 / 0 / +10 ms: uniform on [10, 30] ms, never < 0.
+    p = _with_overheads(
+        linear_profile(prefill_fixed_s=0.001), request_s=0.02, request_spread=(-0.01, 0.0, 0.01)
+    )
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16)
+    res = simulate(p, cfg, [_text(i, float(i)) for i in range(2000)])
+    assert res.ttft_s.min() >= 0.011 - 1e-12 and res.ttft_s.max() <= 0.031 + 1e-12
+    assert np.quantile(res.ttft_s, 0.9) == pytest.approx(0.001 + 0.028, rel=0.03)
+    low = _with_overheads(linear_profile(prefill_fixed_s=0.001), request_spread=(-1.0, -1.0))
+    assert simulate(low, cfg, [_text(0, 0.0)]).ttft_s[0] == pytest.approx(0.001)  # clamped

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "epdrt.commands.run",
     "epdrt.commands.demo",
     "epdrt.commands.make_tiny_model",
+    "epdrt.commands.profile",
 )
 
 

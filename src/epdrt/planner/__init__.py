@@ -10,6 +10,7 @@ from epdrt.planner.metrics import SLO
 from epdrt.planner.profile import (
     Bilinear,
     MemoryProfile,
+    Overheads,
     PiecewiseLinear,
     StageProfile,
     TransferProfile,
@@ -37,6 +38,7 @@ __all__ = [
     "DeployConfig",
     "IntDist",
     "MemoryProfile",
+    "Overheads",
     "PiecewiseLinear",
     "PlanResult",
     "Prediction",

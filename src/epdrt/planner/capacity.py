@@ -96,7 +96,7 @@ def stage_work(profile: StageProfile, config: DeployConfig, stats: WorkloadStats
     steps = np.maximum(out - 1, 0)
     # Time-averaged context of a decoding sequence, weighted by its decode steps.
     ctx = float(((stats.input_tokens + (out + 1) / 2) * steps).sum() / max(steps.sum(), 1))
-    per_token = profile.decode(batch, batch * ctx) / batch
+    per_token = (profile.decode(batch, batch * ctx) + profile.overheads.step_s) / batch
     decode_s = per_token * float(steps.mean())
     return StageWork(encode_s, prefill_s, decode_s, batch)
 
@@ -143,6 +143,7 @@ def balanced_pools(config: DeployConfig, work: StageWork, num_gpus: int) -> tupl
 def unloaded_ttft(profile: StageProfile, config: DeployConfig, workload: Workload) -> np.ndarray:
     """Per request: TTFT with the system otherwise empty (seconds)."""
     mm = profile.memory.mm_bytes_per_token
+    o = profile.overheads
     out = np.empty(len(workload.requests))
     split = config.image_split if config.mode in ("epd", "ed") else 1
     colocated = config.mode in ("pd", "aggregated")
@@ -156,8 +157,12 @@ def unloaded_ttft(profile: StageProfile, config: DeployConfig, workload: Workloa
             enc = full * profile.encode(config.encode_batch, tpi)
             enc += profile.encode(rest, tpi) if rest else 0.0
             if not colocated:
-                enc += profile.transfer.seconds(per_chunk * tpi * mm)
-        out[i] = enc + profile.prefill(r.input_tokens)
+                enc += profile.transfer.seconds(per_chunk * tpi * mm) + o.message_s
+        # Router preprocessing and its message to the workers; the first token's message back.
+        out[i] = (
+            o.prepare(r.num_images) + o.request_s + 2 * o.message_s + enc
+            + profile.prefill(r.input_tokens)
+        )  # fmt: skip
     return out
 
 
@@ -169,8 +174,11 @@ def unloaded_tpot(profile: StageProfile, config: DeployConfig, workload: Workloa
         if r.output_tokens > 1:
             steps = r.output_tokens - 1
             t = profile.decode.at_x(1).sum_arithmetic(r.input_tokens + 1, 1, steps)
+            t += steps * profile.overheads.step_s
             if config.mode != "aggregated":
-                t += profile.transfer.seconds(r.input_tokens * kvb)
+                t += (
+                    profile.transfer.seconds(r.input_tokens * kvb) + 3 * profile.overheads.message_s
+                )
             out[i] = t / steps
     return out
 

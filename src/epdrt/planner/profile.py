@@ -267,6 +267,71 @@ class TransferProfile:
 
 
 @dataclass(frozen=True)
+class Overheads:
+    """Fixed costs of the serving runtime outside the model's batches, in seconds.
+
+    Args:
+        prepare_s, prepare_per_image_s: the router's preprocessing of one request (image
+            decoding and resizing, tokenization), ``prepare_s + images * prepare_per_image_s``,
+            before any worker sees it.
+        message_s: one control message between two processes, one way (serialize, send,
+            wake the receiver waiting in poll, deserialize).
+        wake_s, wake_tau_s: a process that starts work after idling ``gap`` seconds takes
+            ``wake_s * (1 - exp(-gap / wake_tau_s))`` longer (caches refilled, clocks ramped
+            up; on a shared CPU host, other processes ran meanwhile).
+        request_s: further latency of every request before its first token that none of the
+            above accounts for (routing and dispatching it, the router recording the first
+            token); calibrated on an idle deployment (``epdrt bench planner``), else 0.
+        step_s: further work of every decode step beyond the model's (the worker's loop
+            around it, its tokens message); calibrated the same way, else 0.
+        request_spread: how that latency varies from request to request: quantiles at 0,
+            0.05, ..., 1 of the calibration's residuals minus ``request_s`` (seconds); the
+            simulator draws each request's ``request_s + spread`` (at least 0); () for none.
+
+    NOTE: on a GPU serving a 7B-class model these are a few milliseconds against batches of
+    tens to hundreds; for a tiny model on a CPU they are most of TTFT, which is why the
+    profile carries them.
+    """
+
+    prepare_s: float = 0.0
+    prepare_per_image_s: float = 0.0
+    message_s: float = 0.0
+    wake_s: float = 0.0
+    wake_tau_s: float = 0.0
+    request_s: float = 0.0
+    step_s: float = 0.0
+    request_spread: tuple[float, ...] = ()
+
+    def prepare(self, num_images: int) -> float:
+        return self.prepare_s + num_images * self.prepare_per_image_s
+
+    def wake(self, gap_s: float) -> float:
+        """Extra seconds of work started after ``gap_s`` idle seconds."""
+        if self.wake_s <= 0 or gap_s <= 0:
+            return 0.0
+        if self.wake_tau_s <= 0:
+            return self.wake_s
+        return self.wake_s * -math.expm1(-gap_s / self.wake_tau_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prepare_s": self.prepare_s,
+            "prepare_per_image_s": self.prepare_per_image_s,
+            "message_s": self.message_s,
+            "wake_s": self.wake_s,
+            "wake_tau_s": self.wake_tau_s,
+            "request_s": self.request_s,
+            "step_s": self.step_s,
+            "request_spread": list(self.request_spread),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Overheads:
+        scalars = {k: float(d.get(k, 0.0)) for k in cls().to_dict() if k != "request_spread"}
+        return cls(**scalars, request_spread=tuple(float(v) for v in d.get("request_spread", ())))
+
+
+@dataclass(frozen=True)
 class StageProfile:
     """Latency, memory and transfer models of one model on one device.
 
@@ -278,6 +343,10 @@ class StageProfile:
         source: "measured", "estimated" or "synthetic"; say which, plainly.
         notes: how the numbers were obtained (the arithmetic, for an estimate).
         samples: the raw measurements behind a measured profile (optional).
+        overheads: the runtime's fixed costs outside batches (zero unless measured).
+        jitter: run-to-run spread of batch latencies: quantiles at 0, 0.05, ..., 1 of a run's
+            time over the median of its shape (the latency models hold medians); () for none.
+            The simulator draws each batch's factor from it.
     """
 
     name: str
@@ -290,10 +359,15 @@ class StageProfile:
     transfer: TransferProfile
     notes: str = ""
     samples: dict[str, Any] = field(default_factory=dict)
+    overheads: Overheads = field(default_factory=Overheads)
+    jitter: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise InvalidArgument(f"source must be one of {SOURCES}, got {self.source!r}")
+        j = self.jitter
+        if j and (len(j) < 2 or any(b < a for a, b in itertools.pairwise(j)) or j[0] <= 0):
+            raise InvalidArgument("jitter must be positive, non-decreasing quantiles")
 
     def encode_latency(self, num_images: int, tokens_per_image: float) -> float:
         return self.encode(num_images, tokens_per_image)
@@ -332,6 +406,8 @@ class StageProfile:
                 "latency_s": self.transfer.latency_s,
                 "bytes_per_s": self.transfer.bytes_per_s,
             },
+            "overheads": self.overheads.to_dict(),
+            "jitter_quantiles": list(self.jitter),
             "samples": self.samples,
         }
 
@@ -371,6 +447,8 @@ class StageProfile:
                     float(d["transfer"]["latency_s"]), float(d["transfer"]["bytes_per_s"])
                 ),
                 samples=dict(d.get("samples", {})),
+                overheads=Overheads.from_dict(d.get("overheads", {})),
+                jitter=tuple(float(v) for v in d.get("jitter_quantiles", ())),
             )
         except KeyError as e:
             raise InvalidArgument(f"profile is missing the key {e}") from None

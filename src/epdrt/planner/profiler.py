@@ -21,6 +21,7 @@ import numpy as np
 from epdrt.errors import InvalidArgument
 from epdrt.planner.profile import (
     MemoryProfile,
+    Overheads,
     StageProfile,
     TransferProfile,
     fit_bilinear,
@@ -77,7 +78,9 @@ class StageRunner(Protocol):
 
 @dataclass(frozen=True)
 class ProfileGrid:
-    """Batch shapes to measure. Decode contexts are per sequence."""
+    """Batch shapes to measure. Decode contexts are per sequence; a decode shape whose
+    sequences (context plus the steps the timing adds) exceed ``max_decode_tokens`` in all is
+    skipped (a batch size needs two contexts left to fit)."""
 
     encode_images: tuple[int, ...] = (1, 2, 4, 8, 16)
     image_sizes: tuple[int, ...] = (224, 448, 896)
@@ -86,15 +89,40 @@ class ProfileGrid:
     decode_context: tuple[int, ...] = (256, 1024, 4096)
     warmup: int = 1
     repeats: int = 5
+    max_decode_tokens: int | None = None
+
+    def decode_shapes(self) -> list[tuple[int, int]]:
+        """(batch, context) pairs to measure, batch sizes with fewer than two contexts
+        dropped (the decode model is linear in context per batch size)."""
+        extra = self.warmup + self.repeats + 1
+        out = []
+        for b in self.decode_batch:
+            cs = [
+                c
+                for c in self.decode_context
+                if self.max_decode_tokens is None or b * (c + extra) <= self.max_decode_tokens
+            ]
+            if len(cs) >= min(2, len(self.decode_context)):
+                out += [(b, c) for c in cs]
+        return out
 
 
 Clock = Callable[[], float]
 
 
 def time_call(
-    fn: Callable[[], None], sync: Callable[[], None], clock: Clock, warmup: int, repeats: int
+    fn: Callable[[], None],
+    sync: Callable[[], None],
+    clock: Clock,
+    warmup: int,
+    repeats: int,
+    spread: list[float] | None = None,
 ) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones."""
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones.
+
+    Args:
+        spread: when given, each run's time over the median is appended to it.
+    """
     for _ in range(warmup):
         fn()
     sync()
@@ -104,7 +132,21 @@ def time_call(
         fn()
         sync()
         times.append(clock() - t0)
-    return statistics.median(times)
+    med = statistics.median(times)
+    if spread is not None and med > 0 and len(times) > 1:
+        spread.extend(t / med for t in times)
+    return med
+
+
+JITTER_QUANTILES = tuple(i / 20 for i in range(21))
+
+
+def jitter_quantiles(ratios: Sequence[float]) -> tuple[float, ...]:
+    """Quantiles (at JITTER_QUANTILES) of run time over the median run time of its shape;
+    () when there are too few runs to say."""
+    if len(ratios) < 20:
+        return ()
+    return tuple(float(v) for v in np.quantile(np.asarray(ratios), JITTER_QUANTILES))
 
 
 def _peak(runner: StageRunner, fn: Callable[[], None]) -> int:
@@ -134,29 +176,51 @@ def fit_transfer(sizes_bytes: Sequence[float], seconds: Sequence[float]) -> Tran
     return TransferProfile(max(float(lat), 0.0), 1.0 / float(per_byte))
 
 
-def transfer_from_records(records: Iterable[Mapping[str, Any]]) -> TransferProfile:
+def _payload_bytes(r: Mapping[str, Any]) -> float | None:
+    extra = r.get("extra") or {}
+    nbytes = extra.get("payload_bytes", extra.get("bytes"))
+    return float(nbytes) if nbytes else None
+
+
+def transfer_from_records(
+    records: Iterable[Mapping[str, Any]], transport: str | None = None
+) -> TransferProfile:
     """Fits transfer cost from the transfer benchmark's JSON-lines records.
 
-    Uses records with ``bench == "transfer"``, ``metric == "GB/s"`` and the payload size in
-    ``extra["bytes"]``: seconds = bytes / (value * 1e9).
+    One transfer's seconds against its payload: from the latency records (``metric == "us"``,
+    one transfer alone) when they cover two or more payload sizes, else from the bandwidth
+    records (``metric == "GB/s"``: seconds = bytes / (value * 1e9)). The payload size is
+    ``extra["payload_bytes"]`` (or ``extra["bytes"]``).
+
+    Args:
+        transport: keep only records whose ``extra["transport"]`` is this (e.g. ``"ipc"``).
     """
-    sizes, secs = [], []
+    lat: dict[float, list[float]] = {}
+    bw: dict[float, list[float]] = {}
     for r in records:
-        nbytes = (r.get("extra") or {}).get("bytes")
-        if r.get("bench") == "transfer" and r.get("metric") == "GB/s" and nbytes and r["value"]:
-            sizes.append(float(nbytes))
-            secs.append(float(nbytes) / (float(r["value"]) * 1e9))
-    if len(sizes) < 2:
+        nbytes = _payload_bytes(r)
+        if r.get("bench") != "transfer" or not nbytes or not r.get("value"):
+            continue
+        if transport is not None and (r.get("extra") or {}).get("transport") != transport:
+            continue
+        if r.get("metric") == "us":
+            lat.setdefault(nbytes, []).append(float(r["value"]) * 1e-6)
+        elif r.get("metric") == "GB/s":
+            bw.setdefault(nbytes, []).append(nbytes / (float(r["value"]) * 1e9))
+    chosen = lat if len(lat) >= 2 else bw
+    if len(chosen) < 2:
         raise InvalidArgument(
-            "need >= 2 transfer records with metric 'GB/s' and extra.bytes (payload size)"
+            "need transfer records ('us' latency or 'GB/s' bandwidth) at >= 2 payload sizes "
+            "(extra.payload_bytes)"
         )
-    return fit_transfer(sizes, secs)
+    sizes = sorted(chosen)
+    return fit_transfer(sizes, [statistics.median(chosen[b]) for b in sizes])
 
 
-def load_transfer_records(path: str) -> TransferProfile:
+def load_transfer_records(path: str, transport: str | None = None) -> TransferProfile:
     """transfer_from_records over a JSON-lines file."""
     with open(path) as f:
-        return transfer_from_records(json.loads(line) for line in f if line.strip())
+        return transfer_from_records((json.loads(line) for line in f if line.strip()), transport)
 
 
 def measure_profile(
@@ -168,12 +232,16 @@ def measure_profile(
     clock: Clock = time.perf_counter,
     usable_fraction: float = 0.9,
     progress: Callable[[str], None] | None = None,
+    overheads: Overheads | None = None,
+    notes: str = "",
 ) -> StageProfile:
     """Measures every stage over ``grid`` and fits a StageProfile (``source="measured"``).
 
     Args:
         transfer: the link's cost, from the transfer benchmark (load_transfer_records).
         clock: seconds; injected by tests.
+        overheads: the runtime's fixed costs (model_runner.measure_overheads), if measured.
+        notes: appended to the profile's notes (where the transfer cost came from, ...).
 
     Models fitted: encode on the (images, tokens per image) grid; prefill piecewise linear
     with knots at the measured token counts; decode piecewise linear in batch size (knots at
@@ -188,16 +256,21 @@ def measure_profile(
         if progress:
             progress(msg)
 
+    spread: list[float] = []  # every timed run over its shape's median
     enc_rows: list[list[float]] = []
     enc_mem: list[tuple[float, float]] = []
+    seen_tpi: set[int] = set()
     for size in g.image_sizes:
         tpi = runner.tokens_per_image(size)
+        if tpi in seen_tpi:  # the processor maps this size to a measured token count
+            continue
+        seen_tpi.add(tpi)
         for n in g.encode_images:
 
             def fn(n: int = n, size: int = size) -> None:
                 runner.encode(n, size)
 
-            s = time_call(fn, sync, clock, g.warmup, g.repeats)
+            s = time_call(fn, sync, clock, g.warmup, g.repeats, spread)
             enc_rows.append([n, tpi, s])
             enc_mem.append((n * tpi, _peak(runner, fn)))
         say(f"encode {size}px ({tpi} tokens/image) measured")
@@ -208,18 +281,21 @@ def measure_profile(
         def pfn(t: int = t) -> None:
             runner.prefill(t)
 
-        pre_rows.append([t, time_call(pfn, sync, clock, g.warmup, g.repeats)])
+        pre_rows.append([t, time_call(pfn, sync, clock, g.warmup, g.repeats, spread)])
         pre_mem.append((t, _peak(runner, pfn)))
-    say("prefill measured")
+    say(f"prefill measured ({len(pre_rows)} sizes)")
     dec_rows: list[list[float]] = []
-    for b in g.decode_batch:
-        for c in g.decode_context:
+    shapes = g.decode_shapes()
+    if not shapes:
+        raise InvalidArgument("no decode shape of the grid fits max_decode_tokens")
+    for b in sorted({b for b, _ in shapes}):
+        for c in [c for bb, c in shapes if bb == b]:
 
             def dfn(b: int = b, c: int = c) -> None:
                 runner.decode(b, c)
 
-            dec_rows.append([b, b * c, time_call(dfn, sync, clock, g.warmup, g.repeats)])
-    say("decode measured")
+            dec_rows.append([b, b * c, time_call(dfn, sync, clock, g.warmup, g.repeats, spread)])
+        say(f"decode batch {b} measured")
 
     tpis = sorted({r[1] for r in enc_rows})
     encode = fit_bilinear(
@@ -237,7 +313,7 @@ def measure_profile(
         [r[0] for r in dec_rows],
         [r[1] for r in dec_rows],
         [r[2] for r in dec_rows],
-        sorted(set(g.decode_batch)),
+        sorted({r[0] for r in dec_rows}),
         [0.0, float(max_total)] if max_total > 0 else [0.0],
     )
     memory = MemoryProfile(
@@ -259,6 +335,7 @@ def measure_profile(
             f"measured: median of {g.repeats} runs after {g.warmup} warm-up per shape; "
             "encode on the measured (images, tokens/image) grid, prefill piecewise linear, "
             "decode piecewise linear in batch and linear in total context"
+            + (f"; {notes}" if notes else "")
         ),
         encode=encode,
         prefill=prefill,
@@ -266,4 +343,6 @@ def measure_profile(
         memory=memory,
         transfer=transfer,
         samples={"encode": enc_rows, "prefill": pre_rows, "decode": dec_rows},
+        overheads=overheads or Overheads(),
+        jitter=jitter_quantiles(spread),
     )

@@ -333,7 +333,11 @@ def _decode_start(
     w = np.maximum(out - 1, 0)
     ctx = float(((s.input_tokens + (out + 1) / 2) * w).sum() / max(w.sum(), 1))
     cap = ev.work(config).decode_batch
-    dec = ev.profile.decode
+    step_s = ev.profile.overheads.step_s
+
+    def dec(batch: float, context: float) -> float:
+        return ev.profile.decode(batch, context) + step_s
+
     for n in range(lower, limit + 1):
         lam = rate / n
         b = 1.0
@@ -682,7 +686,7 @@ def _search_goodput(
             (float(np.quantile(ttft_cache[tk], slo.target))
              + ev.profile.prefill(min(base.prefill_tokens, int(s_.input_tokens.max()))))
             / slo.ttft_s,
-            ev.profile.decode(b, b * ctx) / slo.tpot_s,
+            (ev.profile.decode(b, b * ctx) + ev.profile.overheads.step_s) / slo.tpot_s,
         )  # fmt: skip
         n_min = sum(base.pools)
         for g in range(n_min, max_gpus + 1):

@@ -28,12 +28,21 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
 - Memory: per-GPU KV capacity and the encode batch bound come from the memory plan
   (config.memory_plan): colocated weights and activation reserves shrink KV capacity.
   ``aggregated`` reserves input + output KV at prefill admission on its one GPU.
+- Runtime costs (profile.overheads, zero unless measured): the router preprocesses requests
+  one at a time, then messages the workers; control messages (MM tokens ready, the first and
+  last token to the client, the three-message KV hand-off); a GPU (or the router) starting
+  work after idling pays a wake-up cost; calibrated per-request latency and per-step work.
+- Batch latencies are drawn from profile.jitter (seeded) when the profile has one.
+- ``host_cores``: GPUs and the router share that many CPU cores (processor sharing), as on a
+  CPU-only host.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +93,7 @@ class _Gpu:
         "ei",
         "enc_q",
         "fin",
+        "idle_since",
         "incoming",
         "index",
         "kv_cap",
@@ -91,6 +101,7 @@ class _Gpu:
         "link_free",
         "mac_ctx",
         "mac_end",
+        "mac_f",
         "mac_id",
         "mac_k",
         "mac_line",
@@ -101,12 +112,14 @@ class _Gpu:
         "run_n",
         "stages",
         "step",
+        "task",
     )
 
     def __init__(self, index: int, stages: tuple[str, ...], kv_cap: int) -> None:
         self.index = index
         self.stages = stages
         self.busy = False
+        self.idle_since = -math.inf  # when the last batch ended (wake-up cost after idling)
         self.busy_s = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
         self.enc_q: deque[tuple[list[Any], int]] = deque()  # (chunk, tokens) per image
         self.ei = -1  # index into _Sim.enc_load (encode GPUs)
@@ -127,6 +140,9 @@ class _Gpu:
         self.mac_t0 = self.mac_end = 0.0
         self.mac_ctx = 0
         self.mac_line: PiecewiseLinear | None = None
+        self.mac_f = 1.0  # the run's jitter factor
+        # With shared host cores: [work seconds left, callback, its argument, total work].
+        self.task: list[Any] | None = None
 
 
 @dataclass
@@ -211,6 +227,7 @@ class _Sim:
         requests: Sequence[Request],
         slo: SLO | None,
         stop_below: float | None,
+        host_cores: int | None = None,
     ) -> None:
         self.p = profile
         self.c = config
@@ -260,16 +277,99 @@ class _Sim:
         self.kv_bytes = m.kv_bytes_per_token
         self.mm_bytes = m.mm_bytes_per_token
         self.xfer = profile.transfer.seconds
+        o = profile.overheads
+        self.msg = o.message_s
+        self.overheads = o
+        self.wake = o.wake if o.wake_s > 0 else None
+        self.step_s = o.step_s  # runtime work per decode step beyond the model's
+        # The router: one process that preprocesses requests one at a time (FIFO).
+        self.router = _Gpu(-1, (), 0)
+        self.router_q: deque[int] = deque()
+        # Shared host cores (processor sharing): the GPUs and the router busy now, their speed.
+        if host_cores is not None and host_cores < 1:
+            raise InvalidArgument("host_cores must be >= 1")
+        self.cores = host_cores
+        self.active: list[_Gpu] = []
+        self.speed = 1.0
+        self.ps_t = 0.0
+        self.ps_gen = 0
+        # Batch-latency jitter (profile.jitter): a seeded draw per batch, so runs repeat.
+        self.jit = profile.jitter
+        self.rand = random.Random(0)
+        j = self.jit  # the mean of the piecewise-uniform distribution the quantiles describe
+        self.jit_mean = (
+            sum(a + b for a, b in itertools.pairwise(j)) / (2 * (len(j) - 1)) if j else 1.0
+        )
         self.lines: dict[int, PiecewiseLinear] = {}  # decode latency against context, by batch
 
     # -- plumbing --------------------------------------------------------------------------
     def _at(self, t: float, fn: Callable[[Any], None], arg: Any) -> None:
         heapq.heappush(self.heap, (t, next(self.seq), fn, arg))
 
-    def _send(self, src: _Gpu, num_bytes: float, fn: Callable[[Any], None], arg: Any) -> None:
+    def _start(self, g: _Gpu, work: float, fn: Callable[[Any], None], arg: Any) -> None:
+        """g runs ``work`` seconds of work (at full speed), then ``fn(arg)``.
+
+        With shared host cores, every busy GPU (and the busy router) is one runnable process:
+        n of them on c cores each run at ``min(1, c / n)`` of full speed.
+        """
+        if self.cores is None:
+            self._at(self.now + work, fn, arg)
+            return
+        self._advance()
+        g.task = [work, fn, arg, work]
+        self.active.append(g)
+        self._retime()
+
+    def _advance(self) -> None:
+        """Books the work every active task did since the last change, at the old speed."""
+        dt = self.now - self.ps_t
+        if dt > 0 and self.active:
+            done = dt * self.speed
+            for g in self.active:
+                assert g.task is not None
+                g.task[0] -= done
+        self.ps_t = self.now
+
+    def _retime(self) -> None:
+        """New speed for the active tasks; their completions rescheduled (older ones void)."""
+        n = len(self.active)
+        self.speed = min(1.0, self.cores / n) if self.cores is not None and n else 1.0
+        self.ps_gen += 1
+        for g in self.active:
+            assert g.task is not None
+            end = self.now + max(g.task[0], 0.0) / self.speed
+            self._at(end, self._task_end, (g, self.ps_gen))
+
+    def _task_end(self, arg: tuple[_Gpu, int]) -> None:
+        g, gen = arg
+        if gen != self.ps_gen or g.task is None:
+            return  # rescheduled since
+        self._advance()
+        _, fn, farg, _ = g.task
+        g.task = None
+        self.active.remove(g)
+        self._retime()
+        fn(farg)
+
+    def _task_work_done(self, g: _Gpu) -> float:
+        """Work seconds g's current task has done (shared cores only)."""
+        self._advance()
+        assert g.task is not None
+        return g.task[3] - g.task[0]
+
+    def _send(
+        self,
+        src: _Gpu,
+        num_bytes: float,
+        fn: Callable[[Any], None],
+        arg: Any,
+        messages: int = 1,
+    ) -> None:
+        """Copies ``num_bytes`` over src's link (serialized per sender), then ``messages``
+        control messages, one after another, before ``fn(arg)`` runs."""
         start = max(self.now, src.link_free)
         src.link_free = start + self.xfer(num_bytes)
-        self._at(src.link_free, fn, arg)
+        self._at(src.link_free + messages * self.msg, fn, arg)
 
     def _violate(self, rq: _Req) -> None:
         if not rq.bad:
@@ -291,9 +391,39 @@ class _Sim:
 
     # -- events ----------------------------------------------------------------------------
     def _arrive(self, i: int) -> None:
-        r, rq = self.reqs[i], self.state[i]
         if i + 1 < len(self.reqs):
             self._at(self.reqs[i + 1].arrival_s, self._arrive, i + 1)
+        o = self.overheads
+        if o.prepare_s > 0 or o.prepare_per_image_s > 0 or self.msg > 0 or o.request_s > 0:
+            self.router_q.append(i)
+            if not self.router.busy:
+                self._route_next()
+        else:
+            self._dispatch(i)
+
+    def _route_next(self) -> None:
+        """The router preprocesses the next request, then messages the workers."""
+        r = self.router
+        i = self.router_q.popleft()
+        r.busy = True
+        cost = self.overheads.prepare(self.reqs[i].num_images) * self._factor()
+        cost += self._wake_cost(r)
+        self._start(r, cost, self._prepared, i)
+
+    def _prepared(self, i: int) -> None:
+        o = self.overheads
+        extra = o.request_s
+        if o.request_spread:
+            extra = max(extra + self._draw(o.request_spread), 0.0)
+        self._at(self.now + self.msg + extra, self._dispatch, i)
+        r = self.router
+        r.busy = False
+        r.idle_since = self.now
+        if self.router_q:
+            self._route_next()
+
+    def _dispatch(self, i: int) -> None:
+        r, rq = self.reqs[i], self.state[i]
         loads = self.pre_load
         pi = loads.index(min(loads))
         loads[pi] += 1 if self.agg else rq.inp
@@ -342,9 +472,10 @@ class _Sim:
                         rq.t_ready = self.now
                         g.pre_q.append(rq)
                 else:
-                    self._send(g, chunk[2] * self.mm_bytes, self._mm_arrive, rq)
+                    self._send(g, chunk[2] * self.mm_bytes, self._mm_arrive, rq)  # + ready notice
         self.enc_load[g.ei] -= len(batch)
         g.busy = False
+        g.idle_since = self.now
         self._kick(g)
 
     def _pre_done(self, arg: tuple[_Gpu, list[_Req]]) -> None:
@@ -352,10 +483,10 @@ class _Sim:
         now = self.now
         slo = self.slo
         for rq in batch:
-            rq.t_first = now
+            rq.t_first = now + self.msg  # the first token reaches the client
             if not self.agg:
                 self.pre_load[g.pi] -= rq.inp
-            if slo is not None and now - rq.arrival > slo.ttft_s:
+            if slo is not None and rq.t_first - rq.arrival > slo.ttft_s:
                 self._violate(rq)
             if rq.out == 1:
                 g.kv_used -= rq.inp + (1 if self.agg else 0)
@@ -370,6 +501,7 @@ class _Sim:
         if self.handoff:
             self._place_handoffs()
         g.busy = False
+        g.idle_since = self.now
         self._kick(g)
 
     def _place_handoffs(self) -> None:
@@ -395,7 +527,8 @@ class _Sim:
             rq.dgpu = best
             src = rq.pgpu
             assert src is not None
-            self._send(src, rq.inp * self.kv_bytes, self._kv_arrive, rq)
+            # Control round trip: ask for KV room, the grant, then "start decoding".
+            self._send(src, rq.inp * self.kv_bytes, self._kv_arrive, rq, messages=3)
         self.handoff = waiting
 
     def _kv_arrive(self, rq: _Req) -> None:
@@ -428,41 +561,68 @@ class _Sim:
         if released and self.handoff:
             self._place_handoffs()
         g.busy = False
+        g.idle_since = self.now
         self._kick(g)
 
     def _truncate(self, g: _Gpu) -> None:
         """Ends g's run of decode steps at the first step boundary at or after now."""
         line, ctx, b = g.mac_line, g.mac_ctx, g.run_n
         assert line is not None
-        elapsed = self.now - g.mac_t0
+        shared = self.cores is not None
+        done = self._task_work_done(g) if shared else self.now
+        elapsed = done - g.mac_t0
         lo, hi = 1, g.mac_k
         while lo < hi:
             mid = (lo + hi) // 2
-            if line.sum_arithmetic(ctx, b, mid) >= elapsed:
+            if g.mac_f * line.sum_arithmetic(ctx, b, mid) + mid * self.step_s >= elapsed:
                 hi = mid
             else:
                 lo = mid + 1
         if lo == g.mac_k:
             return
-        end = g.mac_t0 + line.sum_arithmetic(ctx, b, lo)
+        end = g.mac_t0 + g.mac_f * line.sum_arithmetic(ctx, b, lo) + lo * self.step_s
         g.busy_s["decode"] -= g.mac_end - end
         g.mac_k, g.mac_end = lo, end
         g.mac_id += 1
-        self._at(end, self._steps_done, (g, g.mac_id))
+        if shared:
+            assert g.task is not None
+            g.task[0] -= g.task[3] - end  # the run now ends after `end` work seconds
+            g.task[2], g.task[3] = (g, g.mac_id), end
+            self._retime()
+        else:
+            self._at(end, self._steps_done, (g, g.mac_id))
 
     def _finish(self, rq: _Req) -> None:
-        rq.t_finish = self.now
+        rq.t_finish = self.now + self.msg  # the last token reaches the client
         self.completed += 1
         slo = self.slo
         if (
             slo is not None
             and rq.out > 1
             and not rq.bad
-            and (self.now - rq.t_first) / (rq.out - 1) > slo.tpot_s
+            and (rq.t_finish - rq.t_first) / (rq.out - 1) > slo.tpot_s
         ):
             self._violate(rq)
 
     # -- scheduling ------------------------------------------------------------------------
+    def _draw(self, quantiles: tuple[float, ...]) -> float:
+        """A draw from the distribution with these (equally spaced) quantiles."""
+        x = self.rand.random() * (len(quantiles) - 1)
+        i = min(int(x), len(quantiles) - 2)
+        return quantiles[i] + (x - i) * (quantiles[i + 1] - quantiles[i])
+
+    def _factor(self, steps: int = 1) -> float:
+        """A batch's latency over the profile's (median) latency, drawn from profile.jitter;
+        for a run of ``steps`` independent steps, their mean (spread shrunk by sqrt(steps))."""
+        if not self.jit:
+            return 1.0
+        f = self._draw(self.jit)
+        return self.jit_mean + (f - self.jit_mean) / math.sqrt(steps) if steps > 1 else f
+
+    def _wake_cost(self, g: _Gpu) -> float:
+        """Extra seconds of a batch that starts now on g, after g idled (profile overheads)."""
+        return 0.0 if self.wake is None else self.wake(self.now - g.idle_since)
+
     def _kick(self, g: _Gpu) -> None:
         """Starts g's next batch if g is idle: encode, else prefill, else a decode step."""
         c = self.c
@@ -477,10 +637,11 @@ class _Sim:
             q = g.enc_q
             n = min(len(q), c.encode_batch)
             batch = [q.popleft() for _ in range(n)]
-            dur = self.p.encode(n, sum(t for _, t in batch) / n)
+            dur = self.p.encode(n, sum(t for _, t in batch) / n) * self._factor()
+            dur += self._wake_cost(g)
             g.busy = True
             g.busy_s["encode"] += dur
-            self._at(now + dur, self._enc_done, (g, batch))
+            self._start(g, dur, self._enc_done, (g, batch))
             return
         if g.pre_q:
             pbatch: list[_Req] = []
@@ -500,10 +661,10 @@ class _Sim:
                     g.pre_q.popleft()
                     rq.t_pstart = now
                 g.kv_used += kv
-                dur = self.p.prefill(tokens)
+                dur = self.p.prefill(tokens) * self._factor() + self._wake_cost(g)
                 g.busy = True
                 g.busy_s["prefill"] += dur
-                self._at(now + dur, self._pre_done, (g, pbatch))
+                self._start(g, dur, self._pre_done, (g, pbatch))
                 return
         if g.dec_wait:
             wait, fin = g.dec_wait, g.fin
@@ -520,12 +681,18 @@ class _Sim:
             if line is None:
                 line = self.lines[g.run_n] = self.p.decode.at_x(g.run_n)
             k = g.fin[0][0] - g.step
-            dur = line.sum_arithmetic(g.run_ctx, g.run_n, k)
+            f = self._factor(k)
+            dur = f * line.sum_arithmetic(g.run_ctx, g.run_n, k) + k * self.step_s
+            pen = self._wake_cost(g)  # the steps start once the GPU is awake
             g.busy = True
-            g.busy_s["decode"] += dur
-            g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, now, now + dur, g.run_ctx, line
+            g.busy_s["decode"] += pen + dur
+            # mac_t0 / mac_end: when the steps start and end; with shared host cores, in work
+            # seconds since the run started (its duration depends on the others' load).
+            t0 = pen if self.cores is not None else now + pen
+            g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, t0, t0 + dur, g.run_ctx, line
+            g.mac_f = f
             g.mac_id += 1
-            self._at(now + dur, self._steps_done, (g, g.mac_id))
+            self._start(g, pen + dur, self._steps_done, (g, g.mac_id))
 
     # -- results ---------------------------------------------------------------------------
     def result(self) -> SimResult:
@@ -593,6 +760,7 @@ def simulate(
     slo: SLO | None = None,
     *,
     stop_below: float | None = None,
+    host_cores: int | None = None,
 ) -> SimResult:
     """Simulates ``config`` serving ``requests`` (sorted by arrival) until all finish.
 
@@ -600,6 +768,9 @@ def simulate(
         slo: when given, the result's ``slo_attainment`` is the share meeting both SLOs.
         stop_below: stop as soon as the attainment can no longer reach this share (the search
             uses it to give up on overloaded configs early); needs ``slo``.
+        host_cores: the deployment's workers and router share this many CPU cores
+            (processor sharing: n busy on c cores each run at ``min(1, c / n)`` speed), as
+            on a CPU-only host; None: every worker has its own device.
 
     Raises:
         InvalidArgument: the config cannot hold the workload in memory.
@@ -608,7 +779,7 @@ def simulate(
         raise InvalidArgument("simulate needs at least one request")
     if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(requests)):
         raise InvalidArgument("requests must be sorted by arrival_s")
-    sim = _Sim(profile, config, requests, slo, stop_below)
+    sim = _Sim(profile, config, requests, slo, stop_below, host_cores)
     sim.run()
     return sim.result()
 
@@ -634,13 +805,17 @@ def predict(
     config: DeployConfig,
     requests: Sequence[Request],
     slo: SLO | None = None,
+    *,
+    host_cores: int | None = None,
 ) -> Prediction:
     """Predicted TTFT/TPOT percentiles and throughput of ``config`` serving ``requests``.
 
     The entry point for validating the simulator against real ``epdrt run`` measurements:
     replay the measured run's requests (workload.load_trace) and compare (planner.validation).
     """
-    res = simulate(profile, config, sorted(requests, key=lambda r: r.arrival_s), slo)
+    res = simulate(
+        profile, config, sorted(requests, key=lambda r: r.arrival_s), slo, host_cores=host_cores
+    )
     return Prediction(
         ttft_p50_s=res.ttft_quantile(0.5),
         ttft_p90_s=res.ttft_quantile(0.9),

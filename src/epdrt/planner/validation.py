@@ -5,18 +5,23 @@ One record per (configuration, metric) with ``"bench": "planner"``: ``value`` is
 prediction, ``baseline_value`` the measurement, ``ratio = min / max`` of the two (1.0 is a
 perfect prediction, whichever side is larger).
 
-Typical use once ``epdrt run`` exists: replay the measured run's requests as a trace,
-``predict(profile, config, trace_requests)``, then
-``validation_records(config, prediction.as_dict(), measured)``.
+Typical use (``epdrt bench planner`` does this on the tiny model): run a workload through
+the real runtime, keep each request's submit time, shape and timings (``Observed``), replay
+the same requests in the simulator (``observed_trace``, ``predict``) and compare
+(``observed_metrics``, ``validation_records``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from epdrt.errors import InvalidArgument
 from epdrt.planner.config import DeployConfig
+from epdrt.planner.workload import Request
 
 # The metrics predict() gives, with their units.
 METRICS = {
@@ -77,3 +82,96 @@ def validation_records(
             )
         )
     return out
+
+
+# -- real runs as simulator inputs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One request of a real run: when it was submitted, its shape and what it measured.
+
+    Attributes:
+        submit_s: seconds after the run started at which the request was submitted.
+        image_tokens: MM tokens of each image (after the router's preprocessing).
+        prompt_tokens: text tokens (the LM's input minus image tokens).
+        output_tokens: tokens generated (greedy decoding may stop early at EOS).
+        ttft_s, tpot_s, e2e_s: as the runtime measured them (submit to first / last token);
+            ``tpot_s`` is None for a one-token output.
+    """
+
+    id: str
+    submit_s: float
+    image_tokens: tuple[int, ...]
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    tpot_s: float | None
+    e2e_s: float
+
+
+def observed_trace(observed: Sequence[Observed]) -> list[Request]:
+    """The simulator's requests for a real run: the same submit times and shapes."""
+    return sorted(
+        (
+            Request(o.id, o.submit_s, o.image_tokens, o.prompt_tokens, max(o.output_tokens, 1))
+            for o in observed
+        ),
+        key=lambda r: r.arrival_s,
+    )
+
+
+def observed_metrics(observed: Sequence[Observed]) -> dict[str, float]:
+    """What predict() reports, from a real run: TTFT/TPOT percentiles and throughput
+    (requests completed per second from the first submit to the last token, the simulator's
+    definition)."""
+    if not observed:
+        raise InvalidArgument("no observed requests")
+    ttft = np.array([o.ttft_s for o in observed])
+    tpot = np.array([o.tpot_s for o in observed if o.tpot_s is not None])
+    first = min(o.submit_s for o in observed)
+    last = max(o.submit_s + o.e2e_s for o in observed)
+    out = {
+        "ttft_p50_s": float(np.quantile(ttft, 0.5)),
+        "ttft_p90_s": float(np.quantile(ttft, 0.9)),
+        "throughput_rps": len(observed) / (last - first) if last > first else 0.0,
+    }
+    if len(tpot):
+        out["tpot_p50_s"] = float(np.quantile(tpot, 0.5))
+        out["tpot_p90_s"] = float(np.quantile(tpot, 0.9))
+    return out
+
+
+def runtime_deploy_config(
+    mode: str,
+    num_encode: int,
+    num_prefill: int,
+    num_decode: int,
+    encode_max_batch_images: int,
+    decode_max_batch: int,
+) -> DeployConfig:
+    """The simulator's config for a runtime deployment (``EPDConfig`` fields).
+
+    NOTE: the runtime prefills the requests of a prefill step one after another (one LM call
+    each), so the simulator runs every request as its own prefill batch (``prefill_tokens``
+    = 1); and it spreads a request's images over all encoders (``image_split`` = encoders).
+    """
+    if mode == "epd":
+        e, p, d, split = num_encode, num_prefill, num_decode, num_encode
+    elif mode == "pd":
+        e, p, d, split = num_prefill, num_prefill, num_decode, 1
+    elif mode == "aggregated":
+        e = p = d = num_prefill
+        split = 1
+    else:
+        raise InvalidArgument(f"the runtime has no mode {mode!r}")
+    return DeployConfig(
+        mode,
+        e,
+        p,
+        d,
+        encode_batch=encode_max_batch_images,
+        prefill_tokens=1,
+        decode_batch=decode_max_batch,
+        image_split=split,
+    )

@@ -1,0 +1,445 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The planner's simulator against real runs: predicted against measured TTFT, TPOT and
+throughput of the same deployments serving the same requests on this host.
+
+1. Profile the model on this device (what ``epdrt profile`` measures; or ``--profile``).
+2. Calibrate what the profile cannot measure in isolation: ``Overheads.request_s`` (the
+   router's routing, dispatching and first-token bookkeeping) with its spread from request to
+   request, and ``Overheads.step_s`` (the worker's loop around each decode step): isolated
+   requests through an idle ``aggregated`` deployment, the medians (and quantiles) of
+   measured minus simulated TTFT and TPOT (``--no-calibrate`` skips it). The other
+   deployments and every load effect are then predicted, not fitted.
+3. For each deployment (default: ``epd`` 1E1P1D, ``pd`` 1P1D, ``aggregated`` 1 worker): launch
+   it, send a few warm-up requests, then replay a Poisson workload at each of ``--rates`` and
+   keep each request's submit time, shape (MM tokens per image, text tokens, tokens generated)
+   and timings. A rate beyond the deployment's capacity measures its throughput.
+4. Replay the same requests (same submit times, same shapes) in the simulator with the profile;
+   on a CPU-only host the workers and the router share the host's cores in the simulation.
+5. One record per (deployment, metric): ``value`` = predicted, ``baseline_value`` = measured,
+   ``ratio = min / max`` (1.0 = exact); ``extra`` holds the error and what the prediction is
+   without each of: the calibration, the calibrated request spread, shared cores, jitter.
+
+Without ``--model`` a tiny random-weight LLaVA is made (CPU-sized). Throughput is completed
+requests per second from the first submit to the last token, on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from epdrt.benchmarking import Record
+
+HELP = "planner simulator vs real epd/pd/aggregated runs: TTFT p50/p90, TPOT, throughput"
+
+# The runtime's deployments: mode:encoders:prefill (pd: E+P; aggregated: all) workers:decoders.
+DEFAULT_DEPLOYMENTS = "epd:1:1:1,pd:0:1:1,aggregated:0:1:0"
+QUANTILES = [i / 20 for i in range(21)]
+METRICS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s", "throughput_rps")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory (default: a fresh tiny LLaVA)")
+    parser.add_argument("--profile", help="use this profile JSON instead of measuring one")
+    parser.add_argument("--save-profile", help="write the profile used (calibrated) here")
+    parser.add_argument("--quick-profile", action="store_true", help="fewer profile shapes")
+    parser.add_argument(
+        "--transfer", help="'epdrt bench transfer' JSON lines for the link cost (default: run it)"
+    )
+    parser.add_argument(
+        "--no-calibrate", action="store_true", help="keep the profile's request_s and step_s"
+    )
+    parser.add_argument("--calibration-requests", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=200, help="requests per deployment")
+    parser.add_argument(
+        "--rates", default="15", help="Poisson arrivals per second, one run each (e.g. 15,300)"
+    )
+    parser.add_argument("--images", default="1,4", help="min,max images per request")
+    parser.add_argument("--max-new-tokens", default="4,16", help="min,max tokens to generate")
+    parser.add_argument(
+        "--deployments",
+        default=DEFAULT_DEPLOYMENTS,
+        help="mode:E:P:D,... (pd: P = E+P workers; aggregated: P = workers)",
+    )
+    parser.add_argument("--warmup", type=int, default=6, help="untimed requests first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="whole measurements (profile, calibration, runs)"
+    )
+    parser.add_argument(
+        "--host-cores",
+        type=int,
+        help="CPU cores the workers and router share in the simulation (default: this host's "
+        "on a CPU-only host; none with GPUs)",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=60.0, help="seconds before a request fails"
+    )
+    parser.add_argument(
+        "--attempts", type=int, default=3, help="launches per deployment when requests fail"
+    )
+    parser.add_argument(
+        "--save-runs",
+        help="directory for one JSONL per deployment: each request, measured and simulated",
+    )
+
+
+def _say(msg: str) -> None:
+    print(f"[bench planner] {msg}", file=sys.stderr, flush=True)
+
+
+def _deployments(text: str) -> list[tuple[str, int, int, int]]:
+    out = []
+    for item in text.split(","):
+        mode, e, p, d = item.strip().split(":")
+        out.append((mode, int(e), int(p), int(d)))
+    return out
+
+
+def _run_real(
+    model_dir: str, config: Any, workloads: list[list[Any]], warmup: list[Any]
+) -> list[list[Any]]:
+    """Serves each workload in turn (a second apart) on one fresh deployment; returns the
+    Observed requests of each."""
+    from epdrt.planner.validation import Observed
+    from epdrt.runtime.cluster import EPDCluster
+
+    out = []
+    with EPDCluster.launch(model_dir, config) as cluster:
+        for item in warmup:  # one at a time: first calls in every worker, not timed
+            res = cluster.submit(item.request).result()
+            if res.error:
+                raise RuntimeError(f"warm-up request failed: {res.error}")
+        for workload in workloads:
+            shapes = {}
+            for item in workload:
+                prep = cluster.pre.prepare(item.request)
+                tokens = tuple(im.num_tokens for im in prep.images)
+                shapes[item.request.id] = (tokens, len(prep.input_ids) - sum(tokens))
+            time.sleep(1.0)
+            start = time.monotonic()
+            futures, submits = [], []
+            for item in workload:
+                delay = start + item.arrival_s - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                submits.append(time.monotonic() - start)
+                futures.append(cluster.submit(item.request))
+            results = [f.result() for f in futures]
+            observed = []
+            for t, r in zip(submits, results):
+                if r.error is not None or r.ttft_s is None or r.e2e_s is None:
+                    raise RuntimeError(f"request {r.id} failed: {r.error}")
+                tokens, prompt = shapes[r.id]
+                observed.append(
+                    Observed(r.id, t, tokens, prompt, len(r.token_ids), r.ttft_s, r.tpot_s, r.e2e_s)
+                )
+            out.append(observed)
+    return out
+
+
+def _serve(
+    model_dir: str, config: Any, works: list[list[Any]], warm: list[Any], attempts: int
+) -> tuple[list[list[Any]], int]:
+    """_run_real, relaunching the deployment when a request fails; (observed, launches)."""
+    from epdrt.errors import EpdrtError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return _run_real(model_dir, config, works, warm), attempt
+        except (RuntimeError, EpdrtError) as exc:
+            # NOTE: now and then a request in a fresh epd deployment never gets its first
+            # token (no worker error, nothing in the logs): relaunch rather than give up.
+            _say(f"{config.mode}: launch {attempt} failed: {exc}")
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _runtime_label(config: Any) -> str:
+    """``epd E1 P1 D1``, ``pd P1 D1`` (E+P workers, decoders) or ``aggregated N1``."""
+    if config.mode == "epd":
+        return f"epd E{config.num_encode} P{config.num_prefill} D{config.num_decode}"
+    if config.mode == "pd":
+        return f"pd P{config.num_prefill} D{config.num_decode}"
+    return f"aggregated N{config.num_prefill}"
+
+
+def _sim_config(config: Any) -> Any:
+    from epdrt.planner.validation import runtime_deploy_config
+
+    return runtime_deploy_config(
+        config.mode, config.num_encode, config.num_prefill, config.num_decode,
+        config.encode_max_batch_images, config.decode_max_batch,
+    )  # fmt: skip
+
+
+def _calibrate(
+    model_dir: str, profile: Any, cores: int | None, args: argparse.Namespace, workload: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The profile's overheads with ``request_s`` and ``step_s`` from isolated requests (one
+    every 150 ms) through an idle ``aggregated`` deployment of one worker: the medians of
+    measured minus simulated TTFT, and of measured minus simulated TPOT (one sequence: one
+    decode step per token)."""
+    from epdrt.planner.simulator import simulate
+    from epdrt.planner.validation import observed_trace
+    from epdrt.runtime.config import EPDConfig
+    from epdrt.runtime.workload import TimedRequest
+
+    config = EPDConfig(mode="aggregated", num_prefill=1, request_timeout_s=args.request_timeout)
+    items = workload(args.calibration_requests, 1.0, args.seed + 2000)
+    work = [TimedRequest(0.15 * i, it.request) for i, it in enumerate(items)]
+    for it in work:
+        it.request.id = f"cal-{it.request.id}"
+    warm = workload(2, 1.0, args.seed + 3000)
+    for i, it in enumerate(warm):
+        it.request.id = f"cal-warmup{i}"
+    (observed,), _ = _serve(model_dir, config, [work], warm, args.attempts)
+    base = replace(profile, overheads=replace(profile.overheads, request_s=0.0, step_s=0.0))
+    trace = observed_trace(observed)
+    res = simulate(base, _sim_config(config), trace, host_cores=cores)
+    ttft = {r.id: float(t) for r, t in zip(trace, res.ttft_s)}
+    tpot = {r.id: float(t) for r, t in zip(trace, res.tpot_s)}
+    residuals = [o.ttft_s - ttft[o.id] for o in observed]
+    request_s = max(statistics.median(residuals), 0.0)
+    # Drawn as request_s + spread (at least 0): the residuals themselves.
+    spread = tuple(float(v) for v in np.quantile(np.asarray(residuals) - request_s, QUANTILES))
+    decoded = [o for o in observed if o.tpot_s is not None]
+    step_s = 0.0
+    if decoded:
+        step_s = max(statistics.median(o.tpot_s - tpot[o.id] for o in decoded), 0.0)
+    detail = {
+        "requests": len(observed),
+        "spacing_s": 0.15,
+        "median_measured_ttft_s": statistics.median(o.ttft_s for o in observed),
+        "median_simulated_ttft_s": statistics.median(ttft.values()),
+        "median_measured_tpot_s": statistics.median(o.tpot_s for o in decoded) if decoded else None,
+        "median_simulated_tpot_s": statistics.median(tpot[o.id] for o in decoded)
+        if decoded
+        else None,
+        "request_s": request_s,
+        "step_s": step_s,
+    }
+    detail["residual_quantiles_s"] = [request_s + v for v in spread]
+    calibrated = replace(
+        profile.overheads, request_s=request_s, step_s=step_s, request_spread=spread
+    )
+    return calibrated, detail
+
+
+def run(args: argparse.Namespace) -> list[Record]:
+    import torch
+
+    from epdrt.models import make_tiny_model
+
+    tmp = None
+    model_dir = args.model
+    if model_dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        model_dir = str(Path(tmp.name) / "tiny-llava")
+        make_tiny_model(model_dir, "llava", seed=args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = args.host_cores or (None if device == "cuda" else os.cpu_count())
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        _say(f"{time.perf_counter() - t0:5.1f}s {msg}")
+
+    records: list[Record] = []
+    for repeat in range(1, args.repeats + 1):
+        if args.repeats > 1:
+            say(f"repeat {repeat} of {args.repeats}")
+        recs, rows = _repeat(args, model_dir, device, cores, say, repeat)
+        for r in recs:
+            r.extra["repeat"] = repeat
+            if args.repeats > 1:
+                r.case = f"{r.case} (repeat {repeat})"
+        records += recs
+        print(_table(rows), file=sys.stderr)
+    say("done")
+    if tmp is not None:
+        tmp.cleanup()
+    return records
+
+
+def _repeat(
+    args: argparse.Namespace,
+    model_dir: str,
+    device: str,
+    cores: int | None,
+    say: Any,
+    repeat: int,
+) -> tuple[list[Record], list[tuple[str, dict[str, float], dict[str, float]]]]:
+    """One measurement: profile (unless given), calibrate, serve and simulate every deployment
+    at every rate; the records and the table rows."""
+    import torch
+
+    from epdrt.planner.model_runner import profile_model
+    from epdrt.planner.profile import load_profile
+    from epdrt.planner.profiler import load_transfer_records
+    from epdrt.planner.simulator import predict
+    from epdrt.planner.validation import observed_metrics, observed_trace, validation_records
+    from epdrt.runtime.config import EPDConfig
+    from epdrt.runtime.stage_model import Preprocessor
+    from epdrt.runtime.workload import poisson_workload
+
+    if args.profile:
+        profile = load_profile(args.profile)
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each runtime worker
+        try:
+            profile = profile_model(
+                model_dir,
+                device=device,
+                transfer=load_transfer_records(args.transfer, "ipc") if args.transfer else None,
+                transfer_note=f"ipc records of {args.transfer}" if args.transfer else "",
+                quick=args.quick_profile,
+                progress=lambda m: say(f"profile: {m}"),
+            )
+        finally:
+            torch.set_num_threads(threads)
+    lo, hi = (int(x) for x in args.images.split(","))
+    new_lo, new_hi = (int(x) for x in args.max_new_tokens.split(","))
+    placeholder = Preprocessor.load(model_dir, EPDConfig()).placeholder
+
+    def workload(n: int, rate: float, seed: int) -> list[Any]:
+        return poisson_workload(
+            n, rate, placeholder, images_per_request=(lo, hi), max_new_tokens=(new_lo, new_hi),
+            repeat_image_prob=0.0, seed=seed,
+        )  # fmt: skip
+
+    calibration: dict[str, Any] = {}
+    uncalibrated = profile
+    if not args.no_calibrate:
+        say(f"calibrating: {args.calibration_requests} isolated requests, aggregated")
+        overheads, calibration = _calibrate(model_dir, profile, cores, args, workload)
+        uncalibrated = replace(
+            profile, overheads=replace(overheads, request_s=0.0, step_s=0.0, request_spread=())
+        )
+        profile = replace(profile, overheads=overheads)
+        say(
+            f"request_s = {overheads.request_s * 1e3:.2f} ms, "
+            f"step_s = {overheads.step_s * 1e3:.3f} ms"
+        )
+    if args.save_profile:
+        path = Path(args.save_profile)
+        if args.repeats > 1:
+            path = path.with_name(f"{path.stem}-{repeat}{path.suffix}")
+        profile.save(path)
+
+    rates = [float(x) for x in args.rates.split(",")]
+    records: list[Record] = []
+    rows = []
+    for mode, e, p, d in _deployments(args.deployments):
+        config = EPDConfig(
+            mode=mode, num_encode=max(e, 1), num_prefill=p, num_decode=max(d, 1),
+            request_timeout_s=args.request_timeout,
+        )  # fmt: skip
+        works = [workload(args.requests, rate, args.seed + k) for k, rate in enumerate(rates)]
+        for k, work in enumerate(works):
+            for item in work:
+                item.request.id = f"{item.request.id}-{k}"
+        warm = workload(args.warmup, 1.0, args.seed + 1000)
+        for i, item in enumerate(warm):
+            item.request.id = f"warmup{i}"
+        load_before = os.getloadavg()[0]
+        say(f"{mode}: {args.requests} requests at each of {rates}/s")
+        runs, launches = _serve(model_dir, config, works, warm, args.attempts)
+        load_after = os.getloadavg()[0]
+        sim_cfg = _sim_config(config)
+        for rate, observed in zip(rates, runs):
+            trace = observed_trace(observed)
+            pred = predict(profile, sim_cfg, trace, host_cores=cores).as_dict()
+            ablations = {
+                "predicted_without_calibration": predict(
+                    uncalibrated, sim_cfg, trace, host_cores=cores
+                ).as_dict(),
+                "predicted_without_shared_cores": predict(profile, sim_cfg, trace).as_dict(),
+                "predicted_without_jitter": predict(
+                    replace(profile, jitter=()), sim_cfg, trace, host_cores=cores
+                ).as_dict(),
+                "predicted_without_request_spread": predict(
+                    replace(profile, overheads=replace(profile.overheads, request_spread=())),
+                    sim_cfg,
+                    trace,
+                    host_cores=cores,
+                ).as_dict(),
+            }
+            if args.save_runs:
+                sub = f"repeat{repeat}/" if args.repeats > 1 else ""
+                path = Path(args.save_runs) / f"{sub}{mode}-{rate:g}.jsonl"
+                _save_run(path, profile, sim_cfg, observed, cores)
+            meas = observed_metrics(observed)
+            keep = {k: pred[k] for k in METRICS if k in pred}
+            recs = validation_records(
+                sim_cfg,
+                keep,
+                meas,
+                extra={
+                    "runtime_config": _runtime_label(config),
+                    "requests": args.requests,
+                    "rate": rate,
+                    "images_per_request": args.images,
+                    "max_new_tokens": args.max_new_tokens,
+                    "profile": profile.name,
+                    "profile_source": profile.source,
+                    "overheads": profile.overheads.to_dict(),
+                    "calibration": calibration,
+                    "loadavg_1min_before": load_before,
+                    "loadavg_1min_after": load_after,
+                    "host_cpus": os.cpu_count(),
+                    "simulated_host_cores": cores,
+                    "launches": launches,
+                },
+            )
+            for r in recs:
+                r.case = f"{sim_cfg.label()} @ {rate:g} req/s {r.metric}"
+                r.extra["error"] = abs(r.value - r.baseline_value) / r.baseline_value
+                for name, values in ablations.items():
+                    r.extra[name] = values[r.metric]
+            records += recs
+            rows.append((f"{mode}@{rate:g}", keep, meas))
+    return records, rows
+
+
+def _save_run(
+    path: Path, profile: Any, config: Any, observed: list[Any], cores: int | None
+) -> None:
+    """Each request: what the runtime measured beside what the simulator gives it."""
+    from epdrt.planner.simulator import simulate
+    from epdrt.planner.validation import observed_trace
+
+    trace = observed_trace(observed)
+    res = simulate(profile, config, trace, host_cores=cores)
+    sim = {r.id: (float(a), float(b)) for r, a, b in zip(trace, res.ttft_s, res.tpot_s)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for o in observed:
+            row = dict(o.__dict__)
+            row["sim_ttft_s"], row["sim_tpot_s"] = sim[o.id]
+            f.write(json.dumps(row) + "\n")
+
+
+def _table(rows: list[tuple[str, dict[str, float], dict[str, float]]]) -> str:
+    lines = [f"{'deployment':16} {'metric':14} {'predicted':>10} {'measured':>10} {'error':>7}"]
+    for mode, pred, meas in rows:
+        for k in METRICS:
+            if k in pred and k in meas:
+                scale, unit = (1e3, "ms") if k.endswith("_s") else (1.0, "")
+                err = abs(pred[k] - meas[k]) / meas[k]
+                lines.append(
+                    f"{mode:16} {k:14} {pred[k] * scale:>8.2f}{unit:2} "
+                    f"{meas[k] * scale:>8.2f}{unit:2} {err:>6.1%}"
+                )
+    return "\n".join(lines)

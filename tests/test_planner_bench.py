@@ -1,0 +1,44 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``epdrt bench planner``: simulated against real runs of the tiny LLaVA, as benchmark
+records (one per configuration and metric, predicted beside measured, ratio = min / max)."""
+
+import json
+
+import pytest
+
+from epdrt.cli import main
+from epdrt.planner.model_runner import profile_model
+from epdrt.planner.profile import TransferProfile, load_profile
+
+
+@pytest.mark.slow
+def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp_path, capsys):
+    model = tiny_model_dir("llava")
+    # A quick profile (no transfer benchmark, no overheads) keeps the test short.
+    prof = tmp_path / "tiny.json"
+    profile_model(model, quick=True, overheads=False, transfer=TransferProfile(1e-4, 5e9)).save(
+        prof
+    )
+    out, used = tmp_path / "planner.jsonl", tmp_path / "used.json"
+    rc = main([
+        "bench", "planner", "--model", model, "--profile", str(prof), "--save-profile", str(used),
+        "--deployments", "aggregated:0:1:0", "--requests", "12", "--rates", "20", "--warmup", "1",
+        "--calibration-requests", "4", "--json", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    assert "aggregated@20" in capsys.readouterr().err
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    metrics = {r["metric"] for r in recs}
+    assert {"ttft_p90_s", "throughput_rps", "ttft_p50_s", "tpot_p90_s"} <= metrics
+    for r in recs:
+        assert r["bench"] == "planner" and r["case"].startswith("aggregated N1")
+        p, m = r["value"], r["baseline_value"]
+        assert r["extra"]["predicted"] == p and r["extra"]["measured"] == m
+        assert r["ratio"] == pytest.approx(min(p, m) / max(p, m))
+        assert r["extra"]["requests"] == 12 and r["extra"]["rate"] == 20
+    thr = next(r for r in recs if r["metric"] == "throughput_rps")
+    assert 0 < thr["baseline_value"] < 40 and thr["ratio"] > 0.5  # both near the offered rate
+    # The calibration fills in what the quick profile lacked, and is saved with it.
+    cal = recs[0]["extra"]["calibration"]
+    assert cal["requests"] == 4 and cal["request_s"] >= 0 and cal["step_s"] >= 0
+    assert load_profile(used).overheads.request_s == cal["request_s"]
