@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from epdrt.benchmarking import Record
+from epdrt.benchmarking import Record, model_dir_or_tiny
 
 HELP = "EPD vs pd vs aggregated: TTFT, TPOT, throughput, goodput, peak memory"
 
@@ -52,18 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> list[Record]:
-    from epdrt.models import make_tiny_model
     from epdrt.runtime.compare import format_runs, plot_runs, run_modes, token_mismatches
     from epdrt.runtime.config import EPDConfig
     from epdrt.runtime.stage_model import Preprocessor
     from epdrt.runtime.workload import poisson_workload
 
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        tmp = tempfile.TemporaryDirectory()
-        model_dir = str(Path(tmp.name) / "tiny-llava")
-        make_tiny_model(model_dir, "llava", seed=args.seed)
+    model_dir, tmp = model_dir_or_tiny(args.model, seed=args.seed)
     lo, hi = (int(x) for x in args.images.split(","))
     placeholder = Preprocessor.load(model_dir, EPDConfig()).placeholder
     workload = poisson_workload(

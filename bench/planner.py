@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from epdrt.benchmarking import Record
+from epdrt.benchmarking import Record, model_dir_or_tiny
 
 HELP = "planner simulator vs real epd/pd/aggregated runs: TTFT p50/p90, TPOT, throughput"
 
@@ -240,14 +239,7 @@ def _calibrate(
 def run(args: argparse.Namespace) -> list[Record]:
     import torch
 
-    from epdrt.models import make_tiny_model
-
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        tmp = tempfile.TemporaryDirectory()
-        model_dir = str(Path(tmp.name) / "tiny-llava")
-        make_tiny_model(model_dir, "llava", seed=args.seed)
+    model_dir, tmp = model_dir_or_tiny(args.model, seed=args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = args.host_cores or (None if device == "cuda" else os.cpu_count())
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,3 +81,19 @@ def format_table(records: Iterable[Record]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def model_dir_or_tiny(model_dir: str | None, seed: int = 0) -> tuple[str, Any]:
+    """``model_dir``, or a fresh tiny random-weight LLaVA in a temporary directory.
+
+    Returns the directory and the ``TemporaryDirectory`` owning it (None for ``model_dir``);
+    the caller keeps it alive while the model is used and calls ``cleanup()`` after.
+    """
+    if model_dir is not None:
+        return model_dir, None
+    from epdrt.models import make_tiny_model
+
+    tmp = tempfile.TemporaryDirectory()
+    path = str(Path(tmp.name) / "tiny-llava")
+    make_tiny_model(path, "llava", seed=seed)
+    return path, tmp
