@@ -8,6 +8,7 @@
 
 #include "epdrt/common.h"
 #include "epdrt/region.h"
+#include "cuda_util.h"
 
 #ifdef EPDRT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -18,30 +19,8 @@ namespace epdrt {
 #ifdef EPDRT_WITH_CUDA
 namespace {
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return;
-  const std::string msg = detail::concat(what, " failed: ", cudaGetErrorString(err));
-  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice ||
-      err == cudaErrorInvalidDevice) {
-    throw CudaUnavailable(msg);
-  }
-  throw SystemError(msg);
-}
-
-// Makes a device current for one scope and restores the previous one.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int32_t index) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    check_cuda(cudaSetDevice(index), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
+using detail::check_cuda;
+using detail::DeviceGuard;
 
 void check_device_index(int32_t index) {
   const int32_t count = cuda_device_count();

@@ -15,6 +15,7 @@
 
 #include "epdrt/block_copy.h"
 #include "epdrt/common.h"
+#include "cuda_util.h"
 
 #ifdef EPDRT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -160,32 +161,12 @@ std::vector<size_t> split_evenly(std::vector<CopyOp>& runs, uint64_t total, size
 }
 
 #ifdef EPDRT_WITH_CUDA
+using detail::check_cuda;
+using detail::DeviceGuard;
+
 // Host function queued after a transfer's event: wakes pollers of the completion fd.
 void CUDART_CB signal_completion(void* fd) { signal_fd(*static_cast<const int*>(fd)); }
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return;
-  const std::string msg = detail::concat(what, " failed: ", cudaGetErrorString(err));
-  if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice ||
-      err == cudaErrorInvalidDevice) {
-    throw CudaUnavailable(msg);
-  }
-  throw SystemError(msg);
-}
-
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int32_t index) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != index) check_cuda(cudaSetDevice(index), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
 #endif
 
 }  // namespace
