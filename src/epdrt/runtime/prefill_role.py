@@ -119,25 +119,31 @@ class PrefillRole:
     def step(self) -> bool:
         progressed = self._admit()
         progressed = self._poll_local_encoder() or progressed
-        # One step prefills ready requests up to the token budget (always at least one).
+        # One step prefills ready requests together, up to the token budget (always at least
+        # one), in one batched forward.
+        batch: list[_Request] = []
         used, budget = 0, self.w.config.prefill_max_batch_tokens
+        staged_blocks = 0  # staging blocks the batch takes
         for req in [r for r in self.admitted.values() if r.ready]:
             n = len(req.msg.input_ids)
             if used and used + n > budget:
                 break
-            if not self._kv_room(req):
+            need = self._staging_blocks(req)
+            if staged_blocks + need > self.kv.num_free_blocks:
                 self.w.count("prefill_kv_waits")  # back-pressure: decode frees staged KV
                 break
             used += n
-            self._prefill(req)
-            progressed = True
-        return progressed
+            staged_blocks += need
+            batch.append(req)
+        if batch:
+            self._prefill(batch)
+        return progressed or bool(batch)
 
-    def _kv_room(self, req: _Request) -> bool:
-        """True when the request's KV can be staged here (not needed when decode is local)."""
+    def _staging_blocks(self, req: _Request) -> int:
+        """KV blocks the request's prompt takes here until decode has it (0: decode is local)."""
         if self.w.decode is not None and req.msg.decoder == self.w.name:
-            return True
-        return self.kv.num_free_blocks * self.kv.block_size >= len(req.msg.input_ids)
+            return 0
+        return -(-len(req.msg.input_ids) // self.kv.block_size)
 
     def _admit(self) -> bool:
         admitted_any = False
@@ -203,17 +209,33 @@ class PrefillRole:
                         progressed = True
         return progressed
 
-    def _prefill(self, req: _Request) -> None:
-        msg = req.msg
-        del self.admitted[msg.req_id]
+    def _prefill(self, batch: list[_Request]) -> None:
         start = time.perf_counter()
-        ids = torch.tensor(msg.input_ids, dtype=torch.int64, device=self.w.device)
-        placements = [(slot.start, self.mm.peek(slot.key)) for slot in msg.images]
-        embeds = assemble_inputs_embeds(self.w.model.embed(ids), self.mm, placements)
-        logits, kv, decode_extras = self.w.model.prefill(msg.input_ids, embeds, req.extras)
-        token = int(torch.argmax(logits))
-        self._release(req)
+        items = []
+        for req in batch:
+            del self.admitted[req.msg.req_id]
+            ids = torch.tensor(req.msg.input_ids, dtype=torch.int64, device=self.w.device)
+            placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
+            embeds = assemble_inputs_embeds(self.w.model.embed(ids), self.mm, placements)
+            items.append((embeds, req.extras))
+        try:
+            outputs = self.w.model.prefill_batch(items)
+        except Exception as exc:  # e.g. out of memory: these requests fail, the worker goes on
+            for req in batch:
+                self._release(req)
+                self.w.fail(req.msg.req_id, f"prefill failed: {exc}")
+            return
         self.w.count("prefill_seconds", time.perf_counter() - start)
+        self.w.count("prefill_batches")
+        for req, (logits, kv, decode_extras) in zip(batch, outputs):
+            self._release(req)
+            self._hand_off(req, int(torch.argmax(logits)), kv, decode_extras)
+
+    def _hand_off(
+        self, req: _Request, token: int, kv: torch.Tensor, decode_extras: dict[str, torch.Tensor]
+    ) -> None:
+        """Reports the first token; stages the KV for the decoder (or hands it over locally)."""
+        msg = req.msg
         self.w.count("prefill_tokens", len(msg.input_ids))
         finished = msg.max_new_tokens <= 1 or token in self.w.model.spec.eos_token_ids
         self.w.send(

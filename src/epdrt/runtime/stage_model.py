@@ -133,13 +133,13 @@ class StageModel:
         return self.adapter.embed(input_ids)
 
     @torch.inference_mode()
-    def prefill(
-        self, input_ids: list[int], embeds: torch.Tensor, extras: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits ``[vocab]``, KV ``[L, 2, n, H, D]`` and the request's decode extras."""
-        request = PreparedRequest(list(input_ids), [], [], dict(extras))
-        out = self.adapter.prefill(embeds, request)
-        return out.logits, out.kv, dict(out.decode_extras)
+    def prefill_batch(
+        self, items: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """One forward for ``(inputs_embeds [n_i, hidden], extras)`` per request; per request
+        its logits ``[vocab]``, KV ``[L, 2, n_i, H, D]`` and decode extras."""
+        outs = self.adapter.prefill_batch([(embeds, dict(extras)) for embeds, extras in items])
+        return [(o.logits, o.kv, dict(o.decode_extras)) for o in outs]
 
     @torch.inference_mode()
     def decode(self, inputs: list[DecodeInput]) -> tuple[torch.Tensor, torch.Tensor]:
