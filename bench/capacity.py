@@ -287,6 +287,23 @@ class Probe:
             acts.append(self.decode_act(context))
         return max(acts)
 
+    def _fits(self, ledger: Ledger, allocate: Callable[[], object]) -> bool:
+        """Runs ``allocate`` in a ledger scope; False (the OOM recorded) when memory ran out.
+
+        What ``allocate`` returns is dropped at once: the probe keeps nothing it allocated.
+        """
+        with ledger.scope():
+            try:
+                allocate()
+                return True
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                ledger.caught(exc)
+                return False
+            finally:
+                self.meter.cleanup()
+
     def put_images(self, mm: Any, num_images: int) -> None:
         """Reserves ``num_images`` entries of ``tpi`` tokens (distinct keys) in ``mm``."""
         for _ in range(num_images):
@@ -355,21 +372,12 @@ class Probe:
         ledger.release("activations")
         self._done(held)
 
+        def encode_batch(b: int) -> None:
+            ledger.charge("activations", _finite(self.encode_act(b)))
+            self.put_images(self.mm_cache(ledger, "MM cache", b * self.tpi), b)
+
         def fits(b: int) -> bool:
-            with ledger.scope():
-                try:
-                    ledger.charge("activations", _finite(self.encode_act(b)))
-                    mm = self.mm_cache(ledger, "MM cache", b * self.tpi)
-                    self.put_images(mm, b)
-                    del mm
-                    return True
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    ledger.caught(exc)
-                    return False
-                finally:
-                    self.meter.cleanup()
+            return self._fits(ledger, lambda: encode_batch(b))
 
         best = largest_fitting(fits, grown)
         breakdown = dict(ledger.held)
@@ -557,18 +565,7 @@ class Probe:
         self.meter.cleanup()
 
         def fits(blocks: int) -> bool:
-            with ledger.scope():
-                try:
-                    kv = self.kv_cache(ledger, "KV cache", blocks)
-                    del kv
-                    return True
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    ledger.caught(exc)
-                    return False
-                finally:
-                    self.meter.cleanup()
+            return self._fits(ledger, lambda: self.kv_cache(ledger, "KV cache", blocks))
 
         blocks = largest_fitting(fits, grown)
         held.clear()
