@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
-BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12
+BUILD_DEPS := 'scikit-build-core>=0.10' 'pybind11>=2.12'  # quoted: >= is a shell redirect
 SOURCES := $(shell find csrc kernels -type f \( -name '*.cc' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null) CMakeLists.txt pyproject.toml
 STAMP := $(VENV)/.epdrt-installed
 
