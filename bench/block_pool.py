@@ -4,7 +4,9 @@
 Three ways in, each against the model (epdrt.testing.model_pool) doing the same operations:
 ``binding`` (one Python call per operation), ``batched`` (one Python call per 16 blocks:
 allocate/free/lookup_many/commit_many) and ``native`` (the C API from a C program,
-bench/native/block_pool_bench.c, compiled on the spot; skipped without a C compiler).
+bench/native/block_pool_bench.c, compiled on the spot; skipped without a C compiler). A
+``binding floor`` record times a bare ``dict.get`` per block in the same loop: the interpreter's
+own cost per call, which bounds every one-call-per-block path whatever the pool does.
 """
 
 from __future__ import annotations
@@ -104,6 +106,19 @@ def _lookup_many_hit(ops: int, keys: list[bytes]) -> Body:
     return body
 
 
+def _lookup_many_miss(ops: int, keys: list[bytes]) -> Body:
+    batches = [keys[i : i + BATCH] for i in range(0, len(keys) - BATCH + 1, BATCH)]
+
+    def body(pool: Any) -> int:
+        lookup_many = pool.lookup_many
+        iters = ops // BATCH
+        for i in range(iters):
+            lookup_many(batches[i % len(batches)])
+        return iters * BATCH
+
+    return body
+
+
 def _commit_many(ops: int, keys: list[bytes]) -> Body:
     batches = [keys[i : i + BATCH] for i in range(0, len(keys) - BATCH + 1, BATCH)]
 
@@ -165,6 +180,14 @@ def _make_trace(num_ops: int, keys: list[bytes], seed: int) -> list[tuple[str, A
             trace.append(("free", rng.randrange(1 << 30)))
             count += BATCH // 2
     return trace
+
+
+class _CallFloor:
+    """A stand-in pool whose ``lookup`` is a bare ``dict.get``: one C call per block that does
+    almost nothing, so its rate bounds any API that costs one Python call per block."""
+
+    def __init__(self) -> None:
+        self.lookup = {}.get
 
 
 def _prefilled(cls: Callable[[int], Any], keys: list[bytes]) -> Callable[[], Any]:
@@ -239,6 +262,7 @@ def run(args: argparse.Namespace) -> list[Record]:
         ("binding", "lookup miss", full, _lookup_miss(ops, missing)),
         ("binding", f"allocate+commit+free x{BATCH}", fresh, _commit(ops, cached)),
         ("batched", f"lookup_many hit + free x{BATCH}", full, _lookup_many_hit(ops, cached)),
+        ("batched", f"lookup_many miss x{BATCH}", full, _lookup_many_miss(ops, missing)),
         ("batched", f"allocate+commit_many+free x{BATCH}", fresh, _commit_many(ops, cached)),
         ("batched", "mixed serving trace", fresh, _mixed(_make_trace(ops, cached, args.seed))),
     ]
@@ -252,6 +276,11 @@ def run(args: argparse.Namespace) -> list[Record]:
             raise RuntimeError(f"{case}: the pools did different work ({n_cpp} vs {n_py} ops)")
         model_results[case] = (t_py, n_py)
         records.append(_record(f"{way}: {case}", n_cpp, t_cpp, n_py, t_py))
+    t_floor, n_floor = _time(_CallFloor, _lookup_miss(ops, missing), args.repeat)
+    t_py, n_py = model_results["lookup miss"]
+    floor = _record("binding floor: dict.get per block", n_floor, t_floor, n_py, t_py)
+    floor.extra["note"] = "upper bound of any one-call-per-block binding (interpreter cost)"
+    records.append(floor)
     print("[block-pool] native: C API cases ...", file=sys.stderr, flush=True)
     for case, (seconds, n) in _run_native(ops, args.repeat).items():
         t_py, n_py = model_results[case]

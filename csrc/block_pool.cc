@@ -1,36 +1,68 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "epdrt/block_pool.h"
 
+#include <algorithm>
 #include <cstring>
+#include <mutex>
 
 #include "epdrt/common.h"
 
 namespace epdrt {
 
+namespace {
+
+// One odd multiplier per 8-byte word of a key: the words' products are independent (they
+// pipeline), and the finalizer (MurmurHash3's fmix64) spreads every input bit over the result.
+constexpr uint64_t kWordMultipliers[BlockKey::kMaxBytes / 8] = {
+    0x9e3779b97f4a7c15ull, 0xbf58476d1ce4e5b9ull, 0x94d049bb133111ebull, 0xff51afd7ed558ccdull,
+    0xc4ceb9fe1a85ec53ull, 0x87c37b91114253d5ull, 0x4cf5ad432745937full, 0xd6e8feb86659fd93ull};
+
+// Hash of a key's size bytes and kind. Reads the bytes where the caller left them: the last
+// partial word is assembled in a register (a byte copy into a stack word and a wide load of it
+// would stall on store forwarding).
+uint64_t hash_key_bytes(const uint8_t* data, size_t size, BlockKey::Kind kind) {
+  uint64_t h = (size | (uint64_t{static_cast<uint8_t>(kind)} << 8)) * 0x2545f4914f6cdd1dull;
+  size_t i = 0;
+  for (; 8 * (i + 1) <= size; ++i) {
+    uint64_t word;
+    std::memcpy(&word, data + 8 * i, 8);
+    h += word * kWordMultipliers[i];
+  }
+  if (8 * i < size) {
+    uint64_t word = 0;
+    for (size_t j = 8 * i; j < size; ++j) word |= uint64_t{data[j]} << (8 * (j - 8 * i));
+    h += word * kWordMultipliers[i];
+  }
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ull;
+  return h ^ (h >> 33);
+}
+
+void check_key_size(size_t size) {
+  EPDRT_ASSERT(size > 0 && size <= BlockKey::kMaxBytes, "a block key must have 1 to ",
+               BlockKey::kMaxBytes, " bytes, got ", size);
+}
+
+}  // namespace
+
 BlockKey BlockKey::from_bytes(const void* data, size_t size) {
-  EPDRT_ASSERT(size > 0 && size <= kMaxBytes, "a block key must have 1 to ", kMaxBytes,
-               " bytes, got ", size);
+  check_key_size(size);
   BlockKey key;
   std::memcpy(key.bytes.data(), data, size);
   key.size = static_cast<uint8_t>(size);
+  key.hash = hash_key_bytes(static_cast<const uint8_t*>(data), size, Kind::kBytes);
   return key;
 }
 
-bool BlockKey::operator==(const BlockKey& other) const noexcept {
-  return size == other.size && std::memcmp(bytes.data(), other.bytes.data(), size) == 0;
-}
-
-size_t BlockKeyHash::operator()(const BlockKey& key) const noexcept {
-  // Bytes past key.size are zero, so hashing whole words covers exactly the key.
-  uint64_t h = 0x9e3779b97f4a7c15ull ^ key.size;
-  const size_t num_words = (key.size + 7) / 8;
-  for (size_t i = 0; i < num_words; ++i) {
-    uint64_t word;
-    std::memcpy(&word, key.bytes.data() + 8 * i, 8);
-    h = (h ^ word) * 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 31;
-  }
-  return static_cast<size_t>(h);
+BlockKey BlockKey::from_int(uint64_t value) {
+  BlockKey key;
+  for (size_t i = 0; i < 8; ++i) key.bytes[i] = static_cast<uint8_t>(value >> (8 * i));
+  key.size = 8;
+  key.kind = Kind::kInt;
+  key.hash = hash_key_bytes(key.bytes.data(), 8, Kind::kInt);
+  return key;
 }
 
 BlockPool::BlockPool(int32_t num_blocks) {
@@ -77,17 +109,20 @@ void BlockPool::queue_remove(int32_t id) {
   b.prev = b.next = kNil;
 }
 
-int64_t BlockPool::index_find(const BlockKey& key, uint64_t hash) const {
-  for (uint64_t slot = hash & slot_mask_;; slot = (slot + 1) & slot_mask_) {
+int64_t BlockPool::index_find(const KeyRef& key) const {
+  for (uint64_t slot = key.hash & slot_mask_;; slot = (slot + 1) & slot_mask_) {
     const int32_t id = slots_[slot];
     if (id == kNil) return kNil;
-    const Block& b = blocks_[id];
-    if (b.hash == hash && b.key == key) return static_cast<int64_t>(slot);
+    const BlockKey& held = blocks_[id].key;
+    if (held.hash == key.hash && held.size == key.size && held.kind == key.kind &&
+        std::memcmp(held.bytes.data(), key.data, key.size) == 0) {
+      return static_cast<int64_t>(slot);
+    }
   }
 }
 
 void BlockPool::index_insert(int32_t id) {
-  uint64_t slot = blocks_[id].hash & slot_mask_;
+  uint64_t slot = blocks_[id].key.hash & slot_mask_;
   while (slots_[slot] != kNil) slot = (slot + 1) & slot_mask_;
   slots_[slot] = id;
 }
@@ -98,7 +133,7 @@ void BlockPool::index_erase(int64_t slot) {
   uint64_t hole = static_cast<uint64_t>(slot);
   for (uint64_t next = (hole + 1) & slot_mask_; slots_[next] != kNil;
        next = (next + 1) & slot_mask_) {
-    const uint64_t home = blocks_[slots_[next]].hash & slot_mask_;
+    const uint64_t home = blocks_[slots_[next]].key.hash & slot_mask_;
     if (((next - home) & slot_mask_) >= ((next - hole) & slot_mask_)) {
       slots_[hole] = slots_[next];
       hole = next;
@@ -110,18 +145,28 @@ void BlockPool::index_erase(int64_t slot) {
 void BlockPool::forget_key(int32_t id) {
   Block& block = blocks_[id];
   if (!block.has_key) return;
-  index_erase(index_find(block.key, block.hash));
+  index_erase(index_find(KeyRef::of(block.key)));
   block.has_key = false;
 }
 
 void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
-  std::lock_guard<std::mutex> lock(mu_);
+  const size_t start = out.size();
+  out.resize(start + static_cast<size_t>(std::max(n, 0)));
+  try {
+    allocate(n, out.data() + start);
+  } catch (...) {
+    out.resize(start);
+    throw;
+  }
+}
+
+void BlockPool::allocate(int32_t n, int32_t* out) {
+  std::lock_guard<SpinLock> lock(mu_);
   EPDRT_ASSERT(n >= 0, "cannot allocate a negative number of blocks (", n, ")");
   if (n > stats_.num_free) {
     throw PoolExhausted(detail::concat("cannot allocate ", n, " blocks: ", stats_.num_free, " of ",
                                        num_blocks(), " are free"));
   }
-  out.reserve(out.size() + static_cast<size_t>(n));
   for (int32_t i = 0; i < n; ++i) {
     const int32_t id = head_;
     queue_remove(id);
@@ -132,13 +177,13 @@ void BlockPool::allocate(int32_t n, std::vector<int32_t>& out) {
       ++stats_.evictions;
     }
     b.ref_count = 1;
-    out.push_back(id);
+    out[i] = id;
   }
   stats_.num_free -= n;
 }
 
 void BlockPool::free(const int32_t* ids, size_t n) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   // Pass 1: drop the references, undoing them all if one is invalid.
   for (size_t i = 0; i < n; ++i) {
     const int32_t id = ids[i];
@@ -168,7 +213,7 @@ void BlockPool::free(const int32_t* ids, size_t n) {
 }
 
 void BlockPool::incref(const int32_t* ids, size_t n) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   for (size_t i = 0; i < n; ++i) check_used(ids[i], "incref (use lookup to revive)");
   for (size_t i = 0; i < n; ++i) ++blocks_[ids[i]].ref_count;
 }
@@ -179,36 +224,33 @@ void BlockPool::check_used(int32_t id, const char* what) const {
 }
 
 bool BlockPool::commit_locked(int32_t id, const BlockKey& key) {
-  const uint64_t hash = BlockKeyHash{}(key);
-  const int64_t slot = index_find(key, hash);
+  const int64_t slot = index_find(KeyRef::of(key));
   if (slot != kNil) return slots_[slot] == id;
   forget_key(id);
   Block& b = blocks_[id];
   b.key = key;
-  b.hash = hash;
   b.has_key = true;
   index_insert(id);
   return true;
 }
 
 bool BlockPool::commit(int32_t id, const BlockKey& key) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   check_used(id, "commit");
   return commit_locked(id, key);
 }
 
 void BlockPool::commit_many(const int32_t* ids, const BlockKey* keys, size_t n, bool* committed) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   for (size_t i = 0; i < n; ++i) check_used(ids[i], "commit");
   for (size_t i = 0; i < n; ++i) committed[i] = commit_locked(ids[i], keys[i]);
 }
 
-std::optional<int32_t> BlockPool::lookup(const BlockKey& key) {
-  std::lock_guard<std::mutex> lock(mu_);
-  const int64_t slot = index_find(key, BlockKeyHash{}(key));
+int32_t BlockPool::lookup_locked(const KeyRef& key) {
+  const int64_t slot = index_find(key);
   if (slot == kNil) {
     ++stats_.misses;
-    return std::nullopt;
+    return kNil;
   }
   const int32_t id = slots_[slot];
   Block& b = blocks_[id];
@@ -222,14 +264,37 @@ std::optional<int32_t> BlockPool::lookup(const BlockKey& key) {
   return id;
 }
 
+std::optional<int32_t> BlockPool::lookup(const BlockKey& key) {
+  std::lock_guard<SpinLock> lock(mu_);
+  const int32_t id = lookup_locked(KeyRef::of(key));
+  if (id == kNil) return std::nullopt;
+  return id;
+}
+
+void BlockPool::lookup_many(const BlockKey* keys, size_t n, int32_t* out) {
+  std::lock_guard<SpinLock> lock(mu_);
+  for (size_t i = 0; i < n; ++i) out[i] = lookup_locked(KeyRef::of(keys[i]));
+}
+
+void BlockPool::lookup_many(const void* keys, size_t key_size, size_t n, int32_t* out) {
+  check_key_size(key_size);
+  const auto* bytes = static_cast<const uint8_t*>(keys);
+  std::lock_guard<SpinLock> lock(mu_);
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* key = bytes + i * key_size;
+    const BlockKey::Kind kind = BlockKey::Kind::kBytes;
+    out[i] = lookup_locked({key, key_size, kind, hash_key_bytes(key, key_size, kind)});
+  }
+}
+
 int32_t BlockPool::ref_count(int32_t id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   check_id(id);
   return blocks_[id].ref_count;
 }
 
 std::vector<int32_t> BlockPool::free_queue() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   std::vector<int32_t> ids;
   ids.reserve(static_cast<size_t>(stats_.num_free));
   for (int32_t id = head_; id != kNil; id = blocks_[id].next) ids.push_back(id);
@@ -237,7 +302,7 @@ std::vector<int32_t> BlockPool::free_queue() const {
 }
 
 BlockPoolStats BlockPool::stats() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<SpinLock> lock(mu_);
   return stats_;
 }
 

@@ -24,13 +24,14 @@ static_assert(EPDRT_REGION_DESCRIPTOR_BYTES == epdrt::Region::kDescriptorBytes,
 
 namespace {
 
+// Set only on failure: a successful call touches no thread-local state (in a shared library
+// that is a __tls_get_addr call, comparable to a whole block-pool operation).
 thread_local std::string last_error;
 
 template <typename Fn>
 epdrt_status guarded(Fn&& fn) {
   try {
     fn();
-    last_error.clear();
     return EPDRT_OK;
   } catch (const epdrt::Error& e) {
     last_error = e.what();
@@ -63,9 +64,7 @@ void epdrt_block_pool_destroy(epdrt_block_pool* pool) { delete pool; }
 epdrt_status epdrt_block_pool_allocate(epdrt_block_pool* pool, int32_t n, int32_t* out_ids) {
   return guarded([&] {
     EPDRT_ASSERT(pool != nullptr && (n == 0 || out_ids != nullptr), "NULL argument");
-    std::vector<int32_t> ids;
-    pool->pool.allocate(n, ids);
-    std::copy(ids.begin(), ids.end(), out_ids);
+    pool->pool.allocate(n, out_ids);
   });
 }
 
@@ -96,12 +95,20 @@ epdrt_status epdrt_block_pool_lookup(epdrt_block_pool* pool, const void* key, si
                                      int32_t* out_id) {
   return guarded([&] {
     EPDRT_ASSERT(pool != nullptr && key != nullptr && out_id != nullptr, "NULL argument");
-    *out_id = pool->pool.lookup(epdrt::BlockKey::from_bytes(key, key_size)).value_or(-1);
+    pool->pool.lookup_many(key, key_size, 1, out_id);
   });
 }
 
-epdrt_status epdrt_block_pool_stats_get(const epdrt_block_pool* pool,
-                                        epdrt_block_pool_stats* out) {
+epdrt_status epdrt_block_pool_lookup_many(epdrt_block_pool* pool, const void* keys, size_t key_size,
+                                          size_t n, int32_t* out_ids) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && (n == 0 || (keys != nullptr && out_ids != nullptr)),
+                 "NULL argument");
+    pool->pool.lookup_many(keys, key_size, n, out_ids);
+  });
+}
+
+epdrt_status epdrt_block_pool_stats_get(const epdrt_block_pool* pool, epdrt_block_pool_stats* out) {
   return guarded([&] {
     EPDRT_ASSERT(pool != nullptr && out != nullptr, "NULL argument");
     const epdrt::BlockPoolStats s = pool->pool.stats();
@@ -121,8 +128,7 @@ epdrt_status epdrt_region_create(uint64_t nbytes, epdrt_device_type type, int32_
 epdrt_status epdrt_region_open(const void* descriptor, size_t size, epdrt_region** out) {
   return guarded([&] {
     EPDRT_ASSERT(descriptor != nullptr && out != nullptr, "NULL argument");
-    *out = new epdrt_region{
-        epdrt::Region::open(static_cast<const uint8_t*>(descriptor), size)};
+    *out = new epdrt_region{epdrt::Region::open(static_cast<const uint8_t*>(descriptor), size)};
   });
 }
 

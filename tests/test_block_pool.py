@@ -74,7 +74,9 @@ def test_incref_and_repeated_free(pool_cls):
         pool.incref([b])
 
 
-@pytest.mark.parametrize("key", [7, -1, 2**64 - 1, b"\x07", bytes(range(32)), b"x" * 63])
+@pytest.mark.parametrize(
+    "key", [7, -1, 2**64 - 1, b"\x07", bytes(range(13)), bytes(range(32)), b"x" * 64]
+)
 def test_commit_and_lookup_revive_a_free_block(pool_cls, key):
     pool = pool_cls(3)
     a, b = pool.allocate(2)
@@ -88,11 +90,14 @@ def test_commit_and_lookup_revive_a_free_block(pool_cls, key):
 
 
 def test_int_and_bytes_keys_are_distinct():
-    pool = BlockPool(2)
-    a, b = pool.allocate(2)
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(3)
     assert pool.commit(a, 1)
     assert pool.commit(b, b"\x01")
+    assert pool.commit(c, (1).to_bytes(8, "little"))  # the int's own bytes: still another key
     assert pool.lookup(1) == a and pool.lookup(b"\x01") == b
+    assert pool.lookup((1).to_bytes(8, "little")) == c
+    assert pool.lookup(-1) is None and pool.lookup(2**64 - 1) is None  # a's key is 1 only
 
 
 def test_allocate_evicts_keys_oldest_first(pool_cls):
@@ -138,7 +143,7 @@ def test_wrong_key_type_raises_type_error(key):
         pool.lookup(key)
 
 
-@pytest.mark.parametrize("key", [b"", b"x" * 64, 2**64, -(2**63) - 1])
+@pytest.mark.parametrize("key", [b"", b"x" * 65, 2**64, -(2**63) - 1])
 def test_out_of_range_keys_raise_value_error(key):
     pool = BlockPool(1)
     (a,) = pool.allocate(1)

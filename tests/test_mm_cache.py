@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from epdrt import InvalidArgument, MMTokenCache, PoolExhausted
+from epdrt.cache.mm_cache import MAX_KEY_BYTES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HIDDEN = 24
@@ -106,7 +107,14 @@ def test_wrong_key_type(bad_key):
         cache.get(bad_key)
 
 
-@pytest.mark.parametrize("bad_key", [b"", b"x" * 59, 2**64])
+@pytest.mark.parametrize("good_key", [b"x", b"x" * MAX_KEY_BYTES, 0, 2**64 - 1, -(2**63)])
+def test_keys_at_the_size_limits_round_trip(good_key):
+    cache = MMTokenCache(HIDDEN, 4, 4)
+    cache.put(good_key, tokens(6))
+    torch.testing.assert_close(cache.get(good_key), tokens(6), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad_key", [b"", b"x" * (MAX_KEY_BYTES + 1), 2**64])
 def test_out_of_range_keys(bad_key):
     with pytest.raises(InvalidArgument):
         MMTokenCache(HIDDEN, 4, 2).put(bad_key, tokens(2))

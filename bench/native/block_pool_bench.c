@@ -56,9 +56,10 @@ static epdrt_block_pool* prefilled(int num_blocks, const unsigned char* keys, in
   return pool;
 }
 
-enum { ALLOC_FREE, LOOKUP_HIT, LOOKUP_MISS, COMMIT, NUM_CASES };
-static const char* kNames[NUM_CASES] = {"allocate+free x16", "lookup hit + free", "lookup miss",
-                                        "allocate+commit+free x16"};
+enum { ALLOC_FREE, LOOKUP_HIT, LOOKUP_MISS, COMMIT, LOOKUP_MANY_HIT, LOOKUP_MANY_MISS, NUM_CASES };
+static const char* kNames[NUM_CASES] = {
+    "allocate+free x16",        "lookup hit + free",          "lookup miss",
+    "allocate+commit+free x16", "lookup_many hit + free x16", "lookup_many miss x16"};
 
 static long run_case(int which, epdrt_block_pool* pool, long ops, const unsigned char* keys,
                      int num_keys, const unsigned char* missing) {
@@ -73,22 +74,39 @@ static long run_case(int which, epdrt_block_pool* pool, long ops, const unsigned
   } else if (which == LOOKUP_HIT) {
     for (long i = 0; i < ops / 2; ++i) {
       int32_t id;
-      check(epdrt_block_pool_lookup(pool, keys + (i % num_keys) * KEY_BYTES, KEY_BYTES, &id), "lookup");
+      check(epdrt_block_pool_lookup(pool, keys + (size_t)(i & (num_keys - 1)) * KEY_BYTES,
+                                    KEY_BYTES, &id),
+            "lookup");
       check(epdrt_block_pool_free(pool, &id, 1), "free");
       done += 2;
     }
   } else if (which == LOOKUP_MISS) {
     for (long i = 0; i < ops; ++i) {
       int32_t id;
-      check(epdrt_block_pool_lookup(pool, missing + (i % num_keys) * KEY_BYTES, KEY_BYTES, &id), "lookup");
+      check(epdrt_block_pool_lookup(pool, missing + (size_t)(i & (num_keys - 1)) * KEY_BYTES,
+                                    KEY_BYTES, &id),
+            "lookup");
       done += 1;
+    }
+  } else if (which == LOOKUP_MANY_HIT || which == LOOKUP_MANY_MISS) {
+    /* Consecutive runs of BATCH keys, as a request's chain of block digests. */
+    const unsigned char* base = which == LOOKUP_MANY_HIT ? keys : missing;
+    const int hit = which == LOOKUP_MANY_HIT;
+    const long per_iter = hit ? 2 * BATCH : BATCH;
+    for (long i = 0; i < ops / per_iter; ++i) {
+      const size_t first = (size_t)((i * BATCH) & (num_keys - 1));
+      check(epdrt_block_pool_lookup_many(pool, base + first * KEY_BYTES, KEY_BYTES, BATCH, ids),
+            "lookup_many");
+      if (hit) check(epdrt_block_pool_free(pool, ids, BATCH), "free");
+      done += per_iter;
     }
   } else {
     for (long i = 0; i < ops / (3 * BATCH); ++i) {
       check(epdrt_block_pool_allocate(pool, BATCH, ids), "allocate");
       for (int j = 0; j < BATCH; ++j) {
-        const long k = (i * BATCH + j) % num_keys;
-        check(epdrt_block_pool_commit(pool, ids[j], keys + k * KEY_BYTES, KEY_BYTES, NULL), "commit");
+        const long k = (i * BATCH + j) & (num_keys - 1);
+        check(epdrt_block_pool_commit(pool, ids[j], keys + k * KEY_BYTES, KEY_BYTES, NULL),
+              "commit");
       }
       check(epdrt_block_pool_free(pool, ids, BATCH), "free");
       done += 3 * BATCH;
@@ -105,7 +123,11 @@ int main(int argc, char** argv) {
   const int num_blocks = atoi(argv[1]);
   const long ops = atol(argv[2]);
   const int repeat = atoi(argv[3]);
-  const int num_keys = num_blocks / 2;
+  const int num_keys = num_blocks / 2; /* a power of two: keys cycle by masking, not division */
+  if (num_keys < 1 || (num_keys & (num_keys - 1)) != 0) {
+    fprintf(stderr, "NUM_BLOCKS must be a power of two >= 2, got %d\n", num_blocks);
+    return 2;
+  }
   unsigned char* keys = malloc((size_t)num_keys * KEY_BYTES);
   unsigned char* missing = malloc((size_t)num_keys * KEY_BYTES);
   make_keys(keys, num_keys, 1);

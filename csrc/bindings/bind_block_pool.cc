@@ -15,10 +15,9 @@ namespace py = pybind11;
 namespace epdrt::bindings {
 namespace {
 
-// Python keys: an int (tagged 'i', 8 bytes little-endian, signed or unsigned 64-bit) or bytes
-// (tagged 'b', at most 63 bytes). The tag keeps int 1 and b"\x01..." apart.
+// Python keys: an int (signed or unsigned 64-bit, kept as its 64-bit pattern) or bytes (1 to
+// 64, the same key as the C API's). Ints and bytes never match each other (BlockKey::Kind).
 BlockKey to_key(py::handle obj) {
-  uint8_t buf[BlockKey::kMaxBytes];
   if (PyLong_Check(obj.ptr()) && !PyBool_Check(obj.ptr())) {
     int overflow = 0;
     long long v = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
@@ -32,17 +31,11 @@ BlockKey to_key(py::handle obj) {
     } else if (overflow < 0) {
       throw InvalidArgument("an int key must fit in 64 bits");
     }
-    buf[0] = 'i';
-    std::memcpy(buf + 1, &bits, 8);
-    return BlockKey::from_bytes(buf, 9);
+    return BlockKey::from_int(bits);
   }
   if (PyBytes_Check(obj.ptr())) {
-    const Py_ssize_t n = PyBytes_GET_SIZE(obj.ptr());
-    EPDRT_ASSERT(n >= 1 && n < static_cast<Py_ssize_t>(BlockKey::kMaxBytes),
-                 "a bytes key must have 1 to ", BlockKey::kMaxBytes - 1, " bytes, got ", n);
-    buf[0] = 'b';
-    std::memcpy(buf + 1, PyBytes_AS_STRING(obj.ptr()), static_cast<size_t>(n));
-    return BlockKey::from_bytes(buf, static_cast<size_t>(n) + 1);
+    return BlockKey::from_bytes(PyBytes_AS_STRING(obj.ptr()),
+                                static_cast<size_t>(PyBytes_GET_SIZE(obj.ptr())));
   }
   throw py::type_error(std::string("a block key must be int or bytes, not ") +
                        Py_TYPE(obj.ptr())->tp_name);
@@ -50,7 +43,8 @@ BlockKey to_key(py::handle obj) {
 
 // Converts a sequence of ints to block ids without the generic STL caster's overhead.
 std::vector<int32_t> to_ids(py::handle seq) {
-  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), "ids must be a sequence of ints"));
+  py::object fast = py::reinterpret_steal<py::object>(
+      PySequence_Fast(seq.ptr(), "ids must be a sequence of ints"));
   if (!fast) throw py::error_already_set();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
   PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
@@ -78,7 +72,7 @@ void bind_block_pool(py::module_& m) {
   // NOTE: methods keep the GIL: each takes well under a microsecond, less than a GIL release.
   py::class_<BlockPool>(m, "BlockPool", R"doc(
 Fixed-size block bookkeeping: ids in [0, num_blocks), reference counts, an LRU free queue
-and a content-key index. O(1) per block; thread-safe. Keys are int (64-bit) or bytes (1..63).
+and a content-key index. O(1) per block; thread-safe. Keys are int (64-bit) or bytes (1..64).
 
 Failed calls change nothing: allocate raises epdrt.PoolExhausted when too few blocks are
 free; free/incref/commit raise ValueError (epdrt.InvalidArgument) for a bad id.
@@ -91,8 +85,7 @@ free; free/incref/commit raise ValueError (epdrt.InvalidArgument) for a bad id.
             p.allocate(n, ids);
             return to_list(ids);
           },
-          py::arg("n"),
-          "Takes n blocks (reference count 1), oldest-freed first; all or nothing.")
+          py::arg("n"), "Takes n blocks (reference count 1), oldest-freed first; all or nothing.")
       .def(
           "free",
           [](BlockPool& p, py::handle ids) {
@@ -109,7 +102,8 @@ free; free/incref/commit raise ValueError (epdrt.InvalidArgument) for a bad id.
           },
           py::arg("ids"), "Adds one reference per id (each must be in use).")
       .def(
-          "commit", [](BlockPool& p, int32_t id, py::handle key) { return p.commit(id, to_key(key)); },
+          "commit",
+          [](BlockPool& p, int32_t id, py::handle key) { return p.commit(id, to_key(key)); },
           py::arg("id"), py::arg("key"),
           "Records key as block id's content; False if another block already holds it.")
       .def(
@@ -131,11 +125,12 @@ free; free/incref/commit raise ValueError (epdrt.InvalidArgument) for a bad id.
             std::vector<BlockKey> parsed;
             parsed.reserve(static_cast<size_t>(n));
             for (Py_ssize_t i = 0; i < n; ++i) parsed.push_back(to_key(items[i]));
+            std::vector<int32_t> ids(parsed.size());
+            p.lookup_many(parsed.data(), parsed.size(), ids.data());
             py::list out(static_cast<size_t>(n));
             for (Py_ssize_t i = 0; i < n; ++i) {
-              const std::optional<int32_t> id = p.lookup(parsed[static_cast<size_t>(i)]);
-              PyObject* item = id ? PyLong_FromLong(*id) : Py_NewRef(Py_None);
-              PyList_SET_ITEM(out.ptr(), i, item);
+              const int32_t id = ids[static_cast<size_t>(i)];
+              PyList_SET_ITEM(out.ptr(), i, id >= 0 ? PyLong_FromLong(id) : Py_NewRef(Py_None));
             }
             return out;
           },
@@ -165,8 +160,9 @@ free; free/incref/commit raise ValueError (epdrt.InvalidArgument) for a bad id.
           py::arg("ids"), py::arg("keys"),
           "commit() of each (id, key) pair; all ids and keys are checked before any commit.")
       .def("ref_count", &BlockPool::ref_count, py::arg("id"))
-      .def("free_queue", [](const BlockPool& p) { return to_list(p.free_queue()); },
-           "Free block ids, next to be allocated first (O(num_free)).")
+      .def(
+          "free_queue", [](const BlockPool& p) { return to_list(p.free_queue()); },
+          "Free block ids, next to be allocated first (O(num_free)).")
       .def_property_readonly("num_blocks", &BlockPool::num_blocks)
       .def_property_readonly("num_free", [](const BlockPool& p) { return p.stats().num_free; })
       .def_property_readonly("num_used",

@@ -7,13 +7,13 @@
 
 static int failures = 0;
 
-#define CHECK(cond)                                             \
-  do {                                                          \
-    if (!(cond)) {                                              \
+#define CHECK(cond)                                                                            \
+  do {                                                                                         \
+    if (!(cond)) {                                                                             \
       fprintf(stderr, "%s:%d: CHECK(%s) failed (last error: %s)\n", __FILE__, __LINE__, #cond, \
-              epdrt_last_error());                              \
-      ++failures;                                               \
-    }                                                           \
+              epdrt_last_error());                                                             \
+      ++failures;                                                                              \
+    }                                                                                          \
   } while (0)
 
 static void test_block_pool(void) {
@@ -47,6 +47,44 @@ static void test_block_pool(void) {
   epdrt_block_pool_destroy(pool);
 }
 
+/* lookup_many over keys stored back to back: structured keys (counters, one byte apart) all
+ * found, misses reported as -1, a bad key size rejected before any lookup. */
+static void test_lookup_many(void) {
+  enum { N = 1000, KEY = 12 };
+  epdrt_block_pool* pool = NULL;
+  CHECK(epdrt_block_pool_create(N, &pool) == EPDRT_OK);
+  static int32_t ids[N], found[2 * N];
+  static unsigned char keys[2 * N][KEY];
+  memset(keys, 0, sizeof(keys));
+  for (int i = 0; i < 2 * N; ++i) memcpy(keys[i], &i, sizeof(i)); /* keys N.. are never committed */
+  CHECK(epdrt_block_pool_allocate(pool, N, ids) == EPDRT_OK);
+  for (int i = 0; i < N; ++i)
+    CHECK(epdrt_block_pool_commit(pool, ids[i], keys[i], KEY, NULL) == EPDRT_OK);
+  CHECK(epdrt_block_pool_free(pool, ids, N) == EPDRT_OK);
+
+  /* Read with a 13-byte stride, no stored key matches (sizes differ): all miss. */
+  CHECK(epdrt_block_pool_lookup_many(pool, keys, KEY + 1, N, found) == EPDRT_OK);
+  int all_missed = 1;
+  for (int i = 0; i < N; ++i) all_missed &= found[i] == -1;
+  CHECK(all_missed);
+
+  CHECK(epdrt_block_pool_lookup_many(pool, keys, KEY, 2 * N, found) == EPDRT_OK);
+  int exact = 1;
+  for (int i = 0; i < 2 * N; ++i) exact &= found[i] == (i < N ? ids[i] : -1);
+  CHECK(exact);
+  epdrt_block_pool_stats stats;
+  CHECK(epdrt_block_pool_stats_get(pool, &stats) == EPDRT_OK);
+  CHECK(stats.num_free == 0 && stats.hits == N && stats.misses == 2 * N);
+
+  CHECK(epdrt_block_pool_lookup_many(pool, keys, 0, 1, found) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_block_pool_lookup_many(pool, keys, 65, 1, found) == EPDRT_ERR_INVALID_ARGUMENT);
+  /* The failed calls changed nothing, and the message survives a later successful call. */
+  CHECK(epdrt_block_pool_stats_get(pool, &stats) == EPDRT_OK);
+  CHECK(stats.num_free == 0 && stats.hits == N && stats.misses == 2 * N);
+  CHECK(strstr(epdrt_last_error(), "bytes") != NULL);
+  epdrt_block_pool_destroy(pool);
+}
+
 static void test_region(void) {
   epdrt_region* region = NULL;
   CHECK(epdrt_region_create(1 << 16, EPDRT_DEVICE_CPU, 0, &region) == EPDRT_OK);
@@ -70,6 +108,7 @@ static void test_region(void) {
 int main(void) {
   printf("epdrt %s (cuda compiled: %d)\n", epdrt_version(), epdrt_cuda_compiled());
   test_block_pool();
+  test_lookup_many();
   test_region();
   if (failures) {
     fprintf(stderr, "%d check(s) failed\n", failures);

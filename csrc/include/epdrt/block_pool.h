@@ -4,25 +4,28 @@
 
 #include <array>
 #include <cstdint>
-#include <mutex>
 #include <optional>
 #include <vector>
 
+#include "epdrt/spin_lock.h"
+
 namespace epdrt {
 
-// A content key: up to kMaxBytes opaque bytes (a digest, or a tagged integer).
+// A content key: up to kMaxBytes opaque bytes (a digest) or a 64-bit integer, and its 64-bit
+// hash, computed once when the key is made (outside the pool's lock). The kind is part of the
+// key: the integer 1 and the byte string 01 00 00 00 00 00 00 00 are different keys.
 struct BlockKey {
+  enum class Kind : uint8_t { kBytes = 0, kInt = 1 };
   static constexpr size_t kMaxBytes = 64;
-  std::array<uint8_t, kMaxBytes> bytes{};
+  std::array<uint8_t, kMaxBytes> bytes{};  // zero past size
+  uint64_t hash = 0;
   uint8_t size = 0;
+  Kind kind = Kind::kBytes;
 
   // Throws InvalidArgument when size is 0 or larger than kMaxBytes.
   static BlockKey from_bytes(const void* data, size_t size);
-  bool operator==(const BlockKey& other) const noexcept;
-};
-
-struct BlockKeyHash {
-  size_t operator()(const BlockKey& key) const noexcept;
+  // The integer's 8 bytes, little-endian.
+  static BlockKey from_int(uint64_t value);
 };
 
 // Counters of a BlockPool. Gauges (num_*) are exact; hits/misses/evictions count since creation.
@@ -42,8 +45,9 @@ struct BlockPoolStats {
 // freed blocks are reused (and their keys evicted) first. A free block that still holds a key
 // can be revived by lookup, which removes it from the queue in O(1).
 //
-// Thread-safe: every public method takes the pool's mutex. Methods that take a list validate
-// the whole list before changing anything, so a failed call leaves the pool as it was.
+// Thread-safe: every public method takes the pool's lock (a SpinLock: operations are short).
+// Methods that take a list validate the whole list before changing anything, so a failed call
+// leaves the pool as it was.
 class BlockPool {
  public:
   explicit BlockPool(int32_t num_blocks);
@@ -53,6 +57,8 @@ class BlockPool {
   // Takes n blocks from the front of the free queue, each with reference count 1, and appends
   // their ids to out. Throws PoolExhausted (changing nothing) if fewer than n are free.
   void allocate(int32_t n, std::vector<int32_t>& out);
+  // The same, writing the ids to out[0..n).
+  void allocate(int32_t n, int32_t* out);
   // Drops one reference per listed id (an id may repeat); blocks reaching 0 join the back of
   // the free queue in list order. Throws InvalidArgument for an id out of range or not held.
   void free(const int32_t* ids, size_t n);
@@ -66,6 +72,11 @@ class BlockPool {
   void commit_many(const int32_t* ids, const BlockKey* keys, size_t n, bool* committed);
   // The block holding key, with one more reference (revived from the free queue if needed).
   std::optional<int32_t> lookup(const BlockKey& key);
+  // lookup() of n keys under one acquisition of the lock; out[i] is the block or -1.
+  void lookup_many(const BlockKey* keys, size_t n, int32_t* out);
+  // The same for n keys of key_size bytes each, stored back to back (the C API's format);
+  // hashed in place, no copies. Throws InvalidArgument for a bad key_size, changing nothing.
+  void lookup_many(const void* keys, size_t key_size, size_t n, int32_t* out);
   // Reference count of block id (0 when free).
   int32_t ref_count(int32_t id) const;
   // Ids in the free queue, front (next to be allocated) first. O(num_free); for tests.
@@ -80,8 +91,18 @@ class BlockPool {
     int32_t prev = kNil;  // free-queue links, valid while ref_count == 0
     int32_t next = kNil;
     bool has_key = false;
-    uint64_t hash = 0;  // BlockKeyHash of key, valid while has_key
-    BlockKey key;
+    BlockKey key;  // valid while has_key
+  };
+
+  // A key's bytes where they lie (in a BlockKey or a caller's buffer) and their hash.
+  struct KeyRef {
+    const uint8_t* data;
+    size_t size;
+    BlockKey::Kind kind;
+    uint64_t hash;
+    static KeyRef of(const BlockKey& key) {
+      return {key.bytes.data(), key.size, key.kind, key.hash};
+    }
   };
 
   void check_id(int32_t id) const;
@@ -91,13 +112,14 @@ class BlockPool {
   // Index: open addressing with linear probing over slots_ (block ids, kNil = empty), sized
   // to a power of two at least twice num_blocks so probes stay short; no tombstones
   // (backward-shift deletion). Returns the slot holding key, or kNil.
-  int64_t index_find(const BlockKey& key, uint64_t hash) const;
+  int64_t index_find(const KeyRef& key) const;
   void index_insert(int32_t id);
   void index_erase(int64_t slot);
   void check_used(int32_t id, const char* what) const;
   bool commit_locked(int32_t id, const BlockKey& key);
+  int32_t lookup_locked(const KeyRef& key);  // block id or kNil
 
-  mutable std::mutex mu_;
+  mutable SpinLock mu_;
   std::vector<Block> blocks_;
   std::vector<int32_t> slots_;
   uint64_t slot_mask_ = 0;

@@ -30,7 +30,8 @@ typedef enum epdrt_device_type { EPDRT_DEVICE_CPU = 0, EPDRT_DEVICE_CUDA = 1 } e
 /* Library version string ("major.minor.patch") and whether it was compiled with CUDA. */
 EPDRT_API const char* epdrt_version(void);
 EPDRT_API int epdrt_cuda_compiled(void);
-/* Message of the last failed call on this thread ("" if none). Valid until the next call. */
+/* Message of the last failed call on this thread ("" if none has failed). Successful calls
+ * leave it as it was; valid until the next failed call on this thread. */
 EPDRT_API const char* epdrt_last_error(void);
 
 /* ---- block pool: ids in [0, num_blocks), refcounts, LRU free queue, content keys ---- */
@@ -50,17 +51,19 @@ EPDRT_API void epdrt_block_pool_destroy(epdrt_block_pool* pool);
 /* Writes n ids to out_ids (room for n); all or nothing (EPDRT_ERR_POOL_EXHAUSTED). */
 EPDRT_API epdrt_status epdrt_block_pool_allocate(epdrt_block_pool* pool, int32_t n,
                                                  int32_t* out_ids);
-EPDRT_API epdrt_status epdrt_block_pool_free(epdrt_block_pool* pool, const int32_t* ids,
-                                             size_t n);
+EPDRT_API epdrt_status epdrt_block_pool_free(epdrt_block_pool* pool, const int32_t* ids, size_t n);
 EPDRT_API epdrt_status epdrt_block_pool_incref(epdrt_block_pool* pool, const int32_t* ids,
                                                size_t n);
 /* key: 1..64 opaque bytes. *out_committed = 0 when another block already holds the key. */
-EPDRT_API epdrt_status epdrt_block_pool_commit(epdrt_block_pool* pool, int32_t id,
-                                               const void* key, size_t key_size,
-                                               int* out_committed);
+EPDRT_API epdrt_status epdrt_block_pool_commit(epdrt_block_pool* pool, int32_t id, const void* key,
+                                               size_t key_size, int* out_committed);
 /* *out_id = the block holding key, with one more reference; -1 when no block holds it. */
 EPDRT_API epdrt_status epdrt_block_pool_lookup(epdrt_block_pool* pool, const void* key,
                                                size_t key_size, int32_t* out_id);
+/* lookup() of n keys of key_size bytes each, stored back to back in keys; out_ids[i] is the
+ * block (one more reference) or -1. Checks every key's size before looking any up. */
+EPDRT_API epdrt_status epdrt_block_pool_lookup_many(epdrt_block_pool* pool, const void* keys,
+                                                    size_t key_size, size_t n, int32_t* out_ids);
 EPDRT_API epdrt_status epdrt_block_pool_stats_get(const epdrt_block_pool* pool,
                                                   epdrt_block_pool_stats* out);
 
@@ -71,8 +74,7 @@ typedef struct epdrt_region epdrt_region;
 
 EPDRT_API epdrt_status epdrt_region_create(uint64_t nbytes, epdrt_device_type type,
                                            int32_t device_index, epdrt_region** out);
-EPDRT_API epdrt_status epdrt_region_open(const void* descriptor, size_t size,
-                                         epdrt_region** out);
+EPDRT_API epdrt_status epdrt_region_open(const void* descriptor, size_t size, epdrt_region** out);
 /* Writes EPDRT_REGION_DESCRIPTOR_BYTES bytes to out (room for that many). */
 EPDRT_API epdrt_status epdrt_region_export(const epdrt_region* region, void* out);
 EPDRT_API void* epdrt_region_data(const epdrt_region* region);

@@ -16,8 +16,8 @@ from epdrt.region import Region
 
 ContentKey = bytes | int
 
-#: Longest bytes key: the pool's 63-byte keys minus a type tag and a 4-byte block index.
-MAX_KEY_BYTES = 58
+#: Longest bytes key: the pool's 64-byte keys minus a type tag and a 4-byte block index.
+MAX_KEY_BYTES = 59
 
 
 @dataclass(frozen=True)
