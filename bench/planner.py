@@ -174,15 +174,6 @@ def _runtime_label(config: Any) -> str:
     return f"aggregated N{config.num_prefill}"
 
 
-def _sim_config(config: Any) -> Any:
-    from epdrt.planner.validation import runtime_deploy_config
-
-    return runtime_deploy_config(
-        config.mode, config.num_encode, config.num_prefill, config.num_decode,
-        config.encode_max_batch_images, config.decode_max_batch,
-    )  # fmt: skip
-
-
 def _calibrate(
     model_dir: str, profile: Any, cores: int | None, args: argparse.Namespace, workload: Any
 ) -> tuple[Any, dict[str, Any]]:
@@ -191,7 +182,7 @@ def _calibrate(
     measured minus simulated TTFT, and of measured minus simulated TPOT (one sequence: one
     decode step per token)."""
     from epdrt.planner.simulator import simulate
-    from epdrt.planner.validation import observed_trace
+    from epdrt.planner.validation import observed_trace, runtime_deploy_config
     from epdrt.runtime.config import EPDConfig
     from epdrt.runtime.workload import TimedRequest
 
@@ -206,7 +197,7 @@ def _calibrate(
     (observed,), _ = _serve(model_dir, config, [work], warm, args.attempts)
     base = replace(profile, overheads=replace(profile.overheads, request_s=0.0, step_s=0.0))
     trace = observed_trace(observed)
-    res = simulate(base, _sim_config(config), trace, host_cores=cores)
+    res = simulate(base, runtime_deploy_config(config), trace, host_cores=cores)
     ttft = {r.id: float(t) for r, t in zip(trace, res.ttft_s)}
     tpot = {r.id: float(t) for r, t in zip(trace, res.tpot_s)}
     residuals = [o.ttft_s - ttft[o.id] for o in observed]
@@ -280,7 +271,12 @@ def _repeat(
     from epdrt.planner.profile import load_profile
     from epdrt.planner.profiler import load_transfer_records
     from epdrt.planner.simulator import predict
-    from epdrt.planner.validation import observed_metrics, observed_trace, validation_records
+    from epdrt.planner.validation import (
+        observed_metrics,
+        observed_trace,
+        runtime_deploy_config,
+        validation_records,
+    )
     from epdrt.runtime.config import EPDConfig
     from epdrt.runtime.stage_model import Preprocessor
     from epdrt.runtime.workload import poisson_workload
@@ -349,7 +345,7 @@ def _repeat(
         say(f"{mode}: {args.requests} requests at each of {rates}/s")
         runs, launches = _serve(model_dir, config, works, warm, args.attempts)
         load_after = os.getloadavg()[0]
-        sim_cfg = _sim_config(config)
+        sim_cfg = runtime_deploy_config(config)
         for rate, observed in zip(rates, runs):
             trace = observed_trace(observed)
             pred = predict(profile, sim_cfg, trace, host_cores=cores).as_dict()

@@ -287,6 +287,7 @@ def test_observed_runs_become_simulator_inputs():
         observed_trace,
         runtime_deploy_config,
     )
+    from epdrt.runtime.config import EPDConfig
 
     obs = [
         Observed("b", 0.5, (16, 16), 10, 4, 0.02, 0.002, 0.026),
@@ -299,12 +300,14 @@ def test_observed_runs_become_simulator_inputs():
     assert m["throughput_rps"] == pytest.approx(2 / 0.526)
     assert m["ttft_p90_s"] == pytest.approx(0.019)
     assert m["tpot_p50_s"] == pytest.approx(0.002)
-    cfg = runtime_deploy_config("epd", 2, 1, 1, 8, 32)
-    assert (cfg.pools, cfg.image_split, cfg.prefill_tokens) == ((2, 1, 1), 2, 1)
-    assert runtime_deploy_config("pd", 0, 2, 1, 8, 32).pools == (2, 1)
-    assert runtime_deploy_config("aggregated", 0, 3, 0, 8, 32).pools == (3,)
-    with pytest.raises(InvalidArgument):
-        runtime_deploy_config("ed", 1, 1, 1, 8, 32)
+    cfg = runtime_deploy_config(
+        EPDConfig(mode="epd", num_encode=2, prefill_max_batch_tokens=512, decode_max_batch=32)
+    )
+    assert (cfg.pools, cfg.image_split, cfg.prefill_tokens) == ((2, 1, 1), 2, 512)
+    assert cfg.prefill_padded and cfg.decode_batch == 32
+    assert runtime_deploy_config(EPDConfig(mode="pd", num_prefill=2)).pools == (2, 1)
+    aggregated = runtime_deploy_config(EPDConfig(mode="aggregated", num_prefill=3))
+    assert aggregated.pools == (3,)
 
 
 def test_decode_shapes_that_do_not_fit_are_skipped():

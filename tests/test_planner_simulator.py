@@ -48,6 +48,20 @@ def test_prefill_batches_whatever_is_queued_up_to_the_token_budget():
     np.testing.assert_allclose(res.ttft_s, [0.2, 0.35, 0.3, 0.45], atol=1e-12)
 
 
+@pytest.mark.parametrize(("padded", "batch_s"), [(False, 0.1 + 48 * 0.01), (True, 0.1 + 64 * 0.01)])
+def test_a_padded_prefill_batch_computes_requests_times_the_longest_prompt(padded, batch_s):
+    # A 64-token request runs alone (0.74 s); prompts of 16 and 32 tokens queued meanwhile are
+    # prefilled together: 48 tokens packed, 2 x 32 padded.
+    p = linear_profile(prefill_fixed_s=0.1, prefill_per_token_s=0.01)
+    reqs = [_text(0, 0.0, prompt=64), _text(1, 0.01, prompt=16), _text(2, 0.01, prompt=32)]
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=64, prefill_padded=padded)
+    res = simulate(p, cfg, reqs)
+    first = 0.1 + 64 * 0.01
+    np.testing.assert_allclose(
+        res.ttft_s, [first, first + batch_s - 0.01, first + batch_s - 0.01], atol=1e-12
+    )
+
+
 @pytest.mark.parametrize("rho", [0.3, 0.5])
 def test_md1_mean_wait(rho):
     # Poisson arrivals, deterministic 1 s service: mean wait rho / (2 mu (1 - rho)).

@@ -42,6 +42,9 @@ class DeployConfig:
         image_split: a request's images are spread over up to this many encoders (``epd`` and
             ``ed``); 1 in ``pd`` and ``aggregated``, where a request is encoded on its own
             prefill GPU.
+        prefill_padded: a prefill batch is right-padded to its longest prompt, so it computes
+            requests x longest tokens (epdrt's Hugging Face adapters); False: packed
+            (variable-length) batches compute the sum of the prompts.
     """
 
     mode: str
@@ -52,6 +55,7 @@ class DeployConfig:
     prefill_tokens: int = 8192
     decode_batch: int = 128
     image_split: int = 1
+    prefill_padded: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -131,6 +135,7 @@ class DeployConfig:
             "prefill_tokens": self.prefill_tokens,
             "decode_batch": self.decode_batch,
             "image_split": self.image_split,
+            "prefill_padded": self.prefill_padded,
         }
 
 

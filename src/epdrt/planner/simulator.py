@@ -12,8 +12,8 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   tokens go to the prefill GPU (no transfer when it is the same GPU).
 - Prefill: FIFO over requests whose MM tokens have all arrived; a batch takes requests while
   their tokens fit ``prefill_tokens`` (the first always) and their KV fits the GPU's free KV
-  (back-pressure: the batch waits, nothing is dropped); it lasts ``prefill(tokens)`` and ends
-  with every request's first token.
+  (back-pressure: the batch waits, nothing is dropped); it lasts ``prefill(tokens)`` (with
+  ``prefill_padded``: requests x longest prompt) and ends with every request's first token.
 - Hand-off (``epd``/``pd``/``ed``): the decode GPU with the fewest sequences among those with
   KV room for input + output tokens is reserved; the KV (input tokens) then crosses the link;
   the prefill GPU frees it on arrival. Without room anywhere the request waits, holding its
@@ -661,6 +661,8 @@ class _Sim:
                     g.pre_q.popleft()
                     rq.t_pstart = now
                 g.kv_used += kv
+                if c.prefill_padded:
+                    tokens = len(pbatch) * max(rq.inp for rq in pbatch)
                 dur = self.p.prefill(tokens) * self._factor() + self._wake_cost(g)
                 g.busy = True
                 g.busy_s["prefill"] += dur

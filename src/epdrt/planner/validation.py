@@ -22,6 +22,7 @@ import numpy as np
 from epdrt.errors import InvalidArgument
 from epdrt.planner.config import DeployConfig
 from epdrt.planner.workload import Request
+from epdrt.runtime.config import EPDConfig
 
 # The metrics predict() gives, with their units.
 METRICS = {
@@ -142,36 +143,30 @@ def observed_metrics(observed: Sequence[Observed]) -> dict[str, float]:
     return out
 
 
-def runtime_deploy_config(
-    mode: str,
-    num_encode: int,
-    num_prefill: int,
-    num_decode: int,
-    encode_max_batch_images: int,
-    decode_max_batch: int,
-) -> DeployConfig:
-    """The simulator's config for a runtime deployment (``EPDConfig`` fields).
+def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
+    """The simulator's config for a runtime deployment.
 
-    NOTE: the runtime prefills the requests of a prefill step one after another (one LM call
-    each), so the simulator runs every request as its own prefill batch (``prefill_tokens``
-    = 1); and it spreads a request's images over all encoders (``image_split`` = encoders).
+    The runtime batches a prefill step up to ``prefill_max_batch_tokens``, right-padded to the
+    longest prompt (``prefill_padded``), and spreads a request's images over all encoders
+    (``image_split`` = encoders in ``epd``).
     """
+    mode = config.mode
     if mode == "epd":
-        e, p, d, split = num_encode, num_prefill, num_decode, num_encode
+        e, p, d = config.num_encode, config.num_prefill, config.num_decode
+        split = e
     elif mode == "pd":
-        e, p, d, split = num_prefill, num_prefill, num_decode, 1
-    elif mode == "aggregated":
-        e = p = d = num_prefill
-        split = 1
+        e, p, d, split = config.num_prefill, config.num_prefill, config.num_decode, 1
     else:
-        raise InvalidArgument(f"the runtime has no mode {mode!r}")
+        e = p = d = config.num_prefill
+        split = 1
     return DeployConfig(
         mode,
         e,
         p,
         d,
-        encode_batch=encode_max_batch_images,
-        prefill_tokens=1,
-        decode_batch=decode_max_batch,
+        encode_batch=config.encode_max_batch_images,
+        prefill_tokens=config.prefill_max_batch_tokens,
+        decode_batch=config.decode_max_batch,
         image_split=split,
+        prefill_padded=True,
     )
