@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from model_utils import make_image, reference_tokens
 
 from epdrt.cli import main
@@ -25,6 +26,21 @@ def test_make_tiny_model(tmp_path):
     info = json.loads((tmp_path / "m.json").read_text())
     assert info["model_type"] == "qwen2_vl"
     assert load_adapter(out).spec.image_placeholder == "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def test_make_small_model_draws_its_weights_at_load(tmp_path):
+    out = tmp_path / "small"
+    argv = ["make-tiny-model", str(out), "--arch", "llava", "--size", "small"]
+    assert main([*argv, "--json", str(tmp_path / "m.json")]) == 0
+    info = json.loads((tmp_path / "m.json").read_text())
+    assert info["weights"] == "random at load" and 4e6 < info["num_parameters"] < 8e6
+    adapter = load_adapter(out)
+    s = adapter.spec
+    assert (s.num_layers, s.hidden_size, s.num_kv_heads, s.head_dim) == (4, 256, 2, 64)
+    assert s.dtype == torch.float32 and s.max_context == 2048
+    image = adapter.preprocess_image(make_image(112, 112, 0))
+    prepared = adapter.tokenize("USER: <image> what ASSISTANT:", [image])
+    assert prepared.input_ids.count(s.image_token_id) == 64  # 112 px / 14 px patches, squared
 
 
 def test_run_jsonl(tiny_model_dir, tmp_path):

@@ -151,8 +151,11 @@ class FakeRunner:
         t = self.tokens_per_image(image_size)
         self._run(0.004 + num_images * (0.001 + 2e-6 * t), num_images * t * 300)
 
-    def prefill(self, num_tokens):
-        self._run(max(0.005, num_tokens * 4e-5) + 0.001, num_tokens * 1000)
+    def prefill(self, num_tokens, num_requests=1):
+        # One request, then what each further request of a padded batch adds.
+        seconds = max(0.005, num_tokens * 4e-5) + 0.001
+        seconds += (num_requests - 1) * (0.0005 + 3e-5 * num_tokens)
+        self._run(seconds, num_requests * num_tokens * 1000)
 
     def decode(self, batch_size, context_tokens):
         self._run(0.006 + 1e-5 * batch_size + 2e-9 * batch_size * context_tokens, 0)
@@ -191,6 +194,16 @@ def test_profiler_fits_the_fake_runner_exactly():
             assert p.encode(n, t) == pytest.approx(0.004 + n * (0.001 + 2e-6 * t), rel=1e-9)
     assert p.prefill(125) == pytest.approx(0.006, rel=1e-9)  # the kink, a knot
     assert p.prefill(2048) == pytest.approx(2048 * 4e-5 + 0.001, rel=1e-9)
+    for t in (64, 125, 512, 1000, 2048):
+        assert p.prefill_added(t) == pytest.approx(0.0005 + 3e-5 * t, rel=1e-9)
+    # A padded batch: the longest request's prefill, the others each at the longest length.
+    want = 2048 * 4e-5 + 0.001 + 2 * (0.0005 + 3e-5 * 2048)
+    assert p.prefill_batch_latency([64, 512, 2048], padded=True) == pytest.approx(want)
+    want = 2048 * 4e-5 + 0.001 + (0.0005 + 3e-5 * 64) + (0.0005 + 3e-5 * 512)
+    assert p.prefill_batch_latency([64, 512, 2048]) == pytest.approx(want)
+    assert [r[:2] for r in p.samples["prefill_batch"]] == [
+        [b, t] for b in (4, 16) for t in (64, 125, 512, 2048)
+    ]
     for b in (1, 16, 64):
         for c in (512, 2048, 1000):
             want = 0.006 + 1e-5 * b + 2e-9 * b * c

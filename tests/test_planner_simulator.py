@@ -134,6 +134,19 @@ def test_prefill_preempts_decode_at_step_boundaries_in_aggregated_mode():
     assert res_pd.tpot_s[0] == pytest.approx(0.01, abs=1e-12)
 
 
+def test_colocated_stages_take_turns_so_decode_does_not_starve():
+    # One GPU; prefills (0.1 s) arrive faster than it serves them. The running sequence still
+    # gets one decode step (0.01 s) between two prefills: its first step right after its own
+    # prefill, then a token every 0.11 s (prefill-first would hold them all for 1.1 s).
+    p = linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01)
+    reqs = [_text(0, 0.0, out=6)] + [_text(i, 0.001 + 0.05 * (i - 1)) for i in range(1, 12)]
+    res = simulate(p, DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16), reqs)
+    assert res.ttft_s[0] == pytest.approx(0.1, abs=1e-12)
+    assert res.tpot_s[0] == pytest.approx((0.01 + 4 * 0.11) / 5, abs=1e-12)
+    # Request 1 waited for request 0's prefill and first decode step.
+    assert res.ttft_s[1] == pytest.approx(0.11 + 0.1 - 0.001, abs=1e-12)
+
+
 def test_kv_capacity_back_pressure_completes_everything_in_waves():
     # KV for 300 tokens per GPU; each request needs 100 + 50: two at a time.
     p = linear_profile(
@@ -146,9 +159,12 @@ def test_kv_capacity_back_pressure_completes_everything_in_waves():
     reqs = [_text(i, 0.0, prompt=100, out=50) for i in range(6)]
     res = simulate(p, DeployConfig("aggregated", 1, 1, 1, prefill_tokens=100), reqs)
     assert res.completed == 6
-    finish = res.ttft_s + res.tpot_s * 49
-    waves = np.unique(np.round(finish, 9))
-    assert len(waves) == 3  # three waves of two
+    finish = np.sort(res.ttft_s + res.tpot_s * 49)
+    # Three waves of two: the pair of a wave ends within a decode step (its second request
+    # was prefilled after the first's first decode step), waves ~0.5 s apart.
+    waves = np.split(finish, np.flatnonzero(np.diff(finish) > 0.1) + 1)
+    assert [len(w) for w in waves] == [2, 2, 2]
+    assert all(w[-1] - w[0] <= 0.01 + 1e-9 for w in waves)
 
 
 def test_colocated_stages_shrink_kv_capacity():

@@ -22,7 +22,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--size",
         default="tiny",
-        help="tiny (weights saved), or config-only real shapes: 7b (llava), 2b or 7b (qwen2-vl)",
+        help="tiny (weights saved), or config-only: small (llava, CPU-sized), and real shapes "
+        "7b (llava), 2b or 7b (qwen2-vl)",
     )
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     add_json_option(p)

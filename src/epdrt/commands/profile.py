@@ -99,9 +99,12 @@ def _print_summary(profile: Any) -> None:
     print(f"{profile.name} [{profile.source}] on {profile.device}")
     enc = [f"{int(n)}x{int(tpi)}={sec * 1e3:.2f}" for n, tpi, sec in s.get("encode", [])]
     pre = [f"{int(n)}={sec * 1e3:.2f}" for n, sec in s.get("prefill", [])]
+    batch = [f"{int(b)}x{int(n)}={sec * 1e3:.2f}" for b, n, sec in s.get("prefill_batch", [])]
     dec = [f"{int(b)}x{int(tot // b)}={sec * 1e3:.2f}" for b, tot, sec in s.get("decode", [])]
     print("encode   images x tokens/image -> ms: " + ", ".join(enc))
     print("prefill  tokens -> ms: " + ", ".join(pre))
+    if batch:
+        print("prefill  padded batch, requests x tokens -> ms: " + ", ".join(batch))
     print("decode   batch x context/seq -> ms/step: " + ", ".join(dec))
     print(
         f"memory   weights encode {m.encode_weight_bytes / 2**20:.1f} MiB, LM "

@@ -9,6 +9,10 @@ Real sizes (``"7b"`` for LLaVA-1.5-7B; ``"2b"`` / ``"7b"`` for Qwen2-VL-2B / -7B
 published shapes and processor settings but *no weights*: an ``epdrt.json`` marker makes
 ``load_adapter`` draw seeded random weights at load time on the target device (each process
 only for its own stages). Use them for memory and speed measurements, never for outputs.
+``"small"`` (LLaVA only) is written the same way: a CPU-sized model (hidden 256, 4 layers,
+112 px images of 64 tokens) whose batches take milliseconds to tens of milliseconds on one
+core, so that compute, not the runtime's millisecond-scale overheads, sets its latencies
+(the planner's validation on CPU hosts).
 
 The tokenizer is a ``tokenizers`` WordLevel model (whitespace / punctuation split) wrapped in
 ``PreTrainedTokenizerFast``, with the model's special tokens at the model's ids and a plain
@@ -41,7 +45,7 @@ from epdrt.models.loading import RANDOM_WEIGHTS_FILE
 #: ``--arch`` values and the config ``model_type`` they write.
 ARCHS = {"llava": "llava", "qwen2-vl": "qwen2_vl"}
 #: sizes per arch ("tiny" has weights; the others are config-only, weights drawn at load).
-SIZES = {"llava": ("tiny", "7b"), "qwen2-vl": ("tiny", "2b", "7b")}
+SIZES = {"llava": ("tiny", "small", "7b"), "qwen2-vl": ("tiny", "2b", "7b")}
 
 _WORDS = [
     "the",
@@ -298,6 +302,18 @@ def _llava(size: str):
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
             initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        )  # fmt: skip
+        dtype = "float32"
+    elif size == "small":  # CPU-sized: batches take milliseconds to tens of ms on one core
+        vocab, image_id, image_px, patch = 1024, 4, 112, 14
+        vision = CLIPVisionConfig(
+            hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+            image_size=image_px, patch_size=patch, projection_dim=192, hidden_act="quick_gelu",
+        )  # fmt: skip
+        text = LlamaConfig(
+            hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3,
         )  # fmt: skip
         dtype = "float32"
     else:  # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf) shapes

@@ -3,9 +3,9 @@
 
 - encode: the vision tower on ``n`` distinct preprocessed images, outputs put in an
   ``MMTokenCache`` (as ``EncodeRole.step``);
-- prefill: one request of ``t`` text tokens: embed, assemble the input embeddings, the LM
-  prefill, the first token, the KV written into a ``PagedKVCache`` for the hand-off (as
-  ``PrefillRole._prefill``; the runtime prefills the requests of a batch one by one);
+- prefill: ``b`` requests of ``t`` text tokens each: embed and assemble each one's input
+  embeddings, one batched LM prefill, each one's first token and KV written into a
+  ``PagedKVCache`` for the hand-off (as ``PrefillRole._prefill``);
 - decode: one step of ``b`` sequences of ``c`` tokens each: gather each one's KV from the paged
   cache, the batched LM step, append the new tokens' KV (as ``DecodeRole._decode_step``).
 
@@ -191,7 +191,7 @@ class ModelStageRunner:
         # a text-only prompt's are the plain positions, which _request_extras returns.
         return dict(self.adapter._request_extras(ids, []))
 
-    def prefill(self, num_tokens: int) -> None:
+    def prefill(self, num_tokens: int, num_requests: int = 1) -> None:
         from epdrt.kernels import assemble_inputs_embeds
 
         if num_tokens > self.spec.max_context:
@@ -199,17 +199,20 @@ class ModelStageRunner:
                 f"prefill of {num_tokens} tokens > context {self.spec.max_context}"
             )
         req = self._prompt(num_tokens)
-        ids = torch.tensor(req.input_ids, dtype=torch.int64, device=self.device)
-        embeds = assemble_inputs_embeds(self.adapter.embed(ids), self.mm, [])
+        items = []
+        for _ in range(num_requests):
+            ids = torch.tensor(req.input_ids, dtype=torch.int64, device=self.device)
+            items.append((assemble_inputs_embeds(self.adapter.embed(ids), self.mm, []), req))
         with torch.inference_mode():
-            out = self.adapter.prefill(embeds, req)
-        int(torch.argmax(out.logits))
-        seq = ("prefill", next(self._seq))
-        slots = self.kv.reserve(seq, num_tokens)
-        for layer in range(self.kv.num_layers):
-            self.kv.write(layer, slots, out.kv[layer, 0], out.kv[layer, 1])
-        self.kv.free(seq)
-        self._decode_extras = dict(out.decode_extras)
+            outs = self.adapter.prefill_batch(items)
+        for out in outs:
+            int(torch.argmax(out.logits))
+            seq = ("prefill", next(self._seq))
+            slots = self.kv.reserve(seq, num_tokens)
+            for layer in range(self.kv.num_layers):
+                self.kv.write(layer, slots, out.kv[layer, 0], out.kv[layer, 1])
+            self.kv.free(seq)
+        self._decode_extras = dict(outs[-1].decode_extras)
 
     # ---- decode ------------------------------------------------------------------------------
     def _setup_decode(self, batch_size: int, context_tokens: int) -> None:
@@ -284,11 +287,13 @@ def default_grid(runner: ModelStageRunner, quick: bool = False) -> ProfileGrid:
         dec_b, dec_c = (1, 8, 32, 64, 128), (256, 1024, 4096)
         enc_n = (1, 2, 4, 8, 16)
         repeats, warmup = 5, 2
+        batch_tokens = 32768
     else:
         pre = (16, 64, 128, 256, 512, 1024)
         dec_b, dec_c = (1, 2, 4, 8, 16, 32), (32, 128, 384)
         enc_n = (1, 2, 4, 8)
         repeats, warmup = (3, 1) if quick else (5, 2)
+        batch_tokens = 4096  # the runtime's default prefill budget
     near = max(ctx - 16, 1)  # the longest prompt measured: just inside the context
     pre = tuple(sorted({t for t in pre if t <= near} | ({near} if max(pre) > near else set())))
     extra = warmup + repeats + 1
@@ -297,6 +302,8 @@ def default_grid(runner: ModelStageRunner, quick: bool = False) -> ProfileGrid:
         encode_images=enc_n,
         image_sizes=image_sizes(runner, quick),
         prefill_tokens=pre,
+        prefill_batch=(4, 16),
+        max_prefill_batch_tokens=batch_tokens,
         decode_batch=dec_b,
         decode_context=dec_c,
         warmup=warmup,

@@ -337,7 +337,10 @@ class StageProfile:
 
     Args:
         encode: seconds of one encode batch against (images in batch, image tokens per image).
-        prefill: seconds of one prefill batch against tokens in the batch.
+        prefill: seconds of one request's prefill against its tokens.
+        prefill_added: seconds one more request of ``t`` tokens adds to a prefill batch
+            (measured on right-padded batches); None: ``prefill(t) - prefill(0)``, the
+            request's own work without the fixed cost of a call.
         decode: seconds of one decode step against (sequences in batch, context tokens summed
             over the batch).
         source: "measured", "estimated" or "synthetic"; say which, plainly.
@@ -361,6 +364,7 @@ class StageProfile:
     samples: dict[str, Any] = field(default_factory=dict)
     overheads: Overheads = field(default_factory=Overheads)
     jitter: tuple[float, ...] = ()
+    prefill_added: PiecewiseLinear | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -375,6 +379,22 @@ class StageProfile:
     def prefill_latency(self, num_tokens: int) -> float:
         return self.prefill(num_tokens)
 
+    def prefill_batch_latency(self, prompts: Sequence[int], padded: bool = False) -> float:
+        """Seconds of one prefill batch of requests with these prompt lengths (tokens): the
+        longest request's ``prefill`` plus what each other one adds (``prefill_added``); with
+        ``padded`` every request counts at the longest length. (A packed batch is not
+        ``prefill(sum(t_i))``: its requests do not attend to each other.)
+        """
+        if not prompts:
+            return 0.0
+        longest = max(prompts)
+        others = [longest] * (len(prompts) - 1) if padded else sorted(prompts)[:-1]
+        if self.prefill_added is not None:
+            added = sum(self.prefill_added(t) for t in others)
+        else:
+            added = sum(self.prefill(t) for t in others) - len(others) * self.prefill(0)
+        return self.prefill(longest) + max(added, 0.0)
+
     def decode_step_latency(self, batch_size: int, context_tokens: int) -> float:
         return self.decode(batch_size, context_tokens)
 
@@ -388,7 +408,10 @@ class StageProfile:
             "notes": self.notes,
             "encode_latency_s": {"x": "images_in_batch", "y": "tokens_per_image"}
             | self.encode.to_dict(),
-            "prefill_latency_s": {"x": "tokens_in_batch"} | self.prefill.to_dict(),
+            "prefill_latency_s": {"x": "tokens"} | self.prefill.to_dict(),
+            "prefill_added_s": None
+            if self.prefill_added is None
+            else {"x": "tokens_per_request"} | self.prefill_added.to_dict(),
             "decode_step_latency_s": {"x": "batch_size", "y": "total_context_tokens"}
             | self.decode.to_dict(),
             "memory": {
@@ -449,6 +472,9 @@ class StageProfile:
                 samples=dict(d.get("samples", {})),
                 overheads=Overheads.from_dict(d.get("overheads", {})),
                 jitter=tuple(float(v) for v in d.get("jitter_quantiles", ())),
+                prefill_added=PiecewiseLinear.from_dict(d["prefill_added_s"])
+                if d.get("prefill_added_s")
+                else None,
             )
         except KeyError as e:
             raise InvalidArgument(f"profile is missing the key {e}") from None

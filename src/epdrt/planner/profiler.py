@@ -59,8 +59,8 @@ class StageRunner(Protocol):
         """One encode batch of ``num_images`` images of ``image_size`` pixels square."""
         ...
 
-    def prefill(self, num_tokens: int) -> None:
-        """One prefill batch of ``num_tokens`` tokens in total."""
+    def prefill(self, num_tokens: int, num_requests: int = 1) -> None:
+        """One prefill batch of ``num_requests`` requests of ``num_tokens`` tokens each."""
         ...
 
     def decode(self, batch_size: int, context_tokens: int) -> None:
@@ -85,6 +85,10 @@ class ProfileGrid:
     encode_images: tuple[int, ...] = (1, 2, 4, 8, 16)
     image_sizes: tuple[int, ...] = (224, 448, 896)
     prefill_tokens: tuple[int, ...] = (128, 512, 1024, 2048, 4096, 8192)
+    #: batch sizes (requests) measured at each prompt length whose batch stays within
+    #: ``max_prefill_batch_tokens``; () skips batches (``prefill_added`` stays None).
+    prefill_batch: tuple[int, ...] = (4, 16)
+    max_prefill_batch_tokens: int = 32768
     decode_batch: tuple[int, ...] = (1, 8, 32, 64, 128)
     decode_context: tuple[int, ...] = (256, 1024, 4096)
     warmup: int = 1
@@ -244,8 +248,10 @@ def measure_profile(
         notes: appended to the profile's notes (where the transfer cost came from, ...).
 
     Models fitted: encode on the (images, tokens per image) grid; prefill piecewise linear
-    with knots at the measured token counts; decode piecewise linear in batch size (knots at
-    the measured sizes) and linear in total context tokens. Activation bytes per image token
+    with knots at the measured token counts, and what each request past the first adds to a
+    padded batch (piecewise linear in its tokens, from the batch sizes measured); decode
+    piecewise linear in batch size (knots at the measured sizes) and linear in total context
+    tokens. Activation bytes per image token
     and per prefill token are least-squares slopes of the peak-memory increase.
     """
     g = grid or ProfileGrid()
@@ -284,6 +290,15 @@ def measure_profile(
         pre_rows.append([t, time_call(pfn, sync, clock, g.warmup, g.repeats, spread)])
         pre_mem.append((t, _peak(runner, pfn)))
     say(f"prefill measured ({len(pre_rows)} sizes)")
+    batch_rows: list[list[float]] = []
+    for b in g.prefill_batch:
+        for t in [t for t in g.prefill_tokens if b * t <= g.max_prefill_batch_tokens]:
+
+            def bfn(t: int = t, b: int = b) -> None:
+                runner.prefill(t, b)
+
+            batch_rows.append([b, t, time_call(bfn, sync, clock, g.warmup, g.repeats, spread)])
+        say(f"prefill batch of {b} measured")
     dec_rows: list[list[float]] = []
     shapes = g.decode_shapes()
     if not shapes:
@@ -308,6 +323,15 @@ def measure_profile(
     prefill = fit_piecewise_linear(
         [r[0] for r in pre_rows], [r[1] for r in pre_rows], sorted(set(g.prefill_tokens))
     )
+    prefill_added = None
+    if batch_rows:
+        # What each request past the first adds: (batch - one request's prefill) / (b - 1).
+        lengths = sorted({r[1] for r in batch_rows})
+        prefill_added = fit_piecewise_linear(
+            [r[1] for r in batch_rows],
+            [(r[2] - prefill(r[1])) / (r[0] - 1) for r in batch_rows],
+            lengths,
+        )
     max_total = max(r[1] for r in dec_rows)
     decode = fit_bilinear(
         [r[0] for r in dec_rows],
@@ -333,7 +357,8 @@ def measure_profile(
         device=facts.device,
         notes=(
             f"measured: median of {g.repeats} runs after {g.warmup} warm-up per shape; "
-            "encode on the measured (images, tokens/image) grid, prefill piecewise linear, "
+            "encode on the measured (images, tokens/image) grid, prefill piecewise linear "
+            "(and what each further request adds to a padded batch), "
             "decode piecewise linear in batch and linear in total context"
             + (f"; {notes}" if notes else "")
         ),
@@ -342,7 +367,13 @@ def measure_profile(
         decode=decode,
         memory=memory,
         transfer=transfer,
-        samples={"encode": enc_rows, "prefill": pre_rows, "decode": dec_rows},
+        samples={
+            "encode": enc_rows,
+            "prefill": pre_rows,
+            "prefill_batch": batch_rows,
+            "decode": dec_rows,
+        },
         overheads=overheads or Overheads(),
         jitter=jitter_quantiles(spread),
+        prefill_added=prefill_added,
     )

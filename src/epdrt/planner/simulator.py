@@ -12,18 +12,22 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   tokens go to the prefill GPU (no transfer when it is the same GPU).
 - Prefill: FIFO over requests whose MM tokens have all arrived; a batch takes requests while
   their tokens fit ``prefill_tokens`` (the first always) and their KV fits the GPU's free KV
-  (back-pressure: the batch waits, nothing is dropped); it lasts ``prefill(tokens)`` (with
-  ``prefill_padded``: requests x longest prompt) and ends with every request's first token.
+  (back-pressure: the batch waits, nothing is dropped); it lasts
+  ``profile.prefill_batch_latency`` (the fixed cost of a call once, every request's own work;
+  ``prefill_padded``: each at the longest prompt) and ends with every request's first token.
 - Hand-off (``epd``/``pd``/``ed``): the decode GPU with the fewest sequences among those with
-  KV room for input + output tokens is reserved; the KV (input tokens) then crosses the link;
-  the prefill GPU frees it on arrival. Without room anywhere the request waits, holding its
+  KV room for input + output tokens is reserved (a request and its grant: two messages); the
+  KV (input tokens) then crosses the link, once the prefill GPU is between batches (its
+  worker reads the grant there), and a message starts the sequence; the prefill GPU frees
+  it on arrival. Without room anywhere the request waits, holding its
   prefill KV.
 - Decode: continuous batching; at each step boundary waiting sequences join while the batch
   has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
   gives every sequence one token.
-- Shared GPUs run ready work by priority encode > prefill > decode at batch boundaries: a
-  pending prefill pre-empts the next decode step (prefill-first, no chunked prefill), and
-  in ``ed`` encode batches pre-empt decode steps the same way.
+- Stages that share a GPU take turns at batch boundaries, in the order encode, prefill,
+  decode, skipping a stage with no work (the runtime's worker loop): a pending prefill runs
+  after at most one more decode step (no chunked prefill), and under overload every stage
+  keeps a share of the GPU instead of the first starving the others.
 - Transfers: ``latency + bytes / bandwidth``, serialized per sending GPU.
 - Memory: per-GPU KV capacity and the encode batch bound come from the memory plan
   (config.memory_plan): colocated weights and activation reserves shrink KV capacity.
@@ -93,11 +97,13 @@ class _Gpu:
         "ei",
         "enc_q",
         "fin",
+        "grants",
         "idle_since",
         "incoming",
         "index",
         "kv_cap",
         "kv_used",
+        "last",
         "link_free",
         "mac_ctx",
         "mac_end",
@@ -127,12 +133,14 @@ class _Gpu:
         self.pi = -1  # index into _Sim.pre_load (prefill GPUs)
         self.kv_cap = kv_cap
         self.kv_used = 0
+        self.last = -1  # index into _Sim.starts of the stage of the last batch started here
         self.run_n = 0  # sequences in the decode batch
         self.run_ctx = 0  # their context tokens, summed
         self.fin: list[tuple[int, int, _Req]] = []  # (finishing step, seq, request)
         self.step = 0
         self.dec_wait: deque[_Req] = deque()
         self.incoming = 0  # KV transfers under way to this GPU
+        self.grants: list[_Req] = []  # KV grants that arrived mid-batch: sent when it ends
         self.link_free = 0.0
         # A run of mac_k decode steps started at mac_t0 (context mac_ctx); mac_k == 0: none.
         self.mac_k = 0
@@ -301,6 +309,8 @@ class _Sim:
             sum(a + b for a, b in itertools.pairwise(j)) / (2 * (len(j) - 1)) if j else 1.0
         )
         self.lines: dict[int, PiecewiseLinear] = {}  # decode latency against context, by batch
+        # A shared GPU's stages take turns in this order (g.last indexes it).
+        self.starts = (self._start_encode, self._start_prefill, self._start_decode)
 
     # -- plumbing --------------------------------------------------------------------------
     def _at(self, t: float, fn: Callable[[Any], None], arg: Any) -> None:
@@ -474,9 +484,7 @@ class _Sim:
                 else:
                     self._send(g, chunk[2] * self.mm_bytes, self._mm_arrive, rq)  # + ready notice
         self.enc_load[g.ei] -= len(batch)
-        g.busy = False
-        g.idle_since = self.now
-        self._kick(g)
+        self._batch_done(g)
 
     def _pre_done(self, arg: tuple[_Gpu, list[_Req]]) -> None:
         g, batch = arg
@@ -500,8 +508,16 @@ class _Sim:
                 self.handoff.append(rq)
         if self.handoff:
             self._place_handoffs()
+        self._batch_done(g)
+
+    def _batch_done(self, g: _Gpu) -> None:
+        """g's batch ended: the KV of grants that arrived meanwhile leaves (the worker reads
+        its messages between batches), then g starts its next batch."""
         g.busy = False
         g.idle_since = self.now
+        for rq in g.grants:
+            self._send(g, rq.inp * self.kv_bytes, self._kv_arrive, rq)
+        g.grants.clear()
         self._kick(g)
 
     def _place_handoffs(self) -> None:
@@ -525,11 +541,18 @@ class _Sim:
             free[best_i] -= need
             most = max(free)
             rq.dgpu = best
-            src = rq.pgpu
-            assert src is not None
-            # Control round trip: ask for KV room, the grant, then "start decoding".
-            self._send(src, rq.inp * self.kv_bytes, self._kv_arrive, rq, messages=3)
+            # Control round trip: ask the decoder for KV room, its grant back.
+            self._at(self.now + 2 * self.msg, self._kv_granted, rq)
         self.handoff = waiting
+
+    def _kv_granted(self, rq: _Req) -> None:
+        """The grant reached the prefill GPU: the KV leaves now, or when its batch ends."""
+        src = rq.pgpu
+        assert src is not None
+        if src.busy:
+            src.grants.append(rq)
+        else:
+            self._send(src, rq.inp * self.kv_bytes, self._kv_arrive, rq)
 
     def _kv_arrive(self, rq: _Req) -> None:
         src, d = rq.pgpu, rq.dgpu
@@ -560,9 +583,7 @@ class _Sim:
             self._finish(rq)
         if released and self.handoff:
             self._place_handoffs()
-        g.busy = False
-        g.idle_since = self.now
-        self._kick(g)
+        self._batch_done(g)
 
     def _truncate(self, g: _Gpu) -> None:
         """Ends g's run of decode steps at the first step boundary at or after now."""
@@ -624,7 +645,8 @@ class _Sim:
         return 0.0 if self.wake is None else self.wake(self.now - g.idle_since)
 
     def _kick(self, g: _Gpu) -> None:
-        """Starts g's next batch if g is idle: encode, else prefill, else a decode step."""
+        """Starts g's next batch if g is idle: the stages take turns, encode, prefill, decode,
+        each skipped when it has no work (the runtime's worker loop)."""
         c = self.c
         if g.busy:
             # New work waits for the current batch; a run of decode steps ends at the next
@@ -632,69 +654,83 @@ class _Sim:
             if g.mac_k > 1 and (g.enc_q or g.pre_q or (g.dec_wait and g.run_n < c.decode_batch)):
                 self._truncate(g)
             return
-        now = self.now
-        if g.enc_q:
-            q = g.enc_q
-            n = min(len(q), c.encode_batch)
-            batch = [q.popleft() for _ in range(n)]
-            dur = self.p.encode(n, sum(t for _, t in batch) / n) * self._factor()
-            dur += self._wake_cost(g)
-            g.busy = True
-            g.busy_s["encode"] += dur
-            self._start(g, dur, self._enc_done, (g, batch))
-            return
-        if g.pre_q:
-            pbatch: list[_Req] = []
-            tokens = kv = 0
-            free = g.kv_cap - g.kv_used
-            for rq in g.pre_q:
-                if pbatch and tokens + rq.inp > c.prefill_tokens:
-                    break
-                need = rq.inp + (rq.out if self.agg else 0)
-                if kv + need > free:
-                    break
-                pbatch.append(rq)
-                tokens += rq.inp
-                kv += need
-            if pbatch:
-                for rq in pbatch:
-                    g.pre_q.popleft()
-                    rq.t_pstart = now
-                g.kv_used += kv
-                if c.prefill_padded:
-                    tokens = len(pbatch) * max(rq.inp for rq in pbatch)
-                dur = self.p.prefill(tokens) * self._factor() + self._wake_cost(g)
-                g.busy = True
-                g.busy_s["prefill"] += dur
-                self._start(g, dur, self._pre_done, (g, pbatch))
+        for k in range(1, 4):
+            i = (g.last + k) % 3
+            if self.starts[i](g):
+                g.last = i
                 return
-        if g.dec_wait:
-            wait, fin = g.dec_wait, g.fin
-            while wait and g.run_n < c.decode_batch:
-                rq = wait.popleft()
-                rq.t_join = now
-                g.run_n += 1
-                g.run_ctx += rq.inp + 1
-                heapq.heappush(fin, (g.step + rq.out - 1, next(self.seq), rq))
-        if g.run_n:
-            # Nothing changes the batch before its next finish, so its steps run as one event
-            # (cut short by _truncate when other work arrives).
-            line = self.lines.get(g.run_n)
-            if line is None:
-                line = self.lines[g.run_n] = self.p.decode.at_x(g.run_n)
-            k = g.fin[0][0] - g.step
-            f = self._factor(k)
-            dur = f * line.sum_arithmetic(g.run_ctx, g.run_n, k) + k * self.step_s
-            pen = self._wake_cost(g)  # the steps start once the GPU is awake
-            g.busy = True
-            g.busy_s["decode"] += pen + dur
-            # mac_t0 / mac_end: when the steps start and end; with shared host cores, in work
-            # seconds since the run started (its duration depends on the others' load).
-            t0 = pen if self.cores is not None else now + pen
-            g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, t0, t0 + dur, g.run_ctx, line
-            g.mac_f = f
-            g.mac_id += 1
-            self._start(g, pen + dur, self._steps_done, (g, g.mac_id))
+
+    def _start_encode(self, g: _Gpu) -> bool:
+        q = g.enc_q
+        if not q:
+            return False
+        n = min(len(q), self.c.encode_batch)
+        batch = [q.popleft() for _ in range(n)]
+        dur = self.p.encode(n, sum(t for _, t in batch) / n) * self._factor()
+        dur += self._wake_cost(g)
+        g.busy = True
+        g.busy_s["encode"] += dur
+        self._start(g, dur, self._enc_done, (g, batch))
+        return True
+
+    def _start_prefill(self, g: _Gpu) -> bool:
+        c = self.c
+        pbatch: list[_Req] = []
+        tokens = kv = 0
+        free = g.kv_cap - g.kv_used
+        for rq in g.pre_q:
+            if pbatch and tokens + rq.inp > c.prefill_tokens:
+                break
+            need = rq.inp + (rq.out if self.agg else 0)
+            if kv + need > free:
+                break  # back-pressure: the batch waits for KV
+            pbatch.append(rq)
+            tokens += rq.inp
+            kv += need
+        if not pbatch:
+            return False
+        for rq in pbatch:
+            g.pre_q.popleft()
+            rq.t_pstart = self.now
+        g.kv_used += kv
+        prompts = [rq.inp for rq in pbatch]
+        dur = self.p.prefill_batch_latency(prompts, c.prefill_padded) * self._factor()
+        dur += self._wake_cost(g)
+        g.busy = True
+        g.busy_s["prefill"] += dur
+        self._start(g, dur, self._pre_done, (g, pbatch))
+        return True
+
+    def _start_decode(self, g: _Gpu) -> bool:
+        c = self.c
+        wait, fin = g.dec_wait, g.fin
+        while wait and g.run_n < c.decode_batch:
+            rq = wait.popleft()
+            rq.t_join = self.now
+            g.run_n += 1
+            g.run_ctx += rq.inp + 1
+            heapq.heappush(fin, (g.step + rq.out - 1, next(self.seq), rq))
+        if not g.run_n:
+            return False
+        # Nothing changes the batch before its next finish, so its steps run as one event (cut
+        # short by _truncate when other work arrives); one step when other stages wait.
+        line = self.lines.get(g.run_n)
+        if line is None:
+            line = self.lines[g.run_n] = self.p.decode.at_x(g.run_n)
+        k = 1 if g.enc_q or g.pre_q else g.fin[0][0] - g.step
+        f = self._factor(k)
+        dur = f * line.sum_arithmetic(g.run_ctx, g.run_n, k) + k * self.step_s
+        pen = self._wake_cost(g)  # the steps start once the GPU is awake
+        g.busy = True
+        g.busy_s["decode"] += pen + dur
+        # mac_t0 / mac_end: when the steps start and end; with shared host cores, in work
+        # seconds since the run started (its duration depends on the others' load).
+        t0 = pen if self.cores is not None else self.now + pen
+        g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, t0, t0 + dur, g.run_ctx, line
+        g.mac_f = f
+        g.mac_id += 1
+        self._start(g, pen + dur, self._steps_done, (g, g.mac_id))
+        return True
 
     # -- results ---------------------------------------------------------------------------
     def result(self) -> SimResult:

@@ -121,17 +121,16 @@ class EPDCluster:
 
     def _start(self) -> None:
         cluster_endpoint = self._channel.endpoint
+        devices = self._devices()
         cores = sorted(os.sched_getaffinity(0))
         threads = self.config.cpu_threads
-        for i, ((name, roles), device) in enumerate(
-            zip(self.config.worker_roles(), self._devices())
-        ):
-            # CPU workers get their own cores, round robin when there are fewer than needed.
-            cpus = (
-                sorted({cores[(i * threads + k) % len(cores)] for k in range(threads)})
-                if device == "cpu"
-                else []
-            )
+        # CPU workers get cores of their own when there are enough; with fewer, none is
+        # pinned: the kernel then shares all cores among them (round-robin pinning would put
+        # two busy workers on one core while another core has one).
+        pin = devices.count("cpu") * threads <= len(cores)
+        free = iter(cores)
+        for (name, roles), device in zip(self.config.worker_roles(), devices):
+            cpus = [next(free) for _ in range(threads)] if device == "cpu" and pin else []
             spec = WorkerSpec(
                 name=name, roles=sorted(roles), device=device, model_dir=self.model_dir,
                 config=self.config, endpoint=f"ipc://{self._run_dir}/{name}.sock",
