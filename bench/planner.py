@@ -19,8 +19,12 @@ throughput of the same deployments serving the same requests on this host.
    ``ratio = min / max`` (1.0 = exact); ``extra`` holds the error and what the prediction is
    without each of: the calibration, the calibrated request spread, shared cores, jitter.
 
-Without ``--model`` a tiny random-weight LLaVA is made (CPU-sized). Throughput is completed
-requests per second from the first submit to the last token, on both sides.
+Without ``--model`` a random-weight LLaVA of ``--size`` is made: ``small`` (default), whose
+batches take milliseconds to tens of milliseconds on one CPU core, so that compute rather than
+the runtime's millisecond-scale overheads sets its latencies; ``tiny`` for a quick check. The
+default rates are a moderate load and one far past every deployment's capacity (it measures
+the capacity). Throughput is completed requests per second from the first submit to the
+last token, on both sides.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ METRICS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s", "throughput_r
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model directory (default: a fresh tiny LLaVA)")
+    parser.add_argument("--model", help="model directory (default: a fresh LLaVA of --size)")
+    parser.add_argument(
+        "--size", default="small", choices=("small", "tiny"), help="LLaVA made without --model"
+    )
     parser.add_argument("--profile", help="use this profile JSON instead of measuring one")
     parser.add_argument("--save-profile", help="write the profile used (calibrated) here")
     parser.add_argument("--quick-profile", action="store_true", help="fewer profile shapes")
@@ -60,9 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calibration-requests", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200, help="requests per deployment")
-    parser.add_argument(
-        "--rates", default="15", help="Poisson arrivals per second, one run each (e.g. 15,300)"
-    )
+    parser.add_argument("--rates", default="6,60", help="Poisson arrivals per second, one run each")
     parser.add_argument("--images", default="1,4", help="min,max images per request")
     parser.add_argument("--max-new-tokens", default="4,16", help="min,max tokens to generate")
     parser.add_argument(
@@ -230,7 +235,7 @@ def _calibrate(
 def run(args: argparse.Namespace) -> list[Record]:
     import torch
 
-    model_dir, tmp = model_dir_or_tiny(args.model, seed=args.seed)
+    model_dir, tmp = model_dir_or_tiny(args.model, seed=args.seed, size=args.size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = args.host_cores or (None if device == "cuda" else os.cpu_count())
     t0 = time.perf_counter()

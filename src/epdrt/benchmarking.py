@@ -83,8 +83,9 @@ def format_table(records: Iterable[Record]) -> str:
     return "\n".join(lines)
 
 
-def model_dir_or_tiny(model_dir: str | None, seed: int = 0) -> tuple[str, Any]:
-    """``model_dir``, or a fresh tiny random-weight LLaVA in a temporary directory.
+def model_dir_or_tiny(model_dir: str | None, seed: int = 0, size: str = "tiny") -> tuple[str, Any]:
+    """``model_dir``, or a fresh random-weight LLaVA of ``size`` ("tiny" or "small", see
+    ``make_tiny_model``) in a temporary directory.
 
     Returns the directory and the ``TemporaryDirectory`` owning it (None for ``model_dir``);
     the caller keeps it alive while the model is used and calls ``cleanup()`` after.
@@ -94,6 +95,6 @@ def model_dir_or_tiny(model_dir: str | None, seed: int = 0) -> tuple[str, Any]:
     from epdrt.models import make_tiny_model
 
     tmp = tempfile.TemporaryDirectory()
-    path = str(Path(tmp.name) / "tiny-llava")
-    make_tiny_model(path, "llava", seed=seed)
+    path = str(Path(tmp.name) / f"{size}-llava")
+    make_tiny_model(path, "llava", seed=seed, size=size)
     return path, tmp
