@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from epdrt.bench._capacity_probe import (
     Curve,
     DeviceOutOfMemory,
@@ -55,7 +56,6 @@ from epdrt.bench._capacity_probe import (
     largest_fitting,
     module_bytes,
 )
-
 from epdrt.benchmarking import Record
 
 HELP = "memory per device, epd vs pd vs aggregated: encoder peak, encoder batch, images, KV"

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from epdrt.kernels import BlockCopy, kv_gather, kv_scatter, mm_embed, mm_source_rows
 
 from epdrt.benchmarking import Record
+from epdrt.kernels import BlockCopy, kv_gather, kv_scatter, mm_embed, mm_source_rows
 
 HELP = "GB/s of kv_scatter/kv_gather/mm_embed/block_copy vs copy_ and naive peers"
 

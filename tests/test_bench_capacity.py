@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from epdrt.bench import BENCHMARKS, capacity
 from epdrt.bench._capacity_probe import (
     Curve,
@@ -20,7 +21,6 @@ from epdrt.bench._capacity_probe import (
     is_oom,
     largest_fitting,
 )
-
 from epdrt.benchmarking import Record
 from epdrt.models import make_tiny_model
 

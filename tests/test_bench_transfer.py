@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+
 from epdrt.bench import BENCHMARKS
 from epdrt.bench import transfer as bench
 

@@ -4,10 +4,10 @@ the CUDA kernel on a GPU) against per-block slicing, bit for bit; errors before 
 
 import pytest
 import torch
-from epdrt.kernels import BlockCopy, block_copy
 from kernel_utils import CPU_TRITON, random_bits
 
 from epdrt import CudaUnavailable, InvalidArgument, PagedKVCache, Region, _core
+from epdrt.kernels import BlockCopy, block_copy
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

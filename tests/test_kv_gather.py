@@ -4,10 +4,10 @@ the reference against concatenated appends, and argument errors raised before an
 
 import pytest
 import torch
-from epdrt.kernels import kv_gather
 from kernel_utils import CPU_TRITON, DEVICES, bits_equal, random_bits
 
 from epdrt import InvalidArgument, PagedKVCache
+from epdrt.kernels import kv_gather
 from epdrt.testing import refs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

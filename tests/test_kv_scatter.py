@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from epdrt.kernels import kv_scatter
 from kernel_utils import CPU_TRITON, DEVICES, bits_equal, random_bits
 
 from epdrt import InvalidArgument, PagedKVCache
+from epdrt.kernels import kv_scatter
 from epdrt.testing import refs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

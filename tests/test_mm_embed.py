@@ -5,10 +5,10 @@ map builder; argument errors raised before any launch."""
 
 import pytest
 import torch
-from epdrt.kernels import assemble_inputs_embeds, mm_embed, mm_source_rows
 from kernel_utils import CPU_TRITON, DEVICES, bits_equal, random_bits
 
 from epdrt import InvalidArgument, MMTokenCache
+from epdrt.kernels import assemble_inputs_embeds, mm_embed, mm_source_rows
 from epdrt.testing import refs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
