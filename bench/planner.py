@@ -254,10 +254,52 @@ def run(args: argparse.Namespace) -> list[Record]:
                 r.case = f"{r.case} (repeat {repeat})"
         records += recs
         print(_table(rows), file=sys.stderr)
+    if args.repeats > 1:
+        records += median_records(records)
     say("done")
     if tmp is not None:
         tmp.cleanup()
     return records
+
+
+def median_records(records: list[Record]) -> list[Record]:
+    """Per (deployment, rate, metric) over the repeats: the median prediction against the
+    median measurement (each repeat profiles, calibrates and measures anew, so this is the
+    comparison least moved by a slow or fast moment of the host); the repeats' values in
+    ``extra``."""
+    from epdrt.planner.validation import agreement
+
+    groups: dict[tuple[str, float, str], list[Record]] = {}
+    for r in records:
+        key = (r.extra["runtime_config"], r.extra["rate"], r.metric)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (_, rate, metric), recs in groups.items():
+        p = statistics.median(r.value for r in recs)
+        m = statistics.median(r.baseline_value for r in recs)
+        first = recs[0]
+        out.append(
+            Record(
+                bench="planner",
+                case=f"{first.case.split(' (repeat')[0]} (median of {len(recs)} repeats)",
+                metric=metric,
+                value=p,
+                baseline=first.baseline,
+                baseline_value=m,
+                ratio=agreement(p, m),
+                extra={
+                    "predicted": p,
+                    "measured": m,
+                    "error": abs(p - m) / m,
+                    "rate": rate,
+                    "runtime_config": first.extra["runtime_config"],
+                    "config": first.extra["config"],
+                    "repeats_predicted": [r.value for r in recs],
+                    "repeats_measured": [r.baseline_value for r in recs],
+                },
+            )
+        )
+    return out
 
 
 def _repeat(

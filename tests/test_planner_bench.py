@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from epdrt.bench.planner import median_records
+from epdrt.benchmarking import Record
 from epdrt.cli import main
 from epdrt.planner.model_runner import profile_model
 from epdrt.planner.profile import TransferProfile, load_profile
@@ -42,3 +44,18 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
     cal = recs[0]["extra"]["calibration"]
     assert cal["requests"] == 4 and cal["request_s"] >= 0 and cal["step_s"] >= 0
     assert load_profile(used).overheads.request_s == cal["request_s"]
+
+
+def test_median_records_compare_the_medians_over_repeats():
+    def rec(repeat, predicted, measured, metric="ttft_p90_s"):
+        extra = {"runtime_config": "pd P1 D1", "rate": 6.0, "config": {}, "repeat": repeat}
+        return Record("planner", f"pd @ 6 req/s {metric} (repeat {repeat})", metric, predicted,
+                      "measured (epdrt run)", measured, 0.0, extra=extra)  # fmt: skip
+
+    recs = [rec(1, 0.09, 0.085), rec(2, 0.08, 0.1), rec(3, 0.115, 0.105), rec(1, 6, 5, "x")]
+    med = {r.metric: r for r in median_records(recs)}
+    r = med["ttft_p90_s"]
+    assert (r.value, r.baseline_value) == (0.09, 0.1) and r.ratio == pytest.approx(0.9)
+    assert r.case == "pd @ 6 req/s ttft_p90_s (median of 3 repeats)"
+    assert r.extra["repeats_measured"] == [0.085, 0.1, 0.105]
+    assert med["x"].extra["error"] == pytest.approx(0.2)
