@@ -260,6 +260,12 @@ def test_transfer_from_the_transfer_benchmark_format():
     assert t.bytes_per_s == pytest.approx(1e10, rel=1e-6)
     bw_only = transfer_from_records([r for r in recs if r["metric"] == "GB/s"])
     assert bw_only.bytes_per_s == pytest.approx(99e9, rel=1e-6)
+    # Single transfers that get faster with size (a busy host): the streams decide.
+    noisy = [rec("us", us, b) for us, b in zip((525.0, 450.0, 355.0), sizes)]
+    noisy += [rec("GB/s", 99.0, b) for b in sizes]
+    assert transfer_from_records(noisy).bytes_per_s == pytest.approx(99e9, rel=1e-6)
+    with pytest.raises(InvalidArgument, match="grows with the payload"):
+        transfer_from_records(noisy[:3])
 
 
 def test_overheads_round_trip_and_default_to_zero():

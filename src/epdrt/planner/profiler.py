@@ -192,9 +192,10 @@ def transfer_from_records(
     """Fits transfer cost from the transfer benchmark's JSON-lines records.
 
     One transfer's seconds against its payload: from the latency records (``metric == "us"``,
-    one transfer alone) when they cover two or more payload sizes, else from the bandwidth
-    records (``metric == "GB/s"``: seconds = bytes / (value * 1e9)). The payload size is
-    ``extra["payload_bytes"]`` (or ``extra["bytes"]``).
+    one transfer alone) when they cover two or more payload sizes and grow with it, else from
+    the bandwidth records (``metric == "GB/s"``: seconds = bytes / (value * 1e9)); on a busy
+    host single small transfers can be slower than larger ones, streams are steadier. The
+    payload size is ``extra["payload_bytes"]`` (or ``extra["bytes"]``).
 
     Args:
         transport: keep only records whose ``extra["transport"]`` is this (e.g. ``"ipc"``).
@@ -211,14 +212,20 @@ def transfer_from_records(
             lat.setdefault(nbytes, []).append(float(r["value"]) * 1e-6)
         elif r.get("metric") == "GB/s":
             bw.setdefault(nbytes, []).append(nbytes / (float(r["value"]) * 1e9))
-    chosen = lat if len(lat) >= 2 else bw
-    if len(chosen) < 2:
-        raise InvalidArgument(
-            "need transfer records ('us' latency or 'GB/s' bandwidth) at >= 2 payload sizes "
-            "(extra.payload_bytes)"
-        )
-    sizes = sorted(chosen)
-    return fit_transfer(sizes, [statistics.median(chosen[b]) for b in sizes])
+    errors = []
+    for chosen in (lat, bw):
+        if len(chosen) < 2:
+            continue
+        sizes = sorted(chosen)
+        try:
+            return fit_transfer(sizes, [statistics.median(chosen[b]) for b in sizes])
+        except InvalidArgument as exc:
+            errors.append(str(exc))
+    why = "".join(f"; {e}" for e in errors)
+    raise InvalidArgument(
+        "need transfer records ('us' latency or 'GB/s' bandwidth) at >= 2 payload sizes "
+        f"(extra.payload_bytes) whose time grows with the payload{why}"
+    )
 
 
 def load_transfer_records(path: str, transport: str | None = None) -> TransferProfile:

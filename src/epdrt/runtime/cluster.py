@@ -67,6 +67,9 @@ class _Inflight:
     deadline: float
     on_token: Callable[[str, int], None] | None = None
     tokens: list[int] = field(default_factory=list)
+    #: tokens that arrived before an earlier one (index -> (token, finished)): the prefill's
+    #: first token and decode's next travel on different sockets
+    early: dict[int, tuple[int, bool]] = field(default_factory=dict)
     first_token_at: float | None = None
     last_token_at: float | None = None
     encode_s: float = 0.0
@@ -349,23 +352,31 @@ class EPDCluster:
                     self._inflight[req_id].encode_s += seconds
             for ev in msg.events:
                 state = self._inflight.get(ev.req_id)
-                if state is None:
-                    continue
-                state.tokens.append(ev.token)
-                state.first_token_at = state.first_token_at or now
-                state.last_token_at = now
-                if state.on_token is not None:
-                    try:
-                        state.on_token(ev.req_id, ev.token)
-                    except Exception as exc:  # a faulty callback must not stop the receiver
-                        print(f"epdrt cluster: on_token raised {exc!r}", file=sys.stderr)
-                        state.on_token = None
-                if ev.finished:
-                    self._resolve(ev.req_id, None)
+                if state is not None:
+                    state.early[ev.index] = (ev.token, ev.finished)
+                    self._deliver(ev.req_id, state, now)
         elif isinstance(msg, m.Failed):
             self._fail(msg.req_id, msg.error)
         elif isinstance(msg, m.Stats):
             self._workers[msg.worker].stats = dict(msg.counters)
+
+    def _deliver(self, req_id: str, state: _Inflight, now: float) -> None:
+        """Appends (and streams) the request's tokens that are next in order; resolves the
+        request after its last."""
+        while len(state.tokens) in state.early:
+            token, finished = state.early.pop(len(state.tokens))
+            state.tokens.append(token)
+            state.first_token_at = state.first_token_at or now
+            state.last_token_at = now
+            if state.on_token is not None:
+                try:
+                    state.on_token(req_id, token)
+                except Exception as exc:  # a faulty callback must not stop the receiver
+                    print(f"epdrt cluster: on_token raised {exc!r}", file=sys.stderr)
+                    state.on_token = None
+            if finished:
+                self._resolve(req_id, None)
+                return
 
     def _check_workers(self) -> None:
         for w in self._workers.values():

@@ -130,7 +130,7 @@ class DecodeRole:
             seq.last_token = token
             seq.generated += 1
             finished = token in eos or seq.generated >= seq.max_new_tokens
-            events.append(m.TokenEvent(seq.req_id, token, finished))
+            events.append(m.TokenEvent(seq.req_id, seq.generated - 1, token, finished))
             if finished:
                 self._finish(seq.req_id)
         for seq in batch:  # round robin when more sequences are active than fit a step

@@ -129,9 +129,11 @@ class StartDecode(Msg):
 
 # ---- results and faults ----------------------------------------------------------------------
 class TokenEvent(msgspec.Struct, frozen=True):
-    """One generated token of a request; ``finished`` on its last."""
+    """One generated token of a request: the ``index``-th (0: prefill's), ``finished`` on its
+    last. Prefill and decode send on different sockets, so the cluster orders by index."""
 
     req_id: str
+    index: int
     token: int
     finished: bool
 

@@ -241,7 +241,7 @@ class PrefillRole:
         self.w.send(
             "cluster",
             m.Tokens(
-                events=[m.TokenEvent(msg.req_id, token, finished)],
+                events=[m.TokenEvent(msg.req_id, 0, token, finished)],
                 encode_s={msg.req_id: req.encode_s},
             ),
         )
