@@ -666,12 +666,8 @@ class _Sim:
             return False
         n = min(len(q), self.c.encode_batch)
         batch = [q.popleft() for _ in range(n)]
-        dur = self.p.encode(n, sum(t for _, t in batch) / n) * self._factor()
-        dur += self._wake_cost(g)
-        g.busy = True
-        g.busy_s["encode"] += dur
-        self._start(g, dur, self._enc_done, (g, batch))
-        return True
+        seconds = self.p.encode(n, sum(t for _, t in batch) / n) * self._factor()
+        return self._begin(g, "encode", seconds, self._enc_done, (g, batch))
 
     def _start_prefill(self, g: _Gpu) -> bool:
         c = self.c
@@ -694,11 +690,17 @@ class _Sim:
             rq.t_pstart = self.now
         g.kv_used += kv
         prompts = [rq.inp for rq in pbatch]
-        dur = self.p.prefill_batch_latency(prompts, c.prefill_padded) * self._factor()
-        dur += self._wake_cost(g)
+        seconds = self.p.prefill_batch_latency(prompts, c.prefill_padded) * self._factor()
+        return self._begin(g, "prefill", seconds, self._pre_done, (g, pbatch))
+
+    def _begin(
+        self, g: _Gpu, stage: str, seconds: float, done: Callable[[Any], None], arg: Any
+    ) -> bool:
+        """Starts a batch of ``seconds`` on g, after g's wake-up cost; ``done(arg)`` at its end."""
+        dur = seconds + self._wake_cost(g)
         g.busy = True
-        g.busy_s["prefill"] += dur
-        self._start(g, dur, self._pre_done, (g, pbatch))
+        g.busy_s[stage] += dur
+        self._start(g, dur, done, arg)
         return True
 
     def _start_decode(self, g: _Gpu) -> bool:
