@@ -258,8 +258,8 @@ def measure_profile(
     with knots at the measured token counts, and what each request past the first adds to a
     padded batch (piecewise linear in its tokens, from the batch sizes measured); decode
     piecewise linear in batch size (knots at the measured sizes) and linear in total context
-    tokens. Activation bytes per image token
-    and per prefill token are least-squares slopes of the peak-memory increase.
+    tokens. Activation bytes per image token and per prefill token are least-squares slopes of
+    the peak-memory increase.
     """
     g = grid or ProfileGrid()
     facts = runner.facts()
