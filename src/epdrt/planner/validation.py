@@ -15,14 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from epdrt.errors import InvalidArgument
 from epdrt.planner.config import DeployConfig
 from epdrt.planner.workload import Request
-from epdrt.runtime.config import EPDConfig
+
+if TYPE_CHECKING:  # importing epdrt.runtime loads the models' stack (transformers)
+    from epdrt.runtime.config import EPDConfig
 
 # The metrics predict() gives, with their units.
 METRICS = {
