@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,9 @@ Body = Callable[[Any], int]  # runs on a pool, returns the block operations it d
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", type=int, default=1_000_000, help="block operations per case")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="rounds of every case (each side: best round)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -203,19 +205,19 @@ def _prefilled(cls: Callable[[int], Any], keys: list[bytes]) -> Callable[[], Any
     return make
 
 
-def _time(make_pool: Callable[[], Any], body: Body, repeat: int) -> tuple[float, int]:
-    """Median seconds of ``body`` on a fresh pool each run, and the block operations done."""
-    times, ops = [], 0
-    for _ in range(repeat):
-        pool = make_pool()
-        start = time.perf_counter()
-        ops = body(pool)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), ops
+def _time(make_pool: Callable[[], Any], body: Body) -> tuple[float, int]:
+    """Seconds of one run of ``body`` on a fresh pool, and the block operations done."""
+    pool = make_pool()
+    start = time.perf_counter()
+    ops = body(pool)
+    return time.perf_counter() - start, ops
 
 
-def _record(case: str, ops: int, seconds: float, base_ops: int, base_seconds: float) -> Record:
-    value, baseline = ops / seconds, base_ops / base_seconds
+def _record(
+    case: str, ops: int, seconds: list[float], base_ops: int, base_seconds: list[float]
+) -> Record:
+    """The record of one case from each side's seconds per round (best round counts)."""
+    value, baseline = ops / min(seconds), base_ops / min(base_seconds)
     return Record(
         bench="block-pool",
         case=case,
@@ -227,29 +229,40 @@ def _record(case: str, ops: int, seconds: float, base_ops: int, base_seconds: fl
         extra={
             "ns_per_block_op": 1e9 / value,
             "baseline_ns_per_block_op": 1e9 / baseline,
+            # Slowest over best round, each side: how much the host drifted meanwhile.
+            "spread": max(seconds) / min(seconds),
+            "baseline_spread": max(base_seconds) / min(base_seconds),
+            "rounds": len(seconds),
             "block_ops": ops,
             "num_blocks": NUM_BLOCKS,
         },
     )
 
 
-def _run_native(ops: int, repeat: int) -> dict[str, tuple[float, int]]:
-    """Seconds and block ops per case from the C program; empty if it cannot be built."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            exe = compile_c_program(NATIVE_SOURCE, Path(tmp) / "block_pool_bench")
-        except EpdrtError as exc:
-            print(f"[block-pool] native cases skipped: {exc}", file=sys.stderr)
-            return {}
-        out = subprocess.run(
-            [str(exe), str(NUM_BLOCKS), str(ops), str(repeat)],
-            capture_output=True, text=True, timeout=600, check=True,
-        )  # fmt: skip
+def _build_native(tmp: Path) -> Path | None:
+    """The C program, or None (with a note) if it cannot be built."""
+    try:
+        return compile_c_program(NATIVE_SOURCE, tmp / "block_pool_bench")
+    except EpdrtError as exc:
+        print(f"[block-pool] native cases skipped: {exc}", file=sys.stderr)
+        return None
+
+
+def _run_native(exe: Path, ops: int) -> dict[str, tuple[float, int]]:
+    """Seconds (one run) and block ops per case from the C program."""
+    out = subprocess.run(
+        [str(exe), str(NUM_BLOCKS), str(ops), "1"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     return {r["case"]: (r["seconds"], r["block_ops"]) for r in rows}
 
 
 def run(args: argparse.Namespace) -> list[Record]:
+    """Every case in ``args.repeat`` rounds, each round running the C++ pool, the model and the
+    C program back to back; each side's best round counts. The host's speed drifts over
+    seconds (a shared VM): interleaving exposes both sides to the same drift, and the best
+    round is the one least slowed by it."""
     cached = _keys(NUM_BLOCKS // 2, seed=1)
     missing = _keys(NUM_BLOCKS // 2, seed=2)
     ops = args.ops
@@ -266,23 +279,37 @@ def run(args: argparse.Namespace) -> list[Record]:
         ("batched", f"allocate+commit_many+free x{BATCH}", fresh, _commit_many(ops, cached)),
         ("batched", "mixed serving trace", fresh, _mixed(_make_trace(ops, cached, args.seed))),
     ]
+    floor_name = "binding floor: dict.get per block"
+    seconds: dict[tuple[str, str], list[float]] = defaultdict(list)  # (side, case) -> rounds
+    work: dict[tuple[str, str], int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = _build_native(Path(tmp))
+        for r in range(args.repeat):
+            print(f"[block-pool] round {r + 1}/{args.repeat} ...", file=sys.stderr, flush=True)
+            for way, case, pools, body in cases:
+                for side, cls in (("epdrt", BlockPool), ("model", ModelBlockPool)):
+                    t, n = _time(pools[cls], body)
+                    seconds[side, f"{way}: {case}"].append(t)
+                    work[side, f"{way}: {case}"] = n
+                if work["epdrt", f"{way}: {case}"] != work["model", f"{way}: {case}"]:
+                    raise RuntimeError(f"{case}: the pools did different work")
+            t, work["epdrt", floor_name] = _time(_CallFloor, _lookup_miss(ops, missing))
+            seconds["epdrt", floor_name].append(t)
+            for case, (t, n) in (_run_native(exe, ops) if exe else {}).items():
+                seconds["epdrt", f"native: {case}"].append(t)
+                work["epdrt", f"native: {case}"] = n
+    model_name = {case: f"{way}: {case}" for way, case, _, _ in cases}
     records = []
-    model_results: dict[str, tuple[float, int]] = {}
-    for way, case, pools, body in cases:
-        print(f"[block-pool] {way}: {case} ...", file=sys.stderr, flush=True)
-        t_cpp, n_cpp = _time(pools[BlockPool], body, args.repeat)
-        t_py, n_py = _time(pools[ModelBlockPool], body, args.repeat)
-        if n_cpp != n_py:
-            raise RuntimeError(f"{case}: the pools did different work ({n_cpp} vs {n_py} ops)")
-        model_results[case] = (t_py, n_py)
-        records.append(_record(f"{way}: {case}", n_cpp, t_cpp, n_py, t_py))
-    t_floor, n_floor = _time(_CallFloor, _lookup_miss(ops, missing), args.repeat)
-    t_py, n_py = model_results["lookup miss"]
-    floor = _record("binding floor: dict.get per block", n_floor, t_floor, n_py, t_py)
-    floor.extra["note"] = "upper bound of any one-call-per-block binding (interpreter cost)"
-    records.append(floor)
-    print("[block-pool] native: C API cases ...", file=sys.stderr, flush=True)
-    for case, (seconds, n) in _run_native(ops, args.repeat).items():
-        t_py, n_py = model_results[case]
-        records.append(_record(f"native: {case}", n, seconds, n_py, t_py))
+    for side, name in list(seconds):
+        if side != "epdrt":
+            continue
+        # Native cases and the floor compare with the model's run of the same case.
+        case = "lookup miss" if name == floor_name else name.split(": ", 1)[1]
+        peer = model_name[case]
+        rec = _record(
+            name, work[side, name], seconds[side, name], work["model", peer], seconds["model", peer]
+        )
+        if name == floor_name:
+            rec.extra["note"] = "upper bound of any one-call-per-block binding (interpreter cost)"
+        records.append(rec)
     return records

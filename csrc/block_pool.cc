@@ -11,38 +11,85 @@ namespace epdrt {
 
 namespace {
 
-// One odd multiplier per 8-byte word of a key: the words' products are independent (they
-// pipeline), and the finalizer (MurmurHash3's fmix64) spreads every input bit over the result.
+// One odd multiplier per 8-byte word of a key. A key's hash is the sum of its words times
+// their multipliers: the products are independent (they pipeline), and a product's top bits
+// depend on every bit of its word, so the index takes its slot from the hash's top bits
+// (multiplicative hashing). No finalizer: a lookup's latency, inside the lock, is mostly
+// this hash's dependency chain, and a finalizer would double it.
 constexpr uint64_t kWordMultipliers[BlockKey::kMaxBytes / 8] = {
     0x9e3779b97f4a7c15ull, 0xbf58476d1ce4e5b9ull, 0x94d049bb133111ebull, 0xff51afd7ed558ccdull,
     0xc4ceb9fe1a85ec53ull, 0x87c37b91114253d5ull, 0x4cf5ad432745937full, 0xd6e8feb86659fd93ull};
 
-// Hash of a key's size bytes and kind. Reads the bytes where the caller left them: the last
-// partial word is assembled in a register (a byte copy into a stack word and a wide load of it
-// would stall on store forwarding).
-uint64_t hash_key_bytes(const uint8_t* data, size_t size, BlockKey::Kind kind) {
-  uint64_t h = (size | (uint64_t{static_cast<uint8_t>(kind)} << 8)) * 0x2545f4914f6cdd1dull;
-  size_t i = 0;
-  for (; 8 * (i + 1) <= size; ++i) {
+// Sum of the key's 8-byte words, each times its own multiplier; kFull whole words, then
+// `tail` bytes (< 8) assembled in a register: a byte copy into a stack word and a wide load of
+// it would stall on store forwarding.
+#if defined(__GNUC__)
+#define EPDRT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define EPDRT_ALWAYS_INLINE inline
+#endif
+
+template <size_t kFull>
+EPDRT_ALWAYS_INLINE uint64_t mix_words(const uint8_t* data, size_t tail, uint64_t h) {
+  for (size_t i = 0; i < kFull; ++i) {
     uint64_t word;
     std::memcpy(&word, data + 8 * i, 8);
     h += word * kWordMultipliers[i];
   }
-  if (8 * i < size) {
+  if (tail != 0) {
     uint64_t word = 0;
-    for (size_t j = 8 * i; j < size; ++j) word |= uint64_t{data[j]} << (8 * (j - 8 * i));
-    h += word * kWordMultipliers[i];
+    for (size_t j = 0; j < tail; ++j) word |= uint64_t{data[8 * kFull + j]} << (8 * j);
+    h += word * kWordMultipliers[kFull];
   }
-  h ^= h >> 33;
-  h *= 0xff51afd7ed558ccdull;
-  h ^= h >> 33;
-  h *= 0xc4ceb9fe1a85ec53ull;
-  return h ^ (h >> 33);
+  return h;
 }
 
-void check_key_size(size_t size) {
-  EPDRT_ASSERT(size > 0 && size <= BlockKey::kMaxBytes, "a block key must have 1 to ",
-               BlockKey::kMaxBytes, " bytes, got ", size);
+// Hash of a key's size bytes and kind, read where the caller left them. Inlined, with the
+// word count a compile-time constant for every size, so a key hashes in a few independent
+// multiplies and adds.
+EPDRT_ALWAYS_INLINE uint64_t hash_key_bytes(const uint8_t* data, size_t size, BlockKey::Kind kind) {
+  uint64_t h = (size | (uint64_t{static_cast<uint8_t>(kind)} << 8)) * 0x2545f4914f6cdd1dull;
+  const size_t tail = size % 8;
+  switch (size / 8) {
+    case 0:
+      h = mix_words<0>(data, tail, h);
+      break;
+    case 1:
+      h = mix_words<1>(data, tail, h);
+      break;
+    case 2:
+      h = mix_words<2>(data, tail, h);
+      break;
+    case 3:
+      h = mix_words<3>(data, tail, h);
+      break;
+    case 4:
+      h = mix_words<4>(data, tail, h);
+      break;
+    case 5:
+      h = mix_words<5>(data, tail, h);
+      break;
+    case 6:
+      h = mix_words<6>(data, tail, h);
+      break;
+    case 7:
+      h = mix_words<7>(data, tail, h);
+      break;
+    default:
+      h = mix_words<8>(data, 0, h);
+      break;  // 64 bytes: size is checked before
+  }
+  return h;
+}
+
+[[noreturn]] __attribute__((noinline, cold)) void throw_bad_key_size(size_t size) {
+  throw InvalidArgument(
+      detail::concat("a block key must have 1 to ", BlockKey::kMaxBytes, " bytes, got ", size));
+}
+
+// Inlined: it runs on every lookup by raw bytes; only the throw is out of line.
+EPDRT_ALWAYS_INLINE void check_key_size(size_t size) {
+  if (!BlockKey::valid_size(size)) throw_bad_key_size(size);
 }
 
 }  // namespace
@@ -70,8 +117,9 @@ BlockPool::BlockPool(int32_t num_blocks) {
   blocks_.resize(num_blocks);
   size_t num_slots = 16;
   while (num_slots < 2 * static_cast<size_t>(num_blocks)) num_slots *= 2;
-  slots_.assign(num_slots, kNil);
+  slots_.assign(num_slots, Slot{});
   slot_mask_ = num_slots - 1;
+  slot_shift_ = 64 - static_cast<int>(__builtin_ctzll(num_slots));
   for (int32_t id = 0; id < num_blocks; ++id) queue_push_back(id);
   stats_.num_blocks = num_blocks;
   stats_.num_free = num_blocks;
@@ -109,11 +157,13 @@ void BlockPool::queue_remove(int32_t id) {
   b.prev = b.next = kNil;
 }
 
-int64_t BlockPool::index_find(const KeyRef& key) const {
-  for (uint64_t slot = key.hash & slot_mask_;; slot = (slot + 1) & slot_mask_) {
-    const int32_t id = slots_[slot];
-    if (id == kNil) return kNil;
-    const BlockKey& held = blocks_[id].key;
+EPDRT_ALWAYS_INLINE int64_t BlockPool::index_find(const KeyRef& key) const {
+  const uint32_t tag = Slot::tag_of(key.hash);
+  for (uint64_t slot = home_slot(key.hash);; slot = (slot + 1) & slot_mask_) {
+    const Slot entry = slots_[slot];
+    if (entry.id == kNil) return kNil;
+    if (entry.tag != tag) continue;  // a different key, told without touching its block
+    const BlockKey& held = blocks_[entry.id].key;
     if (held.hash == key.hash && held.size == key.size && held.kind == key.kind &&
         std::memcmp(held.bytes.data(), key.data, key.size) == 0) {
       return static_cast<int64_t>(slot);
@@ -122,24 +172,25 @@ int64_t BlockPool::index_find(const KeyRef& key) const {
 }
 
 void BlockPool::index_insert(int32_t id) {
-  uint64_t slot = blocks_[id].key.hash & slot_mask_;
-  while (slots_[slot] != kNil) slot = (slot + 1) & slot_mask_;
-  slots_[slot] = id;
+  const uint64_t hash = blocks_[id].key.hash;
+  uint64_t slot = home_slot(hash);
+  while (slots_[slot].id != kNil) slot = (slot + 1) & slot_mask_;
+  slots_[slot] = {id, Slot::tag_of(hash)};
 }
 
 void BlockPool::index_erase(int64_t slot) {
   // Backward-shift deletion: move later entries of the probe run into the hole when the hole
   // lies between their home slot and where they sit, so no lookup ever stops early.
   uint64_t hole = static_cast<uint64_t>(slot);
-  for (uint64_t next = (hole + 1) & slot_mask_; slots_[next] != kNil;
+  for (uint64_t next = (hole + 1) & slot_mask_; slots_[next].id != kNil;
        next = (next + 1) & slot_mask_) {
-    const uint64_t home = blocks_[slots_[next]].key.hash & slot_mask_;
+    const uint64_t home = home_slot(blocks_[slots_[next].id].key.hash);
     if (((next - home) & slot_mask_) >= ((next - hole) & slot_mask_)) {
       slots_[hole] = slots_[next];
       hole = next;
     }
   }
-  slots_[hole] = kNil;
+  slots_[hole] = Slot{};
 }
 
 void BlockPool::forget_key(int32_t id) {
@@ -225,7 +276,7 @@ void BlockPool::check_used(int32_t id, const char* what) const {
 
 bool BlockPool::commit_locked(int32_t id, const BlockKey& key) {
   const int64_t slot = index_find(KeyRef::of(key));
-  if (slot != kNil) return slots_[slot] == id;
+  if (slot != kNil) return slots_[slot].id == id;
   forget_key(id);
   Block& b = blocks_[id];
   b.key = key;
@@ -246,13 +297,13 @@ void BlockPool::commit_many(const int32_t* ids, const BlockKey* keys, size_t n, 
   for (size_t i = 0; i < n; ++i) committed[i] = commit_locked(ids[i], keys[i]);
 }
 
-int32_t BlockPool::lookup_locked(const KeyRef& key) {
+EPDRT_ALWAYS_INLINE int32_t BlockPool::lookup_locked(const KeyRef& key) {
   const int64_t slot = index_find(key);
   if (slot == kNil) {
     ++stats_.misses;
     return kNil;
   }
-  const int32_t id = slots_[slot];
+  const int32_t id = slots_[slot].id;
   Block& b = blocks_[id];
   if (b.ref_count == 0) {
     queue_remove(id);
@@ -265,6 +316,7 @@ int32_t BlockPool::lookup_locked(const KeyRef& key) {
 }
 
 std::optional<int32_t> BlockPool::lookup(const BlockKey& key) {
+  prefetch_home_slot(key.hash);
   std::lock_guard<SpinLock> lock(mu_);
   const int32_t id = lookup_locked(KeyRef::of(key));
   if (id == kNil) return std::nullopt;
@@ -272,18 +324,39 @@ std::optional<int32_t> BlockPool::lookup(const BlockKey& key) {
 }
 
 void BlockPool::lookup_many(const BlockKey* keys, size_t n, int32_t* out) {
+  for (size_t i = 0; i < std::min(n, kLookupChunk); ++i) prefetch_home_slot(keys[i].hash);
   std::lock_guard<SpinLock> lock(mu_);
   for (size_t i = 0; i < n; ++i) out[i] = lookup_locked(KeyRef::of(keys[i]));
+}
+
+int32_t BlockPool::lookup(const void* key, size_t key_size) {
+  check_key_size(key_size);
+  const auto* bytes = static_cast<const uint8_t*>(key);
+  const BlockKey::Kind kind = BlockKey::Kind::kBytes;
+  const uint64_t hash = hash_key_bytes(bytes, key_size, kind);
+  prefetch_home_slot(hash);
+  std::lock_guard<SpinLock> lock(mu_);
+  return lookup_locked({bytes, key_size, kind, hash});
 }
 
 void BlockPool::lookup_many(const void* keys, size_t key_size, size_t n, int32_t* out) {
   check_key_size(key_size);
   const auto* bytes = static_cast<const uint8_t*>(keys);
-  std::lock_guard<SpinLock> lock(mu_);
-  for (size_t i = 0; i < n; ++i) {
-    const uint8_t* key = bytes + i * key_size;
-    const BlockKey::Kind kind = BlockKey::Kind::kBytes;
-    out[i] = lookup_locked({key, key_size, kind, hash_key_bytes(key, key_size, kind)});
+  const BlockKey::Kind kind = BlockKey::Kind::kBytes;
+  // Keys are hashed before the lock is taken, kLookupChunk at a time, so the lock is held
+  // only for the probes.
+  uint64_t hashes[kLookupChunk];
+  for (size_t first = 0; first < n; first += kLookupChunk) {
+    const size_t m = std::min(kLookupChunk, n - first);
+    const uint8_t* chunk = bytes + first * key_size;
+    for (size_t i = 0; i < m; ++i) {
+      hashes[i] = hash_key_bytes(chunk + i * key_size, key_size, kind);
+      prefetch_home_slot(hashes[i]);
+    }
+    std::lock_guard<SpinLock> lock(mu_);
+    for (size_t i = 0; i < m; ++i) {
+      out[first + i] = lookup_locked({chunk + i * key_size, key_size, kind, hashes[i]});
+    }
   }
 }
 

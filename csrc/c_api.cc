@@ -42,6 +42,17 @@ epdrt_status guarded(Fn&& fn) {
   }
 }
 
+#if defined(__GNUC__)
+__attribute__((noinline, cold))
+#endif
+epdrt_status lookup_guarded(epdrt_block_pool* pool, const void* key, size_t key_size,
+                            int32_t* out_id) {
+  return guarded([&] {
+    EPDRT_ASSERT(pool != nullptr && key != nullptr && out_id != nullptr, "NULL argument");
+    *out_id = pool->pool.lookup(key, key_size);
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -93,10 +104,14 @@ epdrt_status epdrt_block_pool_commit(epdrt_block_pool* pool, int32_t id, const v
 
 epdrt_status epdrt_block_pool_lookup(epdrt_block_pool* pool, const void* key, size_t key_size,
                                      int32_t* out_id) {
-  return guarded([&] {
-    EPDRT_ASSERT(pool != nullptr && key != nullptr && out_id != nullptr, "NULL argument");
-    pool->pool.lookup_many(key, key_size, 1, out_id);
-  });
+  // The hot path has no exception frame: arguments that would make the pool throw are
+  // reported out of line, by the guarded call.
+  if (pool == nullptr || key == nullptr || out_id == nullptr ||
+      !epdrt::BlockKey::valid_size(key_size)) {
+    return lookup_guarded(pool, key, key_size, out_id);
+  }
+  *out_id = pool->pool.lookup(key, key_size);
+  return EPDRT_OK;
 }
 
 epdrt_status epdrt_block_pool_lookup_many(epdrt_block_pool* pool, const void* keys, size_t key_size,

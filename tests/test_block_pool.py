@@ -89,6 +89,33 @@ def test_commit_and_lookup_revive_a_free_block(pool_cls, key):
     assert (pool.hits, pool.misses, pool.num_cached) == (1, 0, 0)
 
 
+def _structured_keys(kind: str) -> list[int | bytes]:
+    """Keys that differ in few bits, in the places a weak hash would lose them: ints spaced
+    by powers of two (low, middle and top bits), 64-byte keys that differ in one byte each."""
+    if kind == "int strides":
+        return [i << shift for shift in (0, 13, 32, 51) for i in range(1, 256)]
+    if kind == "int top bits":
+        return [i << 56 for i in range(256)]
+    return [bytes(pos) + bytes([value]) + bytes(63 - pos) for pos in range(64) for value in (1, 2)]
+
+
+@pytest.mark.parametrize("kind", ["int strides", "int top bits", "bytes one byte apart"])
+def test_structured_keys_are_all_found_and_their_neighbours_missed(kind):
+    keys = list(dict.fromkeys(_structured_keys(kind)))
+    pool = BlockPool(len(keys) + 1)
+    ids = pool.allocate(len(keys))
+    assert pool.commit_many(ids, keys) == [True] * len(keys)
+    pool.free(ids)
+    assert pool.lookup_many(keys) == ids
+    assert [pool.lookup(k) for k in keys] == ids
+    if kind == "bytes one byte apart":
+        neighbours = [k[:-1] + b"\x01" for k in keys[:-2]] + [bytes(64)]
+    else:
+        neighbours = [k + 1 for k in keys if k + 1 not in set(keys)]
+    assert pool.lookup_many(neighbours) == [None] * len(neighbours)
+    assert pool.misses == len(neighbours)
+
+
 def test_int_and_bytes_keys_are_distinct():
     pool = BlockPool(3)
     a, b, c = pool.allocate(3)

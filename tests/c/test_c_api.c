@@ -42,6 +42,15 @@ static void test_block_pool(void) {
   int32_t found = -2;
   CHECK(epdrt_block_pool_lookup(pool, key, 16, &found) == EPDRT_OK && found == ids[1]);
   CHECK(epdrt_block_pool_lookup(pool, "nope", 4, &found) == EPDRT_OK && found == -1);
+  /* Bad arguments are reported and count as no lookup. */
+  found = -2;
+  CHECK(epdrt_block_pool_lookup(pool, key, 0, &found) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(epdrt_last_error(), "bytes") != NULL && found == -2);
+  CHECK(epdrt_block_pool_lookup(pool, key, 65, &found) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_block_pool_lookup(pool, NULL, 16, &found) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_block_pool_lookup(pool, key, 16, NULL) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_block_pool_lookup(NULL, key, 16, &found) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(epdrt_last_error(), "NULL") != NULL && found == -2);
   CHECK(epdrt_block_pool_stats_get(pool, &stats) == EPDRT_OK);
   CHECK(stats.hits == 1 && stats.misses == 1 && stats.num_free == 3);
   epdrt_block_pool_destroy(pool);

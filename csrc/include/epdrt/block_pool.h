@@ -22,8 +22,9 @@ struct BlockKey {
   uint8_t size = 0;
   Kind kind = Kind::kBytes;
 
-  // Throws InvalidArgument when size is 0 or larger than kMaxBytes.
+  // Throws InvalidArgument unless valid_size(size).
   static BlockKey from_bytes(const void* data, size_t size);
+  static constexpr bool valid_size(size_t size) { return size - 1 < kMaxBytes; }  // 1..kMaxBytes
   // The integer's 8 bytes, little-endian.
   static BlockKey from_int(uint64_t value);
 };
@@ -72,10 +73,14 @@ class BlockPool {
   void commit_many(const int32_t* ids, const BlockKey* keys, size_t n, bool* committed);
   // The block holding key, with one more reference (revived from the free queue if needed).
   std::optional<int32_t> lookup(const BlockKey& key);
+  // lookup() of a bytes key of key_size bytes where it lies (the C API's format): the block
+  // or -1. Throws InvalidArgument for a bad key_size.
+  int32_t lookup(const void* key, size_t key_size);
   // lookup() of n keys under one acquisition of the lock; out[i] is the block or -1.
   void lookup_many(const BlockKey* keys, size_t n, int32_t* out);
   // The same for n keys of key_size bytes each, stored back to back (the C API's format);
-  // hashed in place, no copies. Throws InvalidArgument for a bad key_size, changing nothing.
+  // hashed in place (no copies) before the lock is taken, which is held once per
+  // kLookupChunk keys. Throws InvalidArgument for a bad key_size, changing nothing.
   void lookup_many(const void* keys, size_t key_size, size_t n, int32_t* out);
   // Reference count of block id (0 when free).
   int32_t ref_count(int32_t id) const;
@@ -86,6 +91,7 @@ class BlockPool {
 
  private:
   static constexpr int32_t kNil = -1;
+  static constexpr size_t kLookupChunk = 32;
   struct Block {
     int32_t ref_count = 0;
     int32_t prev = kNil;  // free-queue links, valid while ref_count == 0
@@ -109,7 +115,15 @@ class BlockPool {
   void queue_push_back(int32_t id);
   void queue_remove(int32_t id);
   void forget_key(int32_t id);
-  // Index: open addressing with linear probing over slots_ (block ids, kNil = empty), sized
+  // An index entry: a block id (kNil = empty) and 32 middle bits of its key's hash (the top
+  // bits choose the slot), so a probe passes over other keys without loading their blocks.
+  struct Slot {
+    int32_t id = kNil;
+    uint32_t tag = 0;
+    static uint32_t tag_of(uint64_t hash) { return static_cast<uint32_t>(hash >> 16); }
+  };
+
+  // Index: open addressing with linear probing over slots_, sized
   // to a power of two at least twice num_blocks so probes stay short; no tombstones
   // (backward-shift deletion). Returns the slot holding key, or kNil.
   int64_t index_find(const KeyRef& key) const;
@@ -121,8 +135,17 @@ class BlockPool {
 
   mutable SpinLock mu_;
   std::vector<Block> blocks_;
-  std::vector<int32_t> slots_;
+  std::vector<Slot> slots_;
   uint64_t slot_mask_ = 0;
+  int slot_shift_ = 0;  // 64 - log2(number of slots)
+  // The slot where a key with this hash starts probing: the hash's top bits.
+  uint64_t home_slot(uint64_t hash) const { return hash >> slot_shift_; }
+  // Starts loading that slot's cache line. Safe without the lock (slots_ never reallocates, and
+  // a prefetch has no effect but timing): issued before taking it, the load overlaps the lock's
+  // acquisition instead of following it.
+  void prefetch_home_slot(uint64_t hash) const {
+    __builtin_prefetch(slots_.data() + home_slot(hash));
+  }
   int32_t head_ = kNil;  // oldest free block
   int32_t tail_ = kNil;  // newest free block
   BlockPoolStats stats_;

@@ -14,15 +14,7 @@ namespace epdrt {
 class SpinLock {
  public:
   void lock() noexcept {
-    for (int spins = 0; locked_.exchange(true, std::memory_order_acquire);) {
-      while (locked_.load(std::memory_order_relaxed)) {
-        if (++spins < kSpinsBeforeYield) {
-          cpu_relax();
-        } else {
-          std::this_thread::yield();
-        }
-      }
-    }
+    if (locked_.exchange(true, std::memory_order_acquire)) lock_contended();
   }
   bool try_lock() noexcept {
     return !locked_.load(std::memory_order_relaxed) &&
@@ -32,6 +24,23 @@ class SpinLock {
 
  private:
   static constexpr int kSpinsBeforeYield = 64;
+
+  // Out of line: callers inline only the exchange, so their fast path stays small.
+#if defined(__GNUC__)
+  __attribute__((noinline, cold))
+#endif
+  void lock_contended() noexcept {
+    for (int spins = 0;;) {
+      while (locked_.load(std::memory_order_relaxed)) {
+        if (++spins < kSpinsBeforeYield) {
+          cpu_relax();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+      if (!locked_.exchange(true, std::memory_order_acquire)) return;
+    }
+  }
 
   static void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
