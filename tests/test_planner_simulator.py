@@ -121,6 +121,22 @@ def test_decode_steps_and_continuous_batching():
     assert res.tpot_s[0] == pytest.approx((2 * 0.011 + 2 * 0.012 + 6 * 0.011) / 10, abs=1e-12)
 
 
+@pytest.mark.parametrize(("padded", "first_step_s"), [(False, 0.042), (True, 0.062)])
+def test_a_padded_decode_step_counts_every_sequence_at_the_longest_context(padded, first_step_s):
+    # 1 ms per context token. A (30-token prompt) and B (10) queue behind Z's prefill, are
+    # prefilled together and decode their first step together: 31 + 11 tokens summed, 2 x 31
+    # padded. A then finishes; B steps alone at 12 and 13 tokens (the finished longest
+    # sequence no longer counts).
+    p = linear_profile(prefill_fixed_s=0.1, decode_per_context_token_s=0.001)
+    z = _text(0, 0.0, prompt=16, out=1)
+    a, b = _text(1, 0.01, prompt=30, out=2), _text(2, 0.01, prompt=10, out=4)
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=64, decode_padded=padded)
+    res = simulate(p, cfg, [z, a, b])
+    assert res.ttft_s[1] == res.ttft_s[2] == pytest.approx(0.19, abs=1e-12)
+    assert res.tpot_s[1] == pytest.approx(first_step_s, abs=1e-12)
+    assert res.tpot_s[2] == pytest.approx((first_step_s + 0.012 + 0.013) / 3, abs=1e-12)
+
+
 def test_prefill_preempts_decode_at_step_boundaries_in_aggregated_mode():
     p = linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01)
     a = _text(0, 0.0, out=21)  # decodes 0.1 .. 0.3 when alone

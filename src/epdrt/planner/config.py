@@ -45,6 +45,9 @@ class DeployConfig:
         prefill_padded: a prefill batch is right-padded to its longest prompt, so it computes
             requests x longest tokens (epdrt's Hugging Face adapters); False: packed
             (variable-length) batches compute the sum of the prompts.
+        decode_padded: a decode step left-pads every sequence's past to the longest one, so
+            it attends over sequences x longest context tokens (epdrt's Hugging Face
+            adapters); False: paged attention over the sum of the contexts.
     """
 
     mode: str
@@ -56,6 +59,7 @@ class DeployConfig:
     decode_batch: int = 128
     image_split: int = 1
     prefill_padded: bool = False
+    decode_padded: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -136,6 +140,7 @@ class DeployConfig:
             "decode_batch": self.decode_batch,
             "image_split": self.image_split,
             "prefill_padded": self.prefill_padded,
+            "decode_padded": self.decode_padded,
         }
 
 

@@ -37,6 +37,7 @@ from PIL import Image
 
 from epdrt.cache import MMTokenCache, PagedKVCache
 from epdrt.errors import InvalidArgument
+from epdrt.host_memory import keep_freed_host_memory
 from epdrt.models import DecodeInput, ImageInput, PreparedRequest, load_adapter
 from epdrt.planner.profile import Overheads, StageProfile, TransferProfile
 from epdrt.planner.profiler import ProfileGrid, RunnerFacts, fit_transfer, measure_profile
@@ -584,7 +585,12 @@ def profile_model(
             transfer benchmark's quick cases, run here (see measure_transfer).
         overheads: also measure the runtime's fixed costs (router preprocessing, a control
             message between processes, the wake-up cost after idling).
+
+    On the CPU this process's allocator is set as in the runtime's CPU workers
+    (``host_memory.keep_freed_host_memory``), so the profile measures what they run.
     """
+    if torch.device(device).type == "cpu":
+        keep_freed_host_memory()
     runner = ModelStageRunner(model_dir, device, dtype)
     grid = default_grid(runner, quick)
     if progress:

@@ -23,7 +23,8 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   prefill KV.
 - Decode: continuous batching; at each step boundary waiting sequences join while the batch
   has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
-  gives every sequence one token.
+  gives every sequence one token (``decode_padded``: the total counts every sequence at the
+  longest context in the batch).
 - Stages that share a GPU take turns at batch boundaries, in the order encode, prefill,
   decode, skipping a stage with no work (the runtime's worker loop): a pending prefill runs
   after at most one more decode step (no chunked prefill), and under overload every stage
@@ -97,6 +98,7 @@ class _Gpu:
         "ei",
         "enc_q",
         "fin",
+        "gone",
         "grants",
         "idle_since",
         "incoming",
@@ -105,6 +107,7 @@ class _Gpu:
         "kv_used",
         "last",
         "link_free",
+        "longest",
         "mac_ctx",
         "mac_end",
         "mac_f",
@@ -137,6 +140,10 @@ class _Gpu:
         self.run_n = 0  # sequences in the decode batch
         self.run_ctx = 0  # their context tokens, summed
         self.fin: list[tuple[int, int, _Req]] = []  # (finishing step, seq, request)
+        # Running sequences by context, longest first: (-(context - step), seq); a sequence's
+        # context is that base plus the step count. Finished ones leave lazily (seq in gone).
+        self.longest: list[tuple[int, int]] = []
+        self.gone: set[int] = set()
         self.step = 0
         self.dec_wait: deque[_Req] = deque()
         self.incoming = 0  # KV transfers under way to this GPU
@@ -573,7 +580,8 @@ class _Sim:
         fin, step = g.fin, g.step
         released = False
         while fin and fin[0][0] <= step:
-            rq = heapq.heappop(fin)[2]
+            _, seq, rq = heapq.heappop(fin)
+            g.gone.add(seq)
             g.run_n -= 1
             g.run_ctx -= rq.inp + rq.out
             g.kv_used -= rq.inp + rq.out
@@ -703,6 +711,16 @@ class _Sim:
         self._start(g, dur, done, arg)
         return True
 
+    def _step_context(self, g: _Gpu) -> int:
+        """The context tokens g's next decode step computes over: the sum of the running
+        sequences' contexts, or (``decode_padded``) the batch size times the longest."""
+        if not self.c.decode_padded:
+            return g.run_ctx
+        top = g.longest
+        while top[0][1] in g.gone:
+            g.gone.discard(heapq.heappop(top)[1])
+        return g.run_n * (g.step - top[0][0])
+
     def _start_decode(self, g: _Gpu) -> bool:
         c = self.c
         wait, fin = g.dec_wait, g.fin
@@ -711,7 +729,9 @@ class _Sim:
             rq.t_join = self.now
             g.run_n += 1
             g.run_ctx += rq.inp + 1
-            heapq.heappush(fin, (g.step + rq.out - 1, next(self.seq), rq))
+            seq = next(self.seq)
+            heapq.heappush(fin, (g.step + rq.out - 1, seq, rq))
+            heapq.heappush(g.longest, (g.step - rq.inp - 1, seq))
         if not g.run_n:
             return False
         # Nothing changes the batch before its next finish, so its steps run as one event (cut
@@ -721,14 +741,15 @@ class _Sim:
             line = self.lines[g.run_n] = self.p.decode.at_x(g.run_n)
         k = 1 if g.enc_q or g.pre_q else g.fin[0][0] - g.step
         f = self._factor(k)
-        dur = f * line.sum_arithmetic(g.run_ctx, g.run_n, k) + k * self.step_s
+        ctx = self._step_context(g)
+        dur = f * line.sum_arithmetic(ctx, g.run_n, k) + k * self.step_s
         pen = self._wake_cost(g)  # the steps start once the GPU is awake
         g.busy = True
         g.busy_s["decode"] += pen + dur
         # mac_t0 / mac_end: when the steps start and end; with shared host cores, in work
         # seconds since the run started (its duration depends on the others' load).
         t0 = pen if self.cores is not None else self.now + pen
-        g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, t0, t0 + dur, g.run_ctx, line
+        g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, t0, t0 + dur, ctx, line
         g.mac_f = f
         g.mac_id += 1
         self._start(g, pen + dur, self._steps_done, (g, g.mac_id))

@@ -149,7 +149,8 @@ def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
     """The simulator's config for a runtime deployment.
 
     The runtime batches a prefill step up to ``prefill_max_batch_tokens``, right-padded to the
-    longest prompt (``prefill_padded``), and spreads a request's images over all encoders
+    longest prompt (``prefill_padded``), left-pads a decode step's pasts to the longest one
+    (``decode_padded``), and spreads a request's images over all encoders
     (``image_split`` = encoders in ``epd``).
     """
     mode = config.mode
@@ -171,4 +172,5 @@ def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
         decode_batch=config.decode_max_batch,
         image_split=split,
         prefill_padded=True,
+        decode_padded=True,
     )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from epdrt.cache import MMTokenCache, PagedKVCache
+from epdrt.host_memory import keep_freed_host_memory
 from epdrt.region import Region
 from epdrt.runtime import messages as m
 from epdrt.runtime.channel import Channel
@@ -248,6 +249,7 @@ class Worker:
 def main(argv: list[str]) -> int:
     spec = msgspec.json.decode(argv[0], type=WorkerSpec)
     if spec.device == "cpu":
+        keep_freed_host_memory()
         if spec.cpus:
             os.sched_setaffinity(0, spec.cpus)
         torch.set_num_threads(spec.config.cpu_threads)
