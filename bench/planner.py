@@ -14,10 +14,14 @@ throughput of the same deployments serving the same requests on this host.
    keep each request's submit time, shape (MM tokens per image, text tokens, tokens generated)
    and timings. A rate beyond the deployment's capacity measures its throughput.
 4. Replay the same requests (same submit times, same shapes) in the simulator with the profile;
-   on a CPU-only host the workers and the router share the host's cores in the simulation.
+   on a CPU-only host the workers and the router share the host's cores in the simulation,
+   and the profile's batch latencies are scaled to the host's speed during the run: a probe
+   of the model's own batches, timed beside the profile and again before and after each
+   workload (``SpeedProbe``; ``--no-speed-probe`` skips it).
 5. One record per (deployment, metric): ``value`` = predicted, ``baseline_value`` = measured,
-   ``ratio = min / max`` (1.0 = exact); ``extra`` holds the error and what the prediction is
-   without each of: the calibration, the calibrated request spread, shared cores, jitter.
+   ``ratio = min / max`` (1.0 = exact); ``extra`` holds the error, the speed ratio, and what
+   the prediction is without each of: the calibration, the speed probe, the calibrated
+   request spread, shared cores, jitter.
 
 Without ``--model`` a random-weight LLaVA of ``--size`` is made: ``small`` (default), whose
 batches take milliseconds to tens of milliseconds on one CPU core, so that compute rather than
@@ -35,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-calibrate", action="store_true", help="keep the profile's request_s and step_s"
+    )
+    parser.add_argument(
+        "--no-speed-probe",
+        action="store_true",
+        help="do not rescale the profile to the CPU host's speed at each run (see SpeedProbe)",
     )
     parser.add_argument("--calibration-requests", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200, help="requests per deployment")
@@ -110,15 +120,60 @@ def _deployments(text: str) -> list[tuple[str, int, int, int]]:
     return out
 
 
+class SpeedProbe:
+    """The host's speed now, measured on the model's own work: seconds of a fixed set of
+    batches (a 4 x 128-token prefill, an 8-sequence decode step at 128 tokens), one thread,
+    median of 5.
+
+    A shared CPU host's speed drifts by tens of percent over minutes (2026-12-02: a 16 x
+    256-token prefill took 419 ms while profiling and 555 ms twenty minutes later), so a
+    profile taken minutes before a run misprices it. ``ratio()`` of a probe taken beside a
+    run to the one taken beside the profile scales the profile's batch latencies for that
+    run. Workers idle while it runs (between workloads). CPU hosts only: a GPU's speed holds.
+    """
+
+    def __init__(self, model_dir: str) -> None:
+        from epdrt.planner.model_runner import ModelStageRunner
+
+        self.runner = ModelStageRunner(model_dir, "cpu")
+        self.reference = self.seconds()
+
+    def seconds(self) -> float:
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self.runner.prefill(128, 4)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                self.runner.prefill(128, 4)
+                self.runner.decode(8, 128)
+                times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
+        return statistics.median(times)
+
+    def ratio(self, probes: list[float]) -> float:
+        """The mean of ``probes`` (seconds) over the reference."""
+        return statistics.fmean(probes) / self.reference
+
+
 def _run_real(
-    model_dir: str, config: Any, workloads: list[list[Any]], warmup: list[Any]
-) -> list[list[Any]]:
+    model_dir: str,
+    config: Any,
+    workloads: list[list[Any]],
+    warmup: list[Any],
+    probe: Callable[[], float] | None = None,
+) -> tuple[list[list[Any]], list[float]]:
     """Serves each workload in turn (a second apart) on one fresh deployment; returns the
-    Observed requests of each."""
+    Observed requests of each and, with ``probe``, its value before each workload and after
+    the last (the workers idle meanwhile)."""
     from epdrt.planner.validation import Observed
     from epdrt.runtime.cluster import EPDCluster
 
-    out = []
+    out, probes = [], []
     with EPDCluster.launch(model_dir, config) as cluster:
         for item in warmup:  # one at a time: first calls in every worker, not timed
             res = cluster.submit(item.request).result()
@@ -130,6 +185,8 @@ def _run_real(
                 prep = cluster.pre.prepare(item.request)
                 tokens = tuple(im.num_tokens for im in prep.images)
                 shapes[item.request.id] = (tokens, len(prep.input_ids) - sum(tokens))
+            if probe is not None:
+                probes.append(probe())
             time.sleep(1.0)
             start = time.monotonic()
             futures, submits = [], []
@@ -149,24 +206,37 @@ def _run_real(
                     Observed(r.id, t, tokens, prompt, len(r.token_ids), r.ttft_s, r.tpot_s, r.e2e_s)
                 )
             out.append(observed)
-    return out
+        if probe is not None:
+            probes.append(probe())
+    return out, probes
 
 
 def _serve(
-    model_dir: str, config: Any, works: list[list[Any]], warm: list[Any], attempts: int
-) -> tuple[list[list[Any]], int]:
-    """_run_real, relaunching the deployment when a request fails; (observed, launches)."""
+    model_dir: str,
+    config: Any,
+    works: list[list[Any]],
+    warm: list[Any],
+    attempts: int,
+    probe: SpeedProbe | None = None,
+) -> tuple[list[list[Any]], list[float], int]:
+    """_run_real, relaunching the deployment when a request fails; (observed, the host speed
+    ratio during each workload (1.0 without a probe), launches)."""
     from epdrt.errors import EpdrtError
 
     for attempt in range(1, attempts + 1):
         try:
-            return _run_real(model_dir, config, works, warm), attempt
+            runs, probes = _run_real(
+                model_dir, config, works, warm, probe.seconds if probe else None
+            )
         except (RuntimeError, EpdrtError) as exc:
             # NOTE: now and then a request in a fresh epd deployment never gets its first
             # token (no worker error, nothing in the logs): relaunch rather than give up.
             _say(f"{config.mode}: launch {attempt} failed: {exc}")
             if attempt == attempts:
                 raise
+            continue
+        ratios = [probe.ratio(probes[k : k + 2]) if probe else 1.0 for k in range(len(runs))]
+        return runs, ratios, attempt
     raise AssertionError("unreachable")
 
 
@@ -180,7 +250,12 @@ def _runtime_label(config: Any) -> str:
 
 
 def _calibrate(
-    model_dir: str, profile: Any, cores: int | None, args: argparse.Namespace, workload: Any
+    model_dir: str,
+    profile: Any,
+    cores: int | None,
+    args: argparse.Namespace,
+    workload: Any,
+    probe: SpeedProbe | None,
 ) -> tuple[Any, dict[str, Any]]:
     """The profile's overheads with ``request_s`` and ``step_s`` from isolated requests (one
     every 150 ms) through an idle ``aggregated`` deployment of one worker: the medians of
@@ -199,8 +274,9 @@ def _calibrate(
     warm = workload(2, 1.0, args.seed + 3000)
     for i, it in enumerate(warm):
         it.request.id = f"cal-warmup{i}"
-    (observed,), _ = _serve(model_dir, config, [work], warm, args.attempts)
+    (observed,), (speed,), _ = _serve(model_dir, config, [work], warm, args.attempts, probe)
     base = replace(profile, overheads=replace(profile.overheads, request_s=0.0, step_s=0.0))
+    base = base.with_batches_scaled(speed)
     trace = observed_trace(observed)
     res = simulate(base, runtime_deploy_config(config), trace, host_cores=cores)
     ttft = {r.id: float(t) for r, t in zip(trace, res.ttft_s)}
@@ -224,6 +300,7 @@ def _calibrate(
         else None,
         "request_s": request_s,
         "step_s": step_s,
+        "host_speed_ratio": speed,
     }
     detail["residual_quantiles_s"] = [request_s + v for v in spread]
     calibrated = replace(
@@ -344,6 +421,11 @@ def _repeat(
             )
         finally:
             torch.set_num_threads(threads)
+    # Taken right after profiling: its reference is the host's speed during the profile.
+    probe = None
+    if device == "cpu" and not args.profile and not args.no_speed_probe:
+        probe = SpeedProbe(model_dir)
+        say(f"speed probe: {probe.reference * 1e3:.1f} ms (the reference)")
     lo, hi = (int(x) for x in args.images.split(","))
     new_lo, new_hi = (int(x) for x in args.max_new_tokens.split(","))
     placeholder = Preprocessor.load(model_dir, EPDConfig()).placeholder
@@ -358,7 +440,7 @@ def _repeat(
     uncalibrated = profile
     if not args.no_calibrate:
         say(f"calibrating: {args.calibration_requests} isolated requests, aggregated")
-        overheads, calibration = _calibrate(model_dir, profile, cores, args, workload)
+        overheads, calibration = _calibrate(model_dir, profile, cores, args, workload, probe)
         uncalibrated = replace(
             profile, overheads=replace(overheads, request_s=0.0, step_s=0.0, request_spread=())
         )
@@ -390,22 +472,26 @@ def _repeat(
             item.request.id = f"warmup{i}"
         load_before = os.getloadavg()[0]
         say(f"{mode}: {args.requests} requests at each of {rates}/s")
-        runs, launches = _serve(model_dir, config, works, warm, args.attempts)
+        runs, speeds, launches = _serve(model_dir, config, works, warm, args.attempts, probe)
         load_after = os.getloadavg()[0]
         sim_cfg = runtime_deploy_config(config)
-        for rate, observed in zip(rates, runs):
+        for rate, observed, speed in zip(rates, runs, speeds):
             trace = observed_trace(observed)
-            pred = predict(profile, sim_cfg, trace, host_cores=cores).as_dict()
+            now = profile.with_batches_scaled(speed)  # the profile at the host's speed now
+            pred = predict(now, sim_cfg, trace, host_cores=cores).as_dict()
             ablations = {
                 "predicted_without_calibration": predict(
-                    uncalibrated, sim_cfg, trace, host_cores=cores
+                    uncalibrated.with_batches_scaled(speed), sim_cfg, trace, host_cores=cores
                 ).as_dict(),
-                "predicted_without_shared_cores": predict(profile, sim_cfg, trace).as_dict(),
+                "predicted_without_speed_probe": predict(
+                    profile, sim_cfg, trace, host_cores=cores
+                ).as_dict(),
+                "predicted_without_shared_cores": predict(now, sim_cfg, trace).as_dict(),
                 "predicted_without_jitter": predict(
-                    replace(profile, jitter=()), sim_cfg, trace, host_cores=cores
+                    replace(now, jitter=()), sim_cfg, trace, host_cores=cores
                 ).as_dict(),
                 "predicted_without_request_spread": predict(
-                    replace(profile, overheads=replace(profile.overheads, request_spread=())),
+                    replace(now, overheads=replace(now.overheads, request_spread=())),
                     sim_cfg,
                     trace,
                     host_cores=cores,
@@ -414,7 +500,7 @@ def _repeat(
             if args.save_runs:
                 sub = f"repeat{repeat}/" if args.repeats > 1 else ""
                 path = Path(args.save_runs) / f"{sub}{mode}-{rate:g}.jsonl"
-                _save_run(path, profile, sim_cfg, observed, cores)
+                _save_run(path, now, sim_cfg, observed, cores)
             meas = observed_metrics(observed)
             keep = {k: pred[k] for k in METRICS if k in pred}
             recs = validation_records(
@@ -436,6 +522,7 @@ def _repeat(
                     "host_cpus": os.cpu_count(),
                     "simulated_host_cores": cores,
                     "launches": launches,
+                    "host_speed_ratio": speed,
                 },
             )
             for r in recs:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from epdrt.bench.planner import median_records
+from epdrt.bench.planner import SpeedProbe, median_records
 from epdrt.benchmarking import Record
 from epdrt.cli import main
 from epdrt.planner.model_runner import profile_model
@@ -38,6 +38,7 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
         assert r["extra"]["predicted"] == p and r["extra"]["measured"] == m
         assert r["ratio"] == pytest.approx(min(p, m) / max(p, m))
         assert r["extra"]["requests"] == 12 and r["extra"]["rate"] == 20
+        assert r["extra"]["host_speed_ratio"] == 1.0  # a given profile: no probe
     thr = next(r for r in recs if r["metric"] == "throughput_rps")
     assert 0 < thr["baseline_value"] < 40 and thr["ratio"] > 0.5  # both near the offered rate
     # The calibration fills in what the quick profile lacked, and is saved with it.
@@ -59,3 +60,10 @@ def test_median_records_compare_the_medians_over_repeats():
     assert r.case == "pd @ 6 req/s ttft_p90_s (median of 3 repeats)"
     assert r.extra["repeats_measured"] == [0.085, 0.1, 0.105]
     assert med["x"].extra["error"] == pytest.approx(0.2)
+
+
+def test_speed_probe_times_the_models_batches_and_gives_ratios(tiny_model_dir):
+    probe = SpeedProbe(tiny_model_dir("llava"))
+    assert 0 < probe.reference < 5
+    assert probe.ratio([2 * probe.reference, 4 * probe.reference]) == pytest.approx(3.0)
+    assert 0.1 < probe.ratio([probe.seconds()]) < 10  # the same host moments apart

@@ -84,6 +84,23 @@ def test_profile_json_round_trip(tmp_path):
     assert load_profile(str(path)) == p
 
 
+@pytest.mark.parametrize("factor", [0.5, 1.3])
+def test_scaled_profile_scales_every_batch_latency_and_nothing_else(factor):
+    p = linear_profile(
+        encode_fixed_s=0.01, encode_per_token_s=1e-4, prefill_fixed_s=0.02,
+        prefill_per_token_s=1e-4, decode_fixed_s=0.005, decode_per_context_token_s=1e-6,
+    )  # fmt: skip
+    q = p.with_batches_scaled(factor)
+    assert q.encode_latency(4, 64) == pytest.approx(factor * p.encode_latency(4, 64))
+    assert q.prefill_batch_latency([100, 300], padded=True) == pytest.approx(
+        factor * p.prefill_batch_latency([100, 300], padded=True)
+    )
+    assert q.decode_step_latency(8, 4000) == pytest.approx(factor * p.decode_step_latency(8, 4000))
+    assert (q.overheads, q.memory, q.transfer) == (p.overheads, p.memory, p.transfer)
+    with pytest.raises(InvalidArgument):
+        p.with_batches_scaled(0.0)
+
+
 def test_profile_schema_version_is_checked(tmp_path):
     d = linear_profile().to_dict()
     d["schema_version"] = 99

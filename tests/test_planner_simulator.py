@@ -62,6 +62,20 @@ def test_a_padded_prefill_batch_computes_requests_times_the_longest_prompt(padde
     )
 
 
+@pytest.mark.parametrize(("padded", "batches"), [(False, [[1, 2, 3]]), (True, [[1, 2], [3]])])
+def test_a_padded_budget_counts_requests_times_the_longest_prompt(padded, batches):
+    # Z (0.1 s) runs while prompts of 10, 10 and 40 tokens queue; budget 64: packed they fit
+    # (60 tokens), padded the third would make 3 x 40.
+    p = linear_profile(prefill_fixed_s=0.1)
+    reqs = [_text(0, 0.0, prompt=64)] + [
+        _text(i, 0.01, prompt=n) for i, n in ((1, 10), (2, 10), (3, 40))
+    ]
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=64, prefill_padded=padded)
+    res = simulate(p, cfg, reqs)
+    want = [0.1] + [0.1 * (2 + b) - 0.01 for b, batch in enumerate(batches) for _ in batch]
+    np.testing.assert_allclose(res.ttft_s, want, atol=1e-12)
+
+
 @pytest.mark.parametrize("rho", [0.3, 0.5])
 def test_md1_mean_wait(rho):
     # Poisson arrivals, deterministic 1 s service: mean wait rho / (2 mu (1 - rho)).

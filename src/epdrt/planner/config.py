@@ -43,8 +43,9 @@ class DeployConfig:
             ``ed``); 1 in ``pd`` and ``aggregated``, where a request is encoded on its own
             prefill GPU.
         prefill_padded: a prefill batch is right-padded to its longest prompt, so it computes
-            requests x longest tokens (epdrt's Hugging Face adapters); False: packed
-            (variable-length) batches compute the sum of the prompts.
+            requests x longest tokens, and ``prefill_tokens`` bounds that product (epdrt's
+            Hugging Face adapters); False: packed (variable-length) batches compute, and the
+            budget bounds, the sum of the prompts.
         decode_padded: a decode step left-pads every sequence's past to the longest one, so
             it attends over sequences x longest context tokens (epdrt's Hugging Face
             adapters); False: paged attention over the sum of the contexts.

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,10 @@ class PiecewiseLinear:
             ja = jb
             i += 1
 
+    def scaled(self, factor: float) -> PiecewiseLinear:
+        """The same model with every value times ``factor``."""
+        return PiecewiseLinear(self.knots, tuple(v * factor for v in self.values))
+
     def to_dict(self) -> dict[str, Any]:
         return {"knots": list(self.knots), "values": list(self.values)}
 
@@ -154,6 +158,12 @@ class Bilinear:
         i1 = i + 1 if len(self.x_knots) > 1 else i
         row = tuple(v[i][j] + t * (v[i1][j] - v[i][j]) for j in range(len(self.y_knots)))
         return PiecewiseLinear(self.y_knots, row)
+
+    def scaled(self, factor: float) -> Bilinear:
+        """The same model with every value times ``factor``."""
+        return Bilinear(
+            self.x_knots, self.y_knots, tuple(tuple(v * factor for v in row) for row in self.values)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -397,6 +407,20 @@ class StageProfile:
 
     def decode_step_latency(self, batch_size: int, context_tokens: int) -> float:
         return self.decode(batch_size, context_tokens)
+
+    def with_batches_scaled(self, factor: float) -> StageProfile:
+        """This profile with every batch latency (encode, prefill, decode) times ``factor``:
+        the same device running ``factor`` times slower (for example a shared host whose
+        speed a probe measured to have moved since the profile was taken)."""
+        if not factor > 0:
+            raise InvalidArgument(f"factor must be positive, got {factor}")
+        return replace(
+            self,
+            encode=self.encode.scaled(factor),
+            prefill=self.prefill.scaled(factor),
+            prefill_added=None if self.prefill_added is None else self.prefill_added.scaled(factor),
+            decode=self.decode.scaled(factor),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         m = self.memory

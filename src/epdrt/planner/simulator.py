@@ -11,7 +11,8 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   span batches) and lasts ``encode(images, mean tokens per image)``. A finished chunk's MM
   tokens go to the prefill GPU (no transfer when it is the same GPU).
 - Prefill: FIFO over requests whose MM tokens have all arrived; a batch takes requests while
-  their tokens fit ``prefill_tokens`` (the first always) and their KV fits the GPU's free KV
+  their tokens (``prefill_padded``: requests x longest prompt) fit ``prefill_tokens`` (the
+  first always) and their KV fits the GPU's free KV
   (back-pressure: the batch waits, nothing is dropped); it lasts
   ``profile.prefill_batch_latency`` (the fixed cost of a call once, every request's own work;
   ``prefill_padded``: each at the longest prompt) and ends with every request's first token.
@@ -680,10 +681,12 @@ class _Sim:
     def _start_prefill(self, g: _Gpu) -> bool:
         c = self.c
         pbatch: list[_Req] = []
-        tokens = kv = 0
+        tokens = kv = longest = 0
         free = g.kv_cap - g.kv_used
         for rq in g.pre_q:
-            if pbatch and tokens + rq.inp > c.prefill_tokens:
+            longest = max(longest, rq.inp)
+            size = (len(pbatch) + 1) * longest if c.prefill_padded else tokens + rq.inp
+            if pbatch and size > c.prefill_tokens:
                 break
             need = rq.inp + (rq.out if self.agg else 0)
             if kv + need > free:

@@ -148,10 +148,10 @@ def observed_metrics(observed: Sequence[Observed]) -> dict[str, float]:
 def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
     """The simulator's config for a runtime deployment.
 
-    The runtime batches a prefill step up to ``prefill_max_batch_tokens``, right-padded to the
-    longest prompt (``prefill_padded``), left-pads a decode step's pasts to the longest one
-    (``decode_padded``), and spreads a request's images over all encoders
-    (``image_split`` = encoders in ``epd``).
+    The runtime batches a prefill step up to ``prefill_max_batch_tokens`` counted as requests
+    x longest prompt, right-padded to the longest (``prefill_padded``), left-pads a decode
+    step's pasts to the longest one (``decode_padded``), and spreads a request's images over
+    all encoders (``image_split`` = encoders in ``epd``).
     """
     mode = config.mode
     if mode == "epd":

@@ -33,6 +33,8 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cpu_threads: int = 1
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     encode_max_batch_images: int = 8
+    #: Most tokens one prefill forward computes: requests x the longest prompt (the batch is
+    #: right-padded). A longer prompt still runs alone.
     prefill_max_batch_tokens: int = 4096
     decode_max_batch: int = 32
     kv_block_size: int = 16

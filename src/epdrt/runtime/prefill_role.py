@@ -119,20 +119,21 @@ class PrefillRole:
     def step(self) -> bool:
         progressed = self._admit()
         progressed = self._poll_local_encoder() or progressed
-        # One step prefills ready requests together, up to the token budget (always at least
-        # one), in one batched forward.
+        # One step prefills ready requests together in one forward, right-padded to the
+        # longest prompt: the budget counts requests x longest prompt, the tokens the forward
+        # computes and holds activations for (always at least one request).
         batch: list[_Request] = []
-        used, budget = 0, self.w.config.prefill_max_batch_tokens
+        longest, budget = 0, self.w.config.prefill_max_batch_tokens
         staged_blocks = 0  # staging blocks the batch takes
         for req in [r for r in self.admitted.values() if r.ready]:
             n = len(req.msg.input_ids)
-            if used and used + n > budget:
+            if batch and (len(batch) + 1) * max(longest, n) > budget:
                 break
             need = self._staging_blocks(req)
             if staged_blocks + need > self.kv.num_free_blocks:
                 self.w.count("prefill_kv_waits")  # back-pressure: decode frees staged KV
                 break
-            used += n
+            longest = max(longest, n)
             staged_blocks += need
             batch.append(req)
         if batch:
