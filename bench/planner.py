@@ -15,13 +15,14 @@ throughput of the same deployments serving the same requests on this host.
    and timings. A rate beyond the deployment's capacity measures its throughput.
 4. Replay the same requests (same submit times, same shapes) in the simulator with the profile;
    on a CPU-only host the workers and the router share the host's cores in the simulation,
-   and the profile's batch latencies are scaled to the host's speed during the run: a probe
-   of the model's own batches, timed beside the profile and again before and after each
-   workload (``SpeedProbe``; ``--no-speed-probe`` skips it).
+   the profile's batch latencies are scaled to the host's speed during the run (a probe of
+   the model's own batches, timed beside the profile and again before and after each
+   workload), and processes computing at the same time slow each other by the fraction a
+   second copy of the probe causes (``SpeedProbe``; ``--no-host-probes`` skips both).
 5. One record per (deployment, metric): ``value`` = predicted, ``baseline_value`` = measured,
-   ``ratio = min / max`` (1.0 = exact); ``extra`` holds the error, the speed ratio, and what
-   the prediction is without each of: the calibration, the speed probe, the calibrated
-   request spread, shared cores, jitter.
+   ``ratio = min / max`` (1.0 = exact); ``extra`` holds the error, the speed ratio, the
+   interference, and what the prediction is without each of: the calibration, the speed
+   probe, the interference, the calibrated request spread, shared cores, jitter.
 
 Without ``--model`` a random-weight LLaVA of ``--size`` is made: ``small`` (default), whose
 batches take milliseconds to tens of milliseconds on one CPU core, so that compute rather than
@@ -71,9 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-calibrate", action="store_true", help="keep the profile's request_s and step_s"
     )
     parser.add_argument(
-        "--no-speed-probe",
+        "--no-host-probes",
         action="store_true",
-        help="do not rescale the profile to the CPU host's speed at each run (see SpeedProbe)",
+        help="on a CPU host, neither rescale the profile to the host's speed at each run nor "
+        "measure how much concurrent workers slow each other (see SpeedProbe)",
     )
     parser.add_argument("--calibration-requests", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200, help="requests per deployment")
@@ -158,6 +160,46 @@ class SpeedProbe:
     def ratio(self, probes: list[float]) -> float:
         """The mean of ``probes`` (seconds) over the reference."""
         return statistics.fmean(probes) / self.reference
+
+    def interference(self, model_dir: str, timeout_s: float = 180.0) -> float:
+        """How much a second process running the same batches at the same time slows this
+        one: probe time beside it over probe time alone, minus 1 (at least 0). Processes on
+        separate cores still share the caches and the memory bandwidth; the simulator's
+        ``host_interference``."""
+        import select
+        import subprocess
+
+        alone = self.seconds()
+        child = subprocess.Popen(
+            [sys.executable, "-c", _PROBE_CHILD, model_dir],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            ready, _, _ = select.select([child.stdout], [], [], timeout_s)
+            if not ready or child.stdout.readline().strip() != "ready":
+                raise RuntimeError("the interference probe's second process did not start")
+            beside = self.seconds()
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+        return max(beside / alone - 1.0, 0.0)
+
+
+# The second process of SpeedProbe.interference: the probe's batches in a loop until killed.
+_PROBE_CHILD = """
+import sys, torch
+from epdrt.planner.model_runner import ModelStageRunner
+torch.set_num_threads(1)
+runner = ModelStageRunner(sys.argv[1], "cpu")
+runner.prefill(128, 4)
+runner.decode(8, 128)
+print("ready", flush=True)
+while True:
+    runner.prefill(128, 4)
+    runner.decode(8, 128)
+"""
 
 
 def _run_real(
@@ -256,6 +298,7 @@ def _calibrate(
     args: argparse.Namespace,
     workload: Any,
     probe: SpeedProbe | None,
+    interference: float,
 ) -> tuple[Any, dict[str, Any]]:
     """The profile's overheads with ``request_s`` and ``step_s`` from isolated requests (one
     every 150 ms) through an idle ``aggregated`` deployment of one worker: the medians of
@@ -278,7 +321,9 @@ def _calibrate(
     base = replace(profile, overheads=replace(profile.overheads, request_s=0.0, step_s=0.0))
     base = base.with_batches_scaled(speed)
     trace = observed_trace(observed)
-    res = simulate(base, runtime_deploy_config(config), trace, host_cores=cores)
+    res = simulate(
+        base, runtime_deploy_config(config), trace, host_cores=cores, host_interference=interference
+    )
     ttft = {r.id: float(t) for r, t in zip(trace, res.ttft_s)}
     tpot = {r.id: float(t) for r, t in zip(trace, res.tpot_s)}
     residuals = [o.ttft_s - ttft[o.id] for o in observed]
@@ -394,7 +439,6 @@ def _repeat(
     from epdrt.planner.model_runner import profile_model
     from epdrt.planner.profile import load_profile
     from epdrt.planner.profiler import load_transfer_records
-    from epdrt.planner.simulator import predict
     from epdrt.planner.validation import (
         observed_metrics,
         observed_trace,
@@ -422,10 +466,13 @@ def _repeat(
         finally:
             torch.set_num_threads(threads)
     # Taken right after profiling: its reference is the host's speed during the profile.
-    probe = None
-    if device == "cpu" and not args.profile and not args.no_speed_probe:
+    probe, interference = None, 0.0
+    if device == "cpu" and not args.profile and not args.no_host_probes:
         probe = SpeedProbe(model_dir)
         say(f"speed probe: {probe.reference * 1e3:.1f} ms (the reference)")
+    if device == "cpu" and (cores or 1) > 1 and not args.no_host_probes:
+        interference = (probe or SpeedProbe(model_dir)).interference(model_dir)
+        say(f"host interference: {interference:.1%} slower with a second process running")
     lo, hi = (int(x) for x in args.images.split(","))
     new_lo, new_hi = (int(x) for x in args.max_new_tokens.split(","))
     placeholder = Preprocessor.load(model_dir, EPDConfig()).placeholder
@@ -440,7 +487,9 @@ def _repeat(
     uncalibrated = profile
     if not args.no_calibrate:
         say(f"calibrating: {args.calibration_requests} isolated requests, aggregated")
-        overheads, calibration = _calibrate(model_dir, profile, cores, args, workload, probe)
+        overheads, calibration = _calibrate(
+            model_dir, profile, cores, args, workload, probe, interference
+        )
         uncalibrated = replace(
             profile, overheads=replace(overheads, request_s=0.0, step_s=0.0, request_spread=())
         )
@@ -478,29 +527,29 @@ def _repeat(
         for rate, observed, speed in zip(rates, runs, speeds):
             trace = observed_trace(observed)
             now = profile.with_batches_scaled(speed)  # the profile at the host's speed now
-            pred = predict(now, sim_cfg, trace, host_cores=cores).as_dict()
+            host = (cores, interference)
+            pred = _forecast(now, sim_cfg, trace, *host)
             ablations = {
-                "predicted_without_calibration": predict(
-                    uncalibrated.with_batches_scaled(speed), sim_cfg, trace, host_cores=cores
-                ).as_dict(),
-                "predicted_without_speed_probe": predict(
-                    profile, sim_cfg, trace, host_cores=cores
-                ).as_dict(),
-                "predicted_without_shared_cores": predict(now, sim_cfg, trace).as_dict(),
-                "predicted_without_jitter": predict(
-                    replace(now, jitter=()), sim_cfg, trace, host_cores=cores
-                ).as_dict(),
-                "predicted_without_request_spread": predict(
+                "predicted_without_calibration": _forecast(
+                    uncalibrated.with_batches_scaled(speed), sim_cfg, trace, *host
+                ),
+                "predicted_without_speed_probe": _forecast(profile, sim_cfg, trace, *host),
+                "predicted_without_shared_cores": _forecast(now, sim_cfg, trace, None, 0.0),
+                "predicted_without_interference": _forecast(now, sim_cfg, trace, cores, 0.0),
+                "predicted_without_jitter": _forecast(
+                    replace(now, jitter=()), sim_cfg, trace, *host
+                ),
+                "predicted_without_request_spread": _forecast(
                     replace(now, overheads=replace(now.overheads, request_spread=())),
                     sim_cfg,
                     trace,
-                    host_cores=cores,
-                ).as_dict(),
+                    *host,
+                ),
             }
             if args.save_runs:
                 sub = f"repeat{repeat}/" if args.repeats > 1 else ""
                 path = Path(args.save_runs) / f"{sub}{mode}-{rate:g}.jsonl"
-                _save_run(path, now, sim_cfg, observed, cores)
+                _save_run(path, now, sim_cfg, observed, cores, interference)
             meas = observed_metrics(observed)
             keep = {k: pred[k] for k in METRICS if k in pred}
             recs = validation_records(
@@ -523,6 +572,7 @@ def _repeat(
                     "simulated_host_cores": cores,
                     "launches": launches,
                     "host_speed_ratio": speed,
+                    "host_interference": interference,
                 },
             )
             for r in recs:
@@ -535,15 +585,31 @@ def _repeat(
     return records, rows
 
 
+def _forecast(
+    profile: Any, config: Any, trace: list[Any], cores: int | None, interference: float
+) -> dict[str, float]:
+    """The simulator's prediction as a dict (predict() with the host's sharing)."""
+    from epdrt.planner.simulator import predict
+
+    return predict(
+        profile, config, trace, host_cores=cores, host_interference=interference
+    ).as_dict()
+
+
 def _save_run(
-    path: Path, profile: Any, config: Any, observed: list[Any], cores: int | None
+    path: Path,
+    profile: Any,
+    config: Any,
+    observed: list[Any],
+    cores: int | None,
+    interference: float,
 ) -> None:
     """Each request: what the runtime measured beside what the simulator gives it."""
     from epdrt.planner.simulator import simulate
     from epdrt.planner.validation import observed_trace
 
     trace = observed_trace(observed)
-    res = simulate(profile, config, trace, host_cores=cores)
+    res = simulate(profile, config, trace, host_cores=cores, host_interference=interference)
     sim = {r.id: (float(a), float(b)) for r, a, b in zip(trace, res.ttft_s, res.tpot_s)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

@@ -23,12 +23,6 @@ constexpr uint64_t kWordMultipliers[BlockKey::kMaxBytes / 8] = {
 // Sum of the key's 8-byte words, each times its own multiplier; kFull whole words, then
 // `tail` bytes (< 8) assembled in a register: a byte copy into a stack word and a wide load of
 // it would stall on store forwarding.
-#if defined(__GNUC__)
-#define EPDRT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define EPDRT_ALWAYS_INLINE inline
-#endif
-
 template <size_t kFull>
 EPDRT_ALWAYS_INLINE uint64_t mix_words(const uint8_t* data, size_t tail, uint64_t h) {
   for (size_t i = 0; i < kFull; ++i) {
@@ -76,13 +70,13 @@ EPDRT_ALWAYS_INLINE uint64_t hash_key_bytes(const uint8_t* data, size_t size, Bl
       h = mix_words<7>(data, tail, h);
       break;
     default:
-      h = mix_words<8>(data, 0, h);
-      break;  // 64 bytes: size is checked before
+      h = mix_words<8>(data, 0, h);  // 64 bytes: the size was checked before
+      break;
   }
   return h;
 }
 
-[[noreturn]] __attribute__((noinline, cold)) void throw_bad_key_size(size_t size) {
+[[noreturn]] EPDRT_COLD void throw_bad_key_size(size_t size) {
   throw InvalidArgument(
       detail::concat("a block key must have 1 to ", BlockKey::kMaxBytes, " bytes, got ", size));
 }

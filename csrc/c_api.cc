@@ -42,11 +42,8 @@ epdrt_status guarded(Fn&& fn) {
   }
 }
 
-#if defined(__GNUC__)
-__attribute__((noinline, cold))
-#endif
-epdrt_status lookup_guarded(epdrt_block_pool* pool, const void* key, size_t key_size,
-                            int32_t* out_id) {
+EPDRT_COLD epdrt_status lookup_guarded(epdrt_block_pool* pool, const void* key, size_t key_size,
+                                       int32_t* out_id) {
   return guarded([&] {
     EPDRT_ASSERT(pool != nullptr && key != nullptr && out_id != nullptr, "NULL argument");
     *out_id = pool->pool.lookup(key, key_size);

@@ -25,7 +25,7 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
     rc = main([
         "bench", "planner", "--model", model, "--profile", str(prof), "--save-profile", str(used),
         "--deployments", "aggregated:0:1:0", "--requests", "12", "--rates", "20", "--warmup", "1",
-        "--calibration-requests", "4", "--json", str(out),
+        "--calibration-requests", "4", "--no-host-probes", "--json", str(out),
     ])  # fmt: skip
     assert rc == 0
     assert "aggregated@20" in capsys.readouterr().err
@@ -38,7 +38,8 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
         assert r["extra"]["predicted"] == p and r["extra"]["measured"] == m
         assert r["ratio"] == pytest.approx(min(p, m) / max(p, m))
         assert r["extra"]["requests"] == 12 and r["extra"]["rate"] == 20
-        assert r["extra"]["host_speed_ratio"] == 1.0  # a given profile: no probe
+        assert r["extra"]["host_speed_ratio"] == 1.0  # no probes
+        assert r["extra"]["host_interference"] == 0.0
     thr = next(r for r in recs if r["metric"] == "throughput_rps")
     assert 0 < thr["baseline_value"] < 40 and thr["ratio"] > 0.5  # both near the offered rate
     # The calibration fills in what the quick profile lacked, and is saved with it.
@@ -63,7 +64,11 @@ def test_median_records_compare_the_medians_over_repeats():
 
 
 def test_speed_probe_times_the_models_batches_and_gives_ratios(tiny_model_dir):
-    probe = SpeedProbe(tiny_model_dir("llava"))
+    model_dir = tiny_model_dir("llava")
+    probe = SpeedProbe(model_dir)
     assert 0 < probe.reference < 5
     assert probe.ratio([2 * probe.reference, 4 * probe.reference]) == pytest.approx(3.0)
     assert 0.1 < probe.ratio([probe.seconds()]) < 10  # the same host moments apart
+    # A second process running the same batches: about 0 on a core of its own, about 1 when
+    # both share one core.
+    assert 0.0 <= probe.interference(model_dir) < 5.0

@@ -341,6 +341,24 @@ def test_shared_host_cores_slow_overlapping_batches_down():
     np.testing.assert_allclose(res.ttft_s, [0.15, 0.15], atol=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.25])
+def test_processes_running_at_once_slow_each_other_by_the_interference(alpha):
+    # Two at once on 2 cores each run at 1 / (1 + alpha); three share 2 cores at 2/3 of that;
+    # one alone is not slowed.
+    p = linear_profile(prefill_fixed_s=0.1)
+    cfg = DeployConfig("aggregated", 3, 3, 3, prefill_tokens=16)
+
+    def ttft(n: int) -> np.ndarray:
+        reqs = [_text(i, 0.0) for i in range(n)]
+        return simulate(p, cfg, reqs, host_cores=2, host_interference=alpha).ttft_s
+
+    np.testing.assert_allclose(ttft(1), [0.1], atol=1e-12)
+    np.testing.assert_allclose(ttft(2), [0.1 * (1 + alpha)] * 2, atol=1e-12)
+    np.testing.assert_allclose(ttft(3), [0.15 * (1 + alpha)] * 3, atol=1e-12)
+    with pytest.raises(InvalidArgument):
+        simulate(p, cfg, [_text(0, 0.0)], host_cores=2, host_interference=-0.1)
+
+
 def test_shared_cores_stretch_decode_steps_and_their_boundaries():
     # pd on one core: a decodes 20 steps of 10 ms from 0.1; b's prefill (0.105-0.305) halves
     # both; b joins at the step boundary after 0.305 (work 0.11 = step 11, at 0.31).

@@ -6,6 +6,11 @@
 #include <stdexcept>
 #include <string>
 
+// Function attributes for hot paths (GCC and Clang, the compilers the core builds with):
+// always inline, and out of line and cold (error and slow paths kept out of their callers).
+#define EPDRT_ALWAYS_INLINE inline __attribute__((always_inline))
+#define EPDRT_COLD __attribute__((noinline, cold))
+
 namespace epdrt {
 
 // Status codes shared with the C API (epdrt.h mirrors these values).
@@ -71,7 +76,7 @@ std::string concat(Args&&... args) {
 }  // namespace epdrt
 
 // Throws epdrt::InvalidArgument with the streamed message when cond is false.
-#define EPDRT_ASSERT(cond, ...)                                                 \
-  do {                                                                          \
+#define EPDRT_ASSERT(cond, ...)                                                        \
+  do {                                                                                 \
     if (!(cond)) throw ::epdrt::InvalidArgument(::epdrt::detail::concat(__VA_ARGS__)); \
   } while (0)

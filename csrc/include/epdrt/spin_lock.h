@@ -5,6 +5,8 @@
 #include <atomic>
 #include <thread>
 
+#include "epdrt/common.h"
+
 namespace epdrt {
 
 // Test-and-test-and-set lock, usable with std::lock_guard. Taking it uncontended costs one
@@ -26,10 +28,7 @@ class SpinLock {
   static constexpr int kSpinsBeforeYield = 64;
 
   // Out of line: callers inline only the exchange, so their fast path stays small.
-#if defined(__GNUC__)
-  __attribute__((noinline, cold))
-#endif
-  void lock_contended() noexcept {
+  EPDRT_COLD void lock_contended() noexcept {
     for (int spins = 0;;) {
       while (locked_.load(std::memory_order_relaxed)) {
         if (++spins < kSpinsBeforeYield) {

@@ -40,7 +40,8 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   work after idling pays a wake-up cost; calibrated per-request latency and per-step work.
 - Batch latencies are drawn from profile.jitter (seeded) when the profile has one.
 - ``host_cores``: GPUs and the router share that many CPU cores (processor sharing), as on a
-  CPU-only host.
+  CPU-only host; ``host_interference``: each further process running at the same time slows
+  every running one by that fraction (they share caches and memory bandwidth).
 """
 
 from __future__ import annotations
@@ -244,6 +245,7 @@ class _Sim:
         slo: SLO | None,
         stop_below: float | None,
         host_cores: int | None = None,
+        host_interference: float = 0.0,
     ) -> None:
         self.p = profile
         self.c = config
@@ -304,7 +306,10 @@ class _Sim:
         # Shared host cores (processor sharing): the GPUs and the router busy now, their speed.
         if host_cores is not None and host_cores < 1:
             raise InvalidArgument("host_cores must be >= 1")
+        if not host_interference >= 0:
+            raise InvalidArgument(f"host_interference must be >= 0, got {host_interference}")
         self.cores = host_cores
+        self.interference = host_interference
         self.active: list[_Gpu] = []
         self.speed = 1.0
         self.ps_t = 0.0
@@ -328,7 +333,8 @@ class _Sim:
         """g runs ``work`` seconds of work (at full speed), then ``fn(arg)``.
 
         With shared host cores, every busy GPU (and the busy router) is one runnable process:
-        n of them on c cores each run at ``min(1, c / n)`` of full speed.
+        n of them on c cores each run at ``min(1, c / n)`` of full speed, divided by
+        ``1 + interference * (min(n, c) - 1)`` (the processes running at once slow each other).
         """
         if self.cores is None:
             self._at(self.now + work, fn, arg)
@@ -350,8 +356,10 @@ class _Sim:
 
     def _retime(self) -> None:
         """New speed for the active tasks; their completions rescheduled (older ones void)."""
-        n = len(self.active)
-        self.speed = min(1.0, self.cores / n) if self.cores is not None and n else 1.0
+        n, c = len(self.active), self.cores
+        self.speed = 1.0
+        if c is not None and n:
+            self.speed = min(1.0, c / n) / (1.0 + self.interference * (min(n, c) - 1))
         self.ps_gen += 1
         for g in self.active:
             assert g.task is not None
@@ -825,6 +833,7 @@ def simulate(
     *,
     stop_below: float | None = None,
     host_cores: int | None = None,
+    host_interference: float = 0.0,
 ) -> SimResult:
     """Simulates ``config`` serving ``requests`` (sorted by arrival) until all finish.
 
@@ -835,6 +844,9 @@ def simulate(
         host_cores: the deployment's workers and router share this many CPU cores
             (processor sharing: n busy on c cores each run at ``min(1, c / n)`` speed), as
             on a CPU-only host; None: every worker has its own device.
+        host_interference: with ``host_cores``, the fraction by which each further process
+            running at the same time slows every running one (shared caches and memory
+            bandwidth; ``bench/planner.py`` measures it with two copies of a probe).
 
     Raises:
         InvalidArgument: the config cannot hold the workload in memory.
@@ -843,7 +855,7 @@ def simulate(
         raise InvalidArgument("simulate needs at least one request")
     if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(requests)):
         raise InvalidArgument("requests must be sorted by arrival_s")
-    sim = _Sim(profile, config, requests, slo, stop_below, host_cores)
+    sim = _Sim(profile, config, requests, slo, stop_below, host_cores, host_interference)
     sim.run()
     return sim.result()
 
@@ -871,6 +883,7 @@ def predict(
     slo: SLO | None = None,
     *,
     host_cores: int | None = None,
+    host_interference: float = 0.0,
 ) -> Prediction:
     """Predicted TTFT/TPOT percentiles and throughput of ``config`` serving ``requests``.
 
@@ -878,7 +891,12 @@ def predict(
     replay the measured run's requests (workload.load_trace) and compare (planner.validation).
     """
     res = simulate(
-        profile, config, sorted(requests, key=lambda r: r.arrival_s), slo, host_cores=host_cores
+        profile,
+        config,
+        sorted(requests, key=lambda r: r.arrival_s),
+        slo,
+        host_cores=host_cores,
+        host_interference=host_interference,
     )
     return Prediction(
         ttft_p50_s=res.ttft_quantile(0.5),
