@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from epdrt.bench._speed_probe import SpeedProbe
 from epdrt.benchmarking import Record, model_dir_or_tiny
 
 HELP = "planner simulator vs real epd/pd/aggregated runs: TTFT p50/p90, TPOT, throughput"
@@ -120,86 +121,6 @@ def _deployments(text: str) -> list[tuple[str, int, int, int]]:
         mode, e, p, d = item.strip().split(":")
         out.append((mode, int(e), int(p), int(d)))
     return out
-
-
-class SpeedProbe:
-    """The host's speed now, measured on the model's own work: seconds of a fixed set of
-    batches (a 4 x 128-token prefill, an 8-sequence decode step at 128 tokens), one thread,
-    median of 5.
-
-    A shared CPU host's speed drifts by tens of percent over minutes (2026-12-02: a 16 x
-    256-token prefill took 419 ms while profiling and 555 ms twenty minutes later), so a
-    profile taken minutes before a run misprices it. ``ratio()`` of a probe taken beside a
-    run to the one taken beside the profile scales the profile's batch latencies for that
-    run. Workers idle while it runs (between workloads). CPU hosts only: a GPU's speed holds.
-    """
-
-    def __init__(self, model_dir: str) -> None:
-        from epdrt.planner.model_runner import ModelStageRunner
-
-        self.runner = ModelStageRunner(model_dir, "cpu")
-        self.reference = self.seconds()
-
-    def seconds(self) -> float:
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            self.runner.prefill(128, 4)
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                self.runner.prefill(128, 4)
-                self.runner.decode(8, 128)
-                times.append(time.perf_counter() - start)
-        finally:
-            torch.set_num_threads(threads)
-        return statistics.median(times)
-
-    def ratio(self, probes: list[float]) -> float:
-        """The mean of ``probes`` (seconds) over the reference."""
-        return statistics.fmean(probes) / self.reference
-
-    def interference(self, model_dir: str, timeout_s: float = 180.0) -> float:
-        """How much a second process running the same batches at the same time slows this
-        one: probe time beside it over probe time alone, minus 1 (at least 0). Processes on
-        separate cores still share the caches and the memory bandwidth; the simulator's
-        ``host_interference``."""
-        import select
-        import subprocess
-
-        alone = self.seconds()
-        child = subprocess.Popen(
-            [sys.executable, "-c", _PROBE_CHILD, model_dir],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            ready, _, _ = select.select([child.stdout], [], [], timeout_s)
-            if not ready or child.stdout.readline().strip() != "ready":
-                raise RuntimeError("the interference probe's second process did not start")
-            beside = self.seconds()
-        finally:
-            child.kill()
-            child.wait(timeout=30)
-        return max(beside / alone - 1.0, 0.0)
-
-
-# The second process of SpeedProbe.interference: the probe's batches in a loop until killed.
-_PROBE_CHILD = """
-import sys, torch
-from epdrt.planner.model_runner import ModelStageRunner
-torch.set_num_threads(1)
-runner = ModelStageRunner(sys.argv[1], "cpu")
-runner.prefill(128, 4)
-runner.decode(8, 128)
-print("ready", flush=True)
-while True:
-    runner.prefill(128, 4)
-    runner.decode(8, 128)
-"""
 
 
 def _run_real(
@@ -467,12 +388,15 @@ def _repeat(
             torch.set_num_threads(threads)
     # Taken right after profiling: its reference is the host's speed during the profile.
     probe, interference = None, 0.0
-    if device == "cpu" and not args.profile and not args.no_host_probes:
+    if device == "cpu" and not args.no_host_probes:
         probe = SpeedProbe(model_dir)
         say(f"speed probe: {probe.reference * 1e3:.1f} ms (the reference)")
-    if device == "cpu" and (cores or 1) > 1 and not args.no_host_probes:
-        interference = (probe or SpeedProbe(model_dir)).interference(model_dir)
-        say(f"host interference: {interference:.1%} slower with a second process running")
+        if (cores or 1) > 1:
+            interference = probe.interference()
+            say(f"host interference: {interference:.1%} slower with a second process running")
+        if args.profile:  # no reference beside the profile: measure the interference only
+            probe.close()
+            probe = None
     lo, hi = (int(x) for x in args.images.split(","))
     new_lo, new_hi = (int(x) for x in args.max_new_tokens.split(","))
     placeholder = Preprocessor.load(model_dir, EPDConfig()).placeholder
@@ -582,6 +506,8 @@ def _repeat(
                     r.extra[name] = values[r.metric]
             records += recs
             rows.append((f"{mode}@{rate:g}", keep, meas))
+    if probe is not None:
+        probe.close()
     return records, rows
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from epdrt.bench.planner import SpeedProbe, median_records
+from epdrt.bench._speed_probe import SpeedProbe
+from epdrt.bench.planner import median_records
 from epdrt.benchmarking import Record
 from epdrt.cli import main
 from epdrt.planner.model_runner import profile_model
@@ -64,11 +65,11 @@ def test_median_records_compare_the_medians_over_repeats():
 
 
 def test_speed_probe_times_the_models_batches_and_gives_ratios(tiny_model_dir):
-    model_dir = tiny_model_dir("llava")
-    probe = SpeedProbe(model_dir)
-    assert 0 < probe.reference < 5
-    assert probe.ratio([2 * probe.reference, 4 * probe.reference]) == pytest.approx(3.0)
-    assert 0.1 < probe.ratio([probe.seconds()]) < 10  # the same host moments apart
-    # A second process running the same batches: about 0 on a core of its own, about 1 when
-    # both share one core.
-    assert 0.0 <= probe.interference(model_dir) < 5.0
+    with SpeedProbe(tiny_model_dir("llava")) as probe:
+        assert 0 < probe.reference < 5
+        assert probe.ratio([2 * probe.reference, 4 * probe.reference]) == pytest.approx(3.0)
+        assert 0.1 < probe.ratio([probe.seconds()]) < 10  # the same host moments apart
+        # A second process running the same batches: about 0 on a core of its own, about 1
+        # when both share one core.
+        assert 0.0 <= probe.interference() < 5.0
+    assert probe._proc.poll() is not None  # closed: the probe process is gone
