@@ -4,12 +4,13 @@ their own (used by ``bench/planner.py``).
 
 A shared CPU host's speed drifts by tens of percent over minutes (2026-12-02: a 16 x 256-token
 prefill took 419 ms while profiling and 555 ms twenty minutes later), so a profile taken
-minutes before a run misprices it. ``SpeedProbe.seconds()`` times a fixed set of batches (a
-4 x 128-token prefill and an 8-sequence decode step at 128 tokens, one thread, median of 7);
+minutes before a run misprices it. ``SpeedProbe.seconds()`` times a fixed set of mid-size
+batches (an 8 x 256-token prefill, half the runtime's default prefill budget, and a
+16-sequence decode step at 256 tokens; one thread, median of 7);
 the ratio of a probe taken beside a run to the one taken beside the profile scales the
-profile's batch latencies for that run. ``interference()`` times the same batches while a
-second process runs them too: processes on separate cores still share caches and memory
-bandwidth.
+profile's batch latencies for that run. ``interference()`` times the same batches with and
+without a second process running them too (paused and resumed in turn): processes on separate
+cores still share caches and memory bandwidth.
 
 The probe runs in a process of its own, never in the caller's: a caller that also runs an
 ``EPDCluster`` router has threads that take the GIL, which would slow a probe there and not
@@ -23,6 +24,7 @@ Both print ``ready`` first.
 from __future__ import annotations
 
 import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,16 +56,22 @@ class SpeedProbe:
         """The mean of ``probes`` (seconds) over the reference."""
         return statistics.fmean(probes) / self.reference
 
-    def interference(self) -> float:
+    def interference(self, rounds: int = 5) -> float:
         """Probe time while a second process runs the same batches over probe time alone,
-        minus 1 (at least 0): the simulator's ``host_interference``."""
-        alone = self.seconds()
+        minus 1 (at least 0): the simulator's ``host_interference``. The second process is
+        paused (SIGSTOP) and resumed in turn, ``rounds`` times, and the median of the rounds'
+        ratios counts: one pair of probes moves with the host's drift."""
         other = _start(self.model_dir, "loop", self.timeout_s)
+        ratios = []
         try:
-            beside = self.seconds()
+            for _ in range(rounds):
+                other.send_signal(signal.SIGSTOP)
+                alone = self.seconds()
+                other.send_signal(signal.SIGCONT)
+                ratios.append(self.seconds() / alone)
         finally:
             _stop(other)
-        return max(beside / alone - 1.0, 0.0)
+        return max(statistics.median(ratios) - 1.0, 0.0)
 
     def close(self) -> None:
         _stop(self._proc)
@@ -119,8 +127,8 @@ def _main(model_dir: str, mode: str) -> None:
     runner = ModelStageRunner(model_dir, "cpu")
 
     def batches() -> None:
-        runner.prefill(128, 4)
-        runner.decode(8, 128)
+        runner.prefill(256, 8)
+        runner.decode(16, 256)
 
     batches()
     print("ready", flush=True)
