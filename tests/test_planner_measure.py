@@ -43,7 +43,11 @@ def test_cli_profile_measures_the_tiny_llava(tiny_model_dir, tmp_path, capsys):
     assert p.transfer.bytes_per_s > 1e8
     o = p.overheads
     assert 0 < o.message_s < 0.01 and o.prepare_per_image_s > 0 and o.wake_s >= 0
-    assert "transfer benchmark" in p.notes, captured.err[-3000:]
+    # The link cost comes from the transfer benchmark, or, when its quick cases do not grow
+    # with the payload (a busy 2-core host: 4 KiB, 64 KiB and 1 MiB all took ~300-400 us),
+    # from the in-process block copy; either way the profile says which.
+    assert "transfer: the transfer benchmark" in p.notes or "transfer: the runtime's" in p.notes
+    assert ("unavailable" in captured.err) == ("transfer: the runtime's" in p.notes)
     # The measured profile plans: say nothing about estimates, find configs.
     plan = tmp_path / "plan.json"
     rc = main([
