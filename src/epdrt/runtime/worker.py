@@ -87,9 +87,10 @@ class Worker:
         self.encode = EncodeRole(self) if "encode" in roles else None
         self.decode = DecodeRole(self) if "decode" in roles else None
         self.prefill = PrefillRole(self) if "prefill" in roles else None
-        # Each loop iteration steps the roles in pipeline order: a new request's images are
-        # encoded, then (MM tokens local) prefilled in the same iteration, before the next
-        # decode step of the running sequences (prefill-first, as the planner's simulator).
+        # Each loop iteration steps every role once, in pipeline order: a new request's images
+        # are encoded, then (MM tokens local) prefilled in the same iteration, before the next
+        # decode step of the running sequences; under load the stages take turns, as the
+        # planner's simulator models.
         self.roles = [r for r in (self.encode, self.prefill, self.decode) if r is not None]
 
     # ---- peers -----------------------------------------------------------------------------
