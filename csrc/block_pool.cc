@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
+#include <utility>
 
 #include "epdrt/common.h"
 
@@ -38,58 +40,52 @@ EPDRT_ALWAYS_INLINE uint64_t mix_words(const uint8_t* data, size_t tail, uint64_
   return h;
 }
 
-// Hash of a key's size bytes and kind, read where the caller left them. Inlined, with the
-// word count a compile-time constant for every size, so a key hashes in a few independent
-// multiplies and adds.
+// Calls fn(std::integral_constant<size_t, W>{}) with W = min(size / 8, 8), the key's whole
+// 8-byte words (sizes above 64 are rejected before), so the hash is compiled once per word
+// count: a caller hashing many keys of one size picks the specialization once, not per key.
+template <typename Fn, size_t... kWords>
+EPDRT_ALWAYS_INLINE void dispatch_words(size_t words, Fn&& fn, std::index_sequence<kWords...>) {
+  // A chain of compares, which the compiler turns into a jump table.
+  (void)((words == kWords && (fn(std::integral_constant<size_t, kWords>{}), true)) || ...);
+}
+
+template <typename Fn>
+EPDRT_ALWAYS_INLINE void with_key_words(size_t size, Fn&& fn) {
+  constexpr size_t kMaxWords = BlockKey::kMaxBytes / 8;
+  dispatch_words(std::min(size / 8, kMaxWords), std::forward<Fn>(fn),
+                 std::make_index_sequence<kMaxWords + 1>{});
+}
+
+// Hash of a key of size bytes (kFull whole words) and kind, read where the caller left them:
+// a few independent multiplies and adds.
+template <size_t kFull>
+EPDRT_ALWAYS_INLINE uint64_t hash_key(const uint8_t* data, size_t size, BlockKey::Kind kind) {
+  const uint64_t h = (size | (uint64_t{static_cast<uint8_t>(kind)} << 8)) * 0x2545f4914f6cdd1dull;
+  return mix_words<kFull>(data, size % 8, h);
+}
+
+// Keys of this size skip the dispatch on size: the runtime's content keys are 32-byte digests
+// (BLAKE2b-256 of images; SHA-256 and BLAKE3 are 32 bytes too).
+constexpr size_t kDigestBytes = 32;
+
 EPDRT_ALWAYS_INLINE uint64_t hash_key_bytes(const uint8_t* data, size_t size, BlockKey::Kind kind) {
-  uint64_t h = (size | (uint64_t{static_cast<uint8_t>(kind)} << 8)) * 0x2545f4914f6cdd1dull;
-  const size_t tail = size % 8;
-  switch (size / 8) {
-    case 0:
-      h = mix_words<0>(data, tail, h);
-      break;
-    case 1:
-      h = mix_words<1>(data, tail, h);
-      break;
-    case 2:
-      h = mix_words<2>(data, tail, h);
-      break;
-    case 3:
-      h = mix_words<3>(data, tail, h);
-      break;
-    case 4:
-      h = mix_words<4>(data, tail, h);
-      break;
-    case 5:
-      h = mix_words<5>(data, tail, h);
-      break;
-    case 6:
-      h = mix_words<6>(data, tail, h);
-      break;
-    case 7:
-      h = mix_words<7>(data, tail, h);
-      break;
-    default:
-      h = mix_words<8>(data, 0, h);  // 64 bytes: the size was checked before
-      break;
-  }
-  return h;
-}
-
-[[noreturn]] EPDRT_COLD void throw_bad_key_size(size_t size) {
-  throw InvalidArgument(
-      detail::concat("a block key must have 1 to ", BlockKey::kMaxBytes, " bytes, got ", size));
-}
-
-// Inlined: it runs on every lookup by raw bytes; only the throw is out of line.
-EPDRT_ALWAYS_INLINE void check_key_size(size_t size) {
-  if (!BlockKey::valid_size(size)) throw_bad_key_size(size);
+  if (__builtin_expect(size == kDigestBytes, 1))
+    return hash_key<kDigestBytes / 8>(data, size, kind);
+  uint64_t hash = 0;
+  with_key_words(size,
+                 [&](auto words) { hash = hash_key<decltype(words)::value>(data, size, kind); });
+  return hash;
 }
 
 }  // namespace
 
+void BlockKey::throw_bad_size(size_t size) {
+  throw InvalidArgument(
+      detail::concat("a block key must have 1 to ", BlockKey::kMaxBytes, " bytes, got ", size));
+}
+
 BlockKey BlockKey::from_bytes(const void* data, size_t size) {
-  check_key_size(size);
+  check_size(size);
   BlockKey key;
   std::memcpy(key.bytes.data(), data, size);
   key.size = static_cast<uint8_t>(size);
@@ -293,10 +289,7 @@ void BlockPool::commit_many(const int32_t* ids, const BlockKey* keys, size_t n, 
 
 EPDRT_ALWAYS_INLINE int32_t BlockPool::lookup_locked(const KeyRef& key) {
   const int64_t slot = index_find(key);
-  if (slot == kNil) {
-    ++stats_.misses;
-    return kNil;
-  }
+  if (slot == kNil) return kNil;
   const int32_t id = slots_[slot].id;
   Block& b = blocks_[id];
   if (b.ref_count == 0) {
@@ -313,45 +306,72 @@ std::optional<int32_t> BlockPool::lookup(const BlockKey& key) {
   prefetch_home_slot(key.hash);
   std::lock_guard<SpinLock> lock(mu_);
   const int32_t id = lookup_locked(KeyRef::of(key));
-  if (id == kNil) return std::nullopt;
+  if (id == kNil) {
+    ++stats_.misses;
+    return std::nullopt;
+  }
   return id;
 }
 
 void BlockPool::lookup_many(const BlockKey* keys, size_t n, int32_t* out) {
   for (size_t i = 0; i < std::min(n, kLookupChunk); ++i) prefetch_home_slot(keys[i].hash);
   std::lock_guard<SpinLock> lock(mu_);
-  for (size_t i = 0; i < n; ++i) out[i] = lookup_locked(KeyRef::of(keys[i]));
+  uint64_t misses = 0;
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = lookup_locked(KeyRef::of(keys[i]));
+    misses += out[i] == kNil;
+  }
+  stats_.misses += misses;
 }
 
-int32_t BlockPool::lookup(const void* key, size_t key_size) {
-  check_key_size(key_size);
+void BlockPool::lookup_into(const void* key, size_t key_size, int32_t* out) noexcept {
   const auto* bytes = static_cast<const uint8_t*>(key);
-  const BlockKey::Kind kind = BlockKey::Kind::kBytes;
-  const uint64_t hash = hash_key_bytes(bytes, key_size, kind);
-  prefetch_home_slot(hash);
-  std::lock_guard<SpinLock> lock(mu_);
-  return lookup_locked({bytes, key_size, kind, hash});
+  const uint64_t hash = hash_key_bytes(bytes, key_size, BlockKey::Kind::kBytes);
+  // slots_ never reallocates: the home slot's address, taken before the lock, holds after it.
+  const Slot* home = slots_.data() + home_slot(hash);
+  __builtin_prefetch(home);
+  mu_.lock();
+  // Most misses meet an empty home slot (the index is at most half full) and end here. The
+  // rest of the probe, and a hit's bookkeeping, are out of line.
+  if (home->id != kNil) return lookup_into_locked(bytes, key_size, hash, out);
+  ++stats_.misses;
+  mu_.unlock();
+  *out = kNil;
+}
+
+__attribute__((noinline)) void BlockPool::lookup_into_locked(const uint8_t* key, size_t key_size,
+                                                             uint64_t hash, int32_t* out) noexcept {
+  std::lock_guard<SpinLock> lock(mu_, std::adopt_lock);
+  const int32_t id = lookup_locked({key, key_size, BlockKey::Kind::kBytes, hash});
+  stats_.misses += id == kNil;
+  *out = id;
 }
 
 void BlockPool::lookup_many(const void* keys, size_t key_size, size_t n, int32_t* out) {
-  check_key_size(key_size);
+  BlockKey::check_size(key_size);
   const auto* bytes = static_cast<const uint8_t*>(keys);
   const BlockKey::Kind kind = BlockKey::Kind::kBytes;
-  // Keys are hashed before the lock is taken, kLookupChunk at a time, so the lock is held
-  // only for the probes.
-  uint64_t hashes[kLookupChunk];
-  for (size_t first = 0; first < n; first += kLookupChunk) {
-    const size_t m = std::min(kLookupChunk, n - first);
-    const uint8_t* chunk = bytes + first * key_size;
-    for (size_t i = 0; i < m; ++i) {
-      hashes[i] = hash_key_bytes(chunk + i * key_size, key_size, kind);
-      prefetch_home_slot(hashes[i]);
+  // The hash is specialized for the key size once, for all n keys. A chunk's keys are hashed,
+  // and their home slots prefetched, before the lock is taken, so it is held only for probes.
+  with_key_words(key_size, [&](auto words) {
+    uint64_t hashes[kLookupChunk];
+    for (size_t first = 0; first < n; first += kLookupChunk) {
+      const size_t m = std::min(kLookupChunk, n - first);
+      const uint8_t* chunk = bytes + first * key_size;
+      for (size_t i = 0; i < m; ++i) {
+        hashes[i] = hash_key<decltype(words)::value>(chunk + i * key_size, key_size, kind);
+        prefetch_home_slot(hashes[i]);
+      }
+      std::lock_guard<SpinLock> lock(mu_);
+      uint64_t misses = 0;
+      for (size_t i = 0; i < m; ++i) {
+        const int32_t id = lookup_locked({chunk + i * key_size, key_size, kind, hashes[i]});
+        out[first + i] = id;
+        misses += id == kNil;
+      }
+      stats_.misses += misses;
     }
-    std::lock_guard<SpinLock> lock(mu_);
-    for (size_t i = 0; i < m; ++i) {
-      out[first + i] = lookup_locked({chunk + i * key_size, key_size, kind, hashes[i]});
-    }
-  }
+  });
 }
 
 int32_t BlockPool::ref_count(int32_t id) const {

@@ -46,7 +46,7 @@ EPDRT_COLD epdrt_status lookup_guarded(epdrt_block_pool* pool, const void* key, 
                                        int32_t* out_id) {
   return guarded([&] {
     EPDRT_ASSERT(pool != nullptr && key != nullptr && out_id != nullptr, "NULL argument");
-    *out_id = pool->pool.lookup(key, key_size);
+    epdrt::BlockKey::check_size(key_size);
   });
 }
 
@@ -107,7 +107,7 @@ epdrt_status epdrt_block_pool_lookup(epdrt_block_pool* pool, const void* key, si
       !epdrt::BlockKey::valid_size(key_size)) {
     return lookup_guarded(pool, key, key_size, out_id);
   }
-  *out_id = pool->pool.lookup(key, key_size);
+  pool->pool.lookup_into(key, key_size, out_id);
   return EPDRT_OK;
 }
 

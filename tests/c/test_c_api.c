@@ -94,6 +94,51 @@ static void test_lookup_many(void) {
   epdrt_block_pool_destroy(pool);
 }
 
+/* A key of size bytes: 0xab filler, then counter (16 bits, little-endian) in its last two. */
+static void counter_key(unsigned char* key, size_t size, int counter) {
+  memset(key, 0xab, size);
+  key[size - 2] = (unsigned char)counter;
+  key[size - 1] = (unsigned char)(counter >> 8);
+}
+
+/* Single-key lookups of every block of a full pool (the index at its fullest: long probe runs)
+ * for key sizes around the word boundaries and the 32-byte digest size: each key finds its own
+ * block, a key one counter byte apart misses, and the counters agree. */
+static void test_lookup_sizes(void) {
+  enum { N = 512, MAX_KEY = 64 };
+  static const size_t sizes[] = {2, 7, 8, 9, 16, 24, 31, 32, 33, 40, 63, 64};
+  int32_t ids[N];
+  unsigned char key[MAX_KEY];
+  for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); ++s) {
+    const size_t size = sizes[s];
+    epdrt_block_pool* pool = NULL;
+    CHECK(epdrt_block_pool_create(N, &pool) == EPDRT_OK);
+    CHECK(epdrt_block_pool_allocate(pool, N, ids) == EPDRT_OK);
+    for (int i = 0; i < N; ++i) {
+      counter_key(key, size, i);
+      CHECK(epdrt_block_pool_commit(pool, ids[i], key, size, NULL) == EPDRT_OK);
+    }
+    CHECK(epdrt_block_pool_free(pool, ids, N) == EPDRT_OK);
+    int exact = 1;
+    for (int i = 0; i < N; ++i) {
+      int32_t found = -2;
+      counter_key(key, size, i);
+      CHECK(epdrt_block_pool_lookup(pool, key, size, &found) == EPDRT_OK);
+      exact &= found == ids[i];
+      if (found >= 0) CHECK(epdrt_block_pool_free(pool, &found, 1) == EPDRT_OK);
+      counter_key(key, size, i + N); /* never committed */
+      CHECK(epdrt_block_pool_lookup(pool, key, size, &found) == EPDRT_OK);
+      exact &= found == -1;
+    }
+    if (!exact) fprintf(stderr, "single-key lookups of %zu-byte keys went wrong\n", size);
+    CHECK(exact);
+    epdrt_block_pool_stats stats;
+    CHECK(epdrt_block_pool_stats_get(pool, &stats) == EPDRT_OK);
+    CHECK(stats.hits == N && stats.misses == N && stats.num_free == N && stats.num_cached == N);
+    epdrt_block_pool_destroy(pool);
+  }
+}
+
 static void test_region(void) {
   epdrt_region* region = NULL;
   CHECK(epdrt_region_create(1 << 16, EPDRT_DEVICE_CPU, 0, &region) == EPDRT_OK);
@@ -118,6 +163,7 @@ int main(void) {
   printf("epdrt %s (cuda compiled: %d)\n", epdrt_version(), epdrt_cuda_compiled());
   test_block_pool();
   test_lookup_many();
+  test_lookup_sizes();
   test_region();
   if (failures) {
     fprintf(stderr, "%d check(s) failed\n", failures);

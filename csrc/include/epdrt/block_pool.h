@@ -25,8 +25,15 @@ struct BlockKey {
   // Throws InvalidArgument unless valid_size(size).
   static BlockKey from_bytes(const void* data, size_t size);
   static constexpr bool valid_size(size_t size) { return size - 1 < kMaxBytes; }  // 1..kMaxBytes
+  // Throws InvalidArgument unless valid_size(size); inlined, with the throw out of line.
+  static void check_size(size_t size) {
+    if (!valid_size(size)) throw_bad_size(size);
+  }
   // The integer's 8 bytes, little-endian.
   static BlockKey from_int(uint64_t value);
+
+ private:
+  [[noreturn]] EPDRT_COLD static void throw_bad_size(size_t size);
 };
 
 // Counters of a BlockPool. Gauges (num_*) are exact; hits/misses/evictions count since creation.
@@ -73,9 +80,10 @@ class BlockPool {
   void commit_many(const int32_t* ids, const BlockKey* keys, size_t n, bool* committed);
   // The block holding key, with one more reference (revived from the free queue if needed).
   std::optional<int32_t> lookup(const BlockKey& key);
-  // lookup() of a bytes key of key_size bytes where it lies (the C API's format): the block
-  // or -1. Throws InvalidArgument for a bad key_size.
-  int32_t lookup(const void* key, size_t key_size);
+  // lookup() of a bytes key of key_size bytes where it lies (the C API's format), writing the
+  // block or -1 to *out. The caller has checked BlockKey::valid_size(key_size): this is the C
+  // API's hot path, and it has no error to report.
+  void lookup_into(const void* key, size_t key_size, int32_t* out) noexcept;
   // lookup() of n keys under one acquisition of the lock; out[i] is the block or -1.
   void lookup_many(const BlockKey* keys, size_t n, int32_t* out);
   // The same for n keys of key_size bytes each, stored back to back (the C API's format);
@@ -131,7 +139,10 @@ class BlockPool {
   void index_erase(int64_t slot);
   void check_used(int32_t id, const char* what) const;
   bool commit_locked(int32_t id, const BlockKey& key);
-  int32_t lookup_locked(const KeyRef& key);  // block id or kNil
+  int32_t lookup_locked(const KeyRef& key);  // block id or kNil (the caller counts misses)
+  // lookup_into's probe past an occupied home slot. Called with mu_ held; releases it.
+  void lookup_into_locked(const uint8_t* key, size_t key_size, uint64_t hash,
+                          int32_t* out) noexcept;
 
   mutable SpinLock mu_;
   std::vector<Block> blocks_;
