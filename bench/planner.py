@@ -165,9 +165,9 @@ def _run_real(
                 if r.error is not None or r.ttft_s is None or r.e2e_s is None:
                     raise RuntimeError(f"request {r.id} failed: {r.error}")
                 tokens, prompt = shapes[r.id]
-                observed.append(
-                    Observed(r.id, t, tokens, prompt, len(r.token_ids), r.ttft_s, r.tpot_s, r.e2e_s)
-                )
+                shape = (tokens, prompt, len(r.token_ids))
+                times = (r.ttft_s, r.tpot_s, r.e2e_s, r.encode_s)
+                observed.append(Observed(r.id, t, *shape, *times))
             out.append(observed)
         if probe is not None:
             probes.append(probe())

@@ -101,6 +101,8 @@ class Observed:
         output_tokens: tokens generated (greedy decoding may stop early at EOS).
         ttft_s, tpot_s, e2e_s: as the runtime measured them (submit to first / last token);
             ``tpot_s`` is None for a one-token output.
+        encode_s: encoder time the runtime charged to this request's images (its share of
+            each encode batch, by tokens); for telling where a slow request's time went.
     """
 
     id: str
@@ -111,6 +113,7 @@ class Observed:
     ttft_s: float
     tpot_s: float | None
     e2e_s: float
+    encode_s: float = 0.0
 
 
 def observed_trace(observed: Sequence[Observed]) -> list[Request]:

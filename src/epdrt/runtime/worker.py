@@ -178,24 +178,41 @@ class Worker:
         inbox = self._await_peers()
         busy = False
         while True:
-            # Every message that is waiting goes in before the next step (up to a bound, so a
-            # flood cannot starve the running batches): arrivals join the next batch.
             got = self.channel.recv(0.0 if busy or inbox else IDLE_POLL_S)
-            while got is not None:
+            if got is not None:
                 inbox.append(got)
-                got = self.channel.recv(0.0) if len(inbox) < MAX_MESSAGES_PER_STEP else None
-            if not inbox and not busy and os.getppid() != self.spec.parent_pid:
+            elif not inbox and not busy and os.getppid() != self.spec.parent_pid:
                 return  # the cluster is gone: exit quietly, the kernel reclaims our memory
-            for msg, frames in inbox:
-                if isinstance(msg, m.Shutdown):
-                    self.send("cluster", m.Stats(worker=self.name, counters=self.stats()))
-                    return
-                self.dispatch(msg, frames)
-            inbox = []
-            busy = self._finish_transfers()
+            busy = False
             for role in self.roles:
+                # Messages and finished copies are taken in before every role's step, not once
+                # per round: what arrives while one role runs joins the next role's batch. A
+                # request's prefill half that reaches this worker while its images encode is
+                # prefilled right after them, not after another round of other requests'
+                # encoding (a worker reads its messages between batches, as the planner's
+                # simulator has it).
+                if not self._take_messages(inbox):
+                    return
+                busy = self._finish_transfers() or busy
                 busy = role.step() or busy
             busy = busy or bool(self.outbox)
+
+    def _take_messages(self, inbox: list[tuple[object, list[bytes]]]) -> bool:
+        """Dispatches ``inbox`` and then every waiting message (at most MAX_MESSAGES_PER_STEP
+        in all, so a flood cannot starve the running batches), emptying ``inbox``; False after
+        a Shutdown (the worker's counters sent)."""
+        while len(inbox) < MAX_MESSAGES_PER_STEP:
+            got = self.channel.recv(0.0)
+            if got is None:
+                break
+            inbox.append(got)
+        for msg, frames in inbox:
+            if isinstance(msg, m.Shutdown):
+                self.send("cluster", m.Stats(worker=self.name, counters=self.stats()))
+                return False
+            self.dispatch(msg, frames)
+        inbox.clear()
+        return True
 
     def _await_peers(self) -> list[tuple[object, list[bytes]]]:
         """Waits for the handshake (``Peers``); returns what other peers sent meanwhile.
