@@ -198,9 +198,9 @@ class Worker:
             busy = busy or bool(self.outbox)
 
     def _take_messages(self, inbox: list[tuple[object, list[bytes]]]) -> bool:
-        """Dispatches ``inbox`` and then every waiting message (at most MAX_MESSAGES_PER_STEP
-        in all, so a flood cannot starve the running batches), emptying ``inbox``; False after
-        a Shutdown (the worker's counters sent)."""
+        """Adds the waiting messages to ``inbox`` (up to MAX_MESSAGES_PER_STEP in it, so a
+        flood cannot starve the running batches), dispatches them in order and empties it;
+        False after a Shutdown (the worker's counters sent)."""
         while len(inbox) < MAX_MESSAGES_PER_STEP:
             got = self.channel.recv(0.0)
             if got is None:
