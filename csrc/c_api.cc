@@ -42,11 +42,14 @@ epdrt_status guarded(Fn&& fn) {
   }
 }
 
+// epdrt_block_pool_lookup with every argument checked (its hot path checks them inline and
+// comes here only when one is bad, for the error and its message).
 EPDRT_COLD epdrt_status lookup_guarded(epdrt_block_pool* pool, const void* key, size_t key_size,
                                        int32_t* out_id) {
   return guarded([&] {
     EPDRT_ASSERT(pool != nullptr && key != nullptr && out_id != nullptr, "NULL argument");
     epdrt::BlockKey::check_size(key_size);
+    pool->pool.lookup_into(key, key_size, out_id);
   });
 }
 
