@@ -41,14 +41,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from epdrt.bench._speed_probe import SpeedProbe
-from epdrt.benchmarking import Record, model_dir_or_tiny
+from epdrt.benchmarking import Record, model_dir_or_tiny, process_cpu_seconds
 
 HELP = "planner simulator vs real epd/pd/aggregated runs: TTFT p50/p90, TPOT, throughput"
 
@@ -88,7 +88,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_DEPLOYMENTS,
         help="mode:E:P:D,... (pd: P = E+P workers; aggregated: P = workers)",
     )
-    parser.add_argument("--warmup", type=int, default=6, help="untimed requests first")
+    parser.add_argument(
+        "--warmup", type=int, default=6, help="untimed requests first, one at a time"
+    )
+    parser.add_argument(
+        "--warmup-burst",
+        type=int,
+        default=48,
+        help="then this many untimed requests of the most images and tokens, all at once, so "
+        "that every worker has run its largest batches before the timed runs",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--repeats", type=int, default=1, help="whole measurements (profile, calibration, runs)"
@@ -123,23 +132,42 @@ def _deployments(text: str) -> list[tuple[str, int, int, int]]:
     return out
 
 
+@dataclass
+class Usage:
+    """What serving one workload used: the CPU seconds of each process (by worker name; this
+    process, the router, as ``router``) and the tokens messages the router took in."""
+
+    cpu_s: dict[str, float]
+    tokens_messages: int
+
+
 def _run_real(
     model_dir: str,
     config: Any,
     workloads: list[list[Any]],
     warmup: list[Any],
+    burst: list[Any],
     probe: Callable[[], float] | None = None,
-) -> tuple[list[list[Any]], list[float]]:
-    """Serves each workload in turn (a second apart) on one fresh deployment; returns the
-    Observed requests of each and, with ``probe``, its value before each workload and after
-    the last (the workers idle meanwhile)."""
+) -> tuple[list[list[Any]], list[float], list[Usage]]:
+    """Serves each workload in turn (a second apart) on one fresh deployment, after the
+    ``warmup`` requests one at a time and then the ``burst`` all at once (untimed); returns the
+    Observed requests of each, with ``probe`` its value before each workload and after the
+    last (the workers idle meanwhile), and what each workload used (Usage)."""
     from epdrt.planner.validation import Observed
     from epdrt.runtime.cluster import EPDCluster
 
-    out, probes = [], []
+    out: list[list[Any]] = []
+    probes: list[float] = []
+    usage: list[Usage] = []
     with EPDCluster.launch(model_dir, config) as cluster:
+        pids = {**cluster.worker_pids(), "router": os.getpid()}
         for item in warmup:  # one at a time: first calls in every worker, not timed
             res = cluster.submit(item.request).result()
+            if res.error:
+                raise RuntimeError(f"warm-up request failed: {res.error}")
+        # All at once: every worker reaches its largest batches before anything is timed (a
+        # CPU worker's heap grows to its high-water mark once, a page fault per new page).
+        for res in [f.result() for f in [cluster.submit(it.request) for it in burst]]:
             if res.error:
                 raise RuntimeError(f"warm-up request failed: {res.error}")
         for workload in workloads:
@@ -151,6 +179,8 @@ def _run_real(
             if probe is not None:
                 probes.append(probe())
             time.sleep(1.0)
+            cpu_before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+            tokens_before = cluster.messages_received().get("Tokens", 0)
             start = time.monotonic()
             futures, submits = [], []
             for item in workload:
@@ -160,6 +190,12 @@ def _run_real(
                 submits.append(time.monotonic() - start)
                 futures.append(cluster.submit(item.request))
             results = [f.result() for f in futures]
+            usage.append(
+                Usage(
+                    {n: process_cpu_seconds(pid) - cpu_before[n] for n, pid in pids.items()},
+                    cluster.messages_received().get("Tokens", 0) - tokens_before,
+                )
+            )
             observed = []
             for t, r in zip(submits, results):
                 if r.error is not None or r.ttft_s is None or r.e2e_s is None:
@@ -171,7 +207,7 @@ def _run_real(
             out.append(observed)
         if probe is not None:
             probes.append(probe())
-    return out, probes
+    return out, probes, usage
 
 
 def _serve(
@@ -179,17 +215,18 @@ def _serve(
     config: Any,
     works: list[list[Any]],
     warm: list[Any],
+    burst: list[Any],
     attempts: int,
     probe: SpeedProbe | None = None,
-) -> tuple[list[list[Any]], list[float], int]:
+) -> tuple[list[list[Any]], list[float], list[Usage], int]:
     """_run_real, relaunching the deployment when a request fails; (observed, the host speed
-    ratio during each workload (1.0 without a probe), launches)."""
+    ratio during each workload (1.0 without a probe), usage, launches)."""
     from epdrt.errors import EpdrtError
 
     for attempt in range(1, attempts + 1):
         try:
-            runs, probes = _run_real(
-                model_dir, config, works, warm, probe.seconds if probe else None
+            runs, probes, usage = _run_real(
+                model_dir, config, works, warm, burst, probe.seconds if probe else None
             )
         except (RuntimeError, EpdrtError) as exc:
             # NOTE: now and then a request in a fresh epd deployment never gets its first
@@ -199,7 +236,7 @@ def _serve(
                 raise
             continue
         ratios = [probe.ratio(probes[k : k + 2]) if probe else 1.0 for k in range(len(runs))]
-        return runs, ratios, attempt
+        return runs, ratios, usage, attempt
     raise AssertionError("unreachable")
 
 
@@ -210,6 +247,40 @@ def _runtime_label(config: Any) -> str:
     if config.mode == "pd":
         return f"pd P{config.num_prefill} D{config.num_decode}"
     return f"aggregated N{config.num_prefill}"
+
+
+@dataclass
+class RouterPhase:
+    """The router's CPU over one calibration workload: requests served, tokens messages taken
+    in (one per first token, one per decode step), its CPU seconds, and the part of them the
+    profile's preprocessing accounts for."""
+
+    requests: int
+    tokens_messages: int
+    cpu_s: float
+    prepare_s: float
+
+
+def router_costs(phases: list[RouterPhase]) -> tuple[float, float]:
+    """(``route_s``, ``token_message_s``): the router's CPU per request beyond preprocessing
+    (its first-token message included) and per tokens message of a decode step, fitted to
+    ``cpu_s - prepare_s = requests * route_s + steps * token_message_s`` over the phases
+    (steps = tokens messages - requests): least squares, both at least 0."""
+    a = np.array([[p.requests, p.tokens_messages - p.requests] for p in phases], dtype=float)
+    b = np.array([p.cpu_s - p.prepare_s for p in phases])
+    fits = []
+    if np.linalg.matrix_rank(a) == 2:
+        both = np.linalg.lstsq(a, b, rcond=None)[0]
+        if (both >= 0).all():
+            fits.append(both)
+    for col in (0, 1):  # one of them at 0
+        x = a[:, col]
+        if x @ x > 0:
+            fit = np.zeros(2)
+            fit[col] = max(x @ b / (x @ x), 0.0)
+            fits.append(fit)
+    best = min(fits, key=lambda f: float(np.sum((a @ f - b) ** 2)), default=np.zeros(2))
+    return float(best[0]), float(best[1])
 
 
 def _calibrate(
@@ -238,8 +309,28 @@ def _calibrate(
     warm = workload(2, 1.0, args.seed + 3000)
     for i, it in enumerate(warm):
         it.request.id = f"cal-warmup{i}"
-    (observed,), (speed,), _ = _serve(model_dir, config, [work], warm, args.attempts, probe)
-    base = replace(profile, overheads=replace(profile.overheads, request_s=0.0, step_s=0.0))
+    # Then the same number all at once: batched, so fewer tokens messages per request.
+    rush = [TimedRequest(0.0, it.request) for it in workload(len(work), 1.0, args.seed + 5000)]
+    for it in rush:
+        it.request.id = f"cal-rush-{it.request.id}"
+    (observed, rushed), (speed, _), usage, _ = _serve(
+        model_dir, config, [work, rush], warm, [], args.attempts, probe
+    )
+    phases = []
+    for obs, used in zip((observed, rushed), usage):
+        prepare = sum(profile.overheads.prepare(len(o.image_tokens)) for o in obs)
+        phases.append(RouterPhase(len(obs), used.tokens_messages, used.cpu_s["router"], prepare))
+    route_s, token_message_s = router_costs(phases)
+    base = replace(
+        profile,
+        overheads=replace(
+            profile.overheads,
+            request_s=0.0,
+            step_s=0.0,
+            route_s=route_s,
+            token_message_s=token_message_s,
+        ),
+    )
     base = base.with_batches_scaled(speed)
     trace = observed_trace(observed)
     res = simulate(
@@ -266,12 +357,13 @@ def _calibrate(
         else None,
         "request_s": request_s,
         "step_s": step_s,
+        "router_phases": [p.__dict__ for p in phases],
+        "route_s": route_s,
+        "token_message_s": token_message_s,
         "host_speed_ratio": speed,
     }
     detail["residual_quantiles_s"] = [request_s + v for v in spread]
-    calibrated = replace(
-        profile.overheads, request_s=request_s, step_s=step_s, request_spread=spread
-    )
+    calibrated = replace(base.overheads, request_s=request_s, step_s=step_s, request_spread=spread)
     return calibrated, detail
 
 
@@ -407,6 +499,13 @@ def _repeat(
             repeat_image_prob=0.0, seed=seed,
         )  # fmt: skip
 
+    def largest(n: int, seed: int) -> list[Any]:
+        """Requests of the most images and tokens the workloads have (a warm-up burst)."""
+        return poisson_workload(
+            n, 1.0, placeholder, images_per_request=(hi, hi), max_new_tokens=(new_hi, new_hi),
+            repeat_image_prob=0.0, seed=seed,
+        )  # fmt: skip
+
     calibration: dict[str, Any] = {}
     uncalibrated = profile
     if not args.no_calibrate:
@@ -443,16 +542,22 @@ def _repeat(
         warm = workload(args.warmup, 1.0, args.seed + 1000)
         for i, item in enumerate(warm):
             item.request.id = f"warmup{i}"
+        burst = largest(args.warmup_burst, args.seed + 4000)
+        for i, item in enumerate(burst):
+            item.request.id = f"burst{i}"
         load_before = os.getloadavg()[0]
         say(f"{mode}: {args.requests} requests at each of {rates}/s")
-        runs, speeds, launches = _serve(model_dir, config, works, warm, args.attempts, probe)
+        runs, speeds, usage, launches = _serve(
+            model_dir, config, works, warm, burst, args.attempts, probe
+        )
         load_after = os.getloadavg()[0]
         sim_cfg = runtime_deploy_config(config)
-        for rate, observed, speed in zip(rates, runs, speeds):
+        for rate, observed, speed, used in zip(rates, runs, speeds, usage):
             trace = observed_trace(observed)
             now = profile.with_batches_scaled(speed)  # the profile at the host's speed now
             host = (cores, interference)
             pred = _forecast(now, sim_cfg, trace, *host)
+            cpu_s = _cpu_table(config, used.cpu_s, now, sim_cfg, trace, *host)
             ablations = {
                 "predicted_without_calibration": _forecast(
                     uncalibrated.with_batches_scaled(speed), sim_cfg, trace, *host
@@ -497,6 +602,7 @@ def _repeat(
                     "launches": launches,
                     "host_speed_ratio": speed,
                     "host_interference": interference,
+                    "cpu_s": cpu_s,
                 },
             )
             for r in recs:
@@ -520,6 +626,27 @@ def _forecast(
     return predict(
         profile, config, trace, host_cores=cores, host_interference=interference
     ).as_dict()
+
+
+def _cpu_table(
+    runtime_config: Any,
+    measured: dict[str, float],
+    profile: Any,
+    config: Any,
+    trace: list[Any],
+    cores: int | None,
+    interference: float,
+) -> dict[str, dict[str, Any]]:
+    """Per process (runtime worker name, and ``router``): the CPU seconds it used while serving
+    against the work seconds the simulation charges to it (its ``sim`` name: E0, P0, ...)."""
+    from epdrt.planner.simulator import simulate
+
+    res = simulate(profile, config, trace, host_cores=cores, host_interference=interference)
+    names = [name for name, _ in runtime_config.worker_roles()] + ["router"]
+    return {
+        name: {"sim": sim, "measured": measured[name], "simulated": work}
+        for name, (sim, work) in zip(names, res.work_s.items(), strict=True)
+    }
 
 
 def _save_run(

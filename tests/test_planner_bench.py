@@ -7,7 +7,7 @@ import json
 import pytest
 
 from epdrt.bench._speed_probe import SpeedProbe
-from epdrt.bench.planner import median_records
+from epdrt.bench.planner import RouterPhase, median_records, router_costs
 from epdrt.benchmarking import Record
 from epdrt.cli import main
 from epdrt.planner.model_runner import profile_model
@@ -26,7 +26,8 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
     rc = main([
         "bench", "planner", "--model", model, "--profile", str(prof), "--save-profile", str(used),
         "--deployments", "aggregated:0:1:0", "--requests", "12", "--rates", "20", "--warmup", "1",
-        "--calibration-requests", "4", "--no-host-probes", "--json", str(out),
+        "--warmup-burst", "3", "--calibration-requests", "4", "--no-host-probes",
+        "--json", str(out),
     ])  # fmt: skip
     assert rc == 0
     assert "aggregated@20" in capsys.readouterr().err
@@ -46,7 +47,45 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
     # The calibration fills in what the quick profile lacked, and is saved with it.
     cal = recs[0]["extra"]["calibration"]
     assert cal["requests"] == 4 and cal["request_s"] >= 0 and cal["step_s"] >= 0
-    assert load_profile(used).overheads.request_s == cal["request_s"]
+    assert cal["route_s"] >= 0 and cal["token_message_s"] >= 0
+    one_at_a_time, all_at_once = cal["router_phases"]
+    for phase in (one_at_a_time, all_at_once):  # a first token each, then the decode steps
+        assert phase["requests"] == 4 and phase["tokens_messages"] >= 4 and phase["cpu_s"] > 0
+    saved = load_profile(used).overheads
+    assert (saved.request_s, saved.route_s) == (cal["request_s"], cal["route_s"])
+    assert saved.token_message_s == cal["token_message_s"]
+    # The CPU each process used while serving, beside the work the simulation charged to it.
+    cpu = thr["extra"]["cpu_s"]
+    assert set(cpu) == {"w0", "router"}
+    assert (cpu["w0"]["sim"], cpu["router"]["sim"]) == ("N0", "router")
+    assert cpu["w0"]["measured"] > 0 and cpu["w0"]["simulated"] > 0
+    assert cpu["router"]["measured"] > 0
+
+
+@pytest.mark.parametrize(
+    ("route_s", "per_message_s", "want"),
+    [
+        (2e-3, 1e-4, (2e-3, 1e-4)),
+        (2e-3, 0.0, (2e-3, 0.0)),
+        (0.0, 3e-4, (0.0, 3e-4)),
+        # Noise that implies a negative cost per message: that cost is 0, the rest per request.
+        (2e-3, -1e-5, None),
+    ],
+)
+def test_router_costs_separate_per_request_and_per_message_cpu(route_s, per_message_s, want):
+    phases = [  # one at a time (ten steps a request), then all at once (batched steps)
+        RouterPhase(32, 32 + 320, 0.0, 0.05),
+        RouterPhase(32, 32 + 24, 0.0, 0.05),
+    ]
+    for p in phases:
+        p.cpu_s = (
+            p.prepare_s + p.requests * route_s + (p.tokens_messages - p.requests) * per_message_s
+        )
+    got = router_costs(phases)
+    if want is None:
+        assert got[1] == 0.0 and got[0] == pytest.approx(2e-3, rel=0.1)
+    else:
+        assert got == pytest.approx(want, abs=1e-12)
 
 
 def test_median_records_compare_the_medians_over_repeats():

@@ -292,13 +292,14 @@ def test_overheads_round_trip_and_default_to_zero():
 
     o = Overheads(prepare_s=1e-4, prepare_per_image_s=2e-4, message_s=3e-5, wake_s=1e-3,
                   wake_tau_s=0.02, request_s=1e-3, step_s=1e-4,
-                  request_spread=(-1e-4, 0.0, 2e-4))  # fmt: skip
+                  request_spread=(-1e-4, 0.0, 2e-4), route_s=5e-4)  # fmt: skip
     p = replace(linear_profile(), overheads=o)
     assert StageProfile.from_dict(json.loads(json.dumps(p.to_dict()))).overheads == o
     d = p.to_dict()
     del d["overheads"]  # profiles written before overheads existed
     assert StageProfile.from_dict(d).overheads == Overheads()
     assert o.prepare(3) == pytest.approx(7e-4)
+    assert o.router_work(3) == pytest.approx(7e-4 + 5e-4)
     assert o.wake(0.0) == 0.0
     assert o.wake(float("inf")) == pytest.approx(1e-3)
     assert o.wake(0.02) == pytest.approx(1e-3 * (1 - np.exp(-1)))

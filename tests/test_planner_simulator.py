@@ -274,6 +274,24 @@ def _with_overheads(p, **kw):
     return replace(p, overheads=Overheads(**kw))
 
 
+def test_the_routers_tokens_messages_compete_for_shared_cores_and_delay_no_token():
+    # Each decode step sends the router a tokens message worth 10 ms of its CPU.
+    p = _with_overheads(
+        linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.02), token_message_s=0.01
+    )
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16)
+    reqs = [_text(0, 0.0, out=6), _text(1, 0.2)]
+    alone = simulate(p, cfg, reqs)
+    np.testing.assert_allclose(alone.ttft_s, [0.1, 0.1], atol=1e-12)
+    assert alone.tpot_s[0] == pytest.approx(0.02, abs=1e-12)
+    assert alone.work_s["router"] == pytest.approx(5 * 0.01, abs=1e-12)
+    # One core: r0's five steps end at 0.2 s, the router then takes in their 50 ms of messages
+    # while r1's prefill runs, both at half speed until 0.3 s; the prefill's last 50 ms alone.
+    shared = simulate(p, cfg, reqs, host_cores=1)
+    np.testing.assert_allclose(shared.ttft_s, [0.1, 0.15], atol=1e-12)
+    assert shared.tpot_s[0] == pytest.approx(0.02, abs=1e-12)
+
+
 def test_runtime_overheads_are_sums_of_known_costs():
     # Router: 1 ms + 0.5 ms per image (+ 0.2 ms); each control message 0.1 ms; no wake-up.
     p = _with_overheads(
@@ -281,12 +299,17 @@ def test_runtime_overheads_are_sums_of_known_costs():
             encode_fixed_s=0.05, prefill_fixed_s=0.1, decode_fixed_s=0.02,
             transfer_latency_s=0.001, transfer_bytes_per_s=1e30,
         ),
-        prepare_s=1e-3, prepare_per_image_s=5e-4, message_s=1e-4, request_s=2e-4,
+        prepare_s=1e-3, prepare_per_image_s=5e-4, message_s=1e-4, request_s=2e-4, route_s=3e-4,
     )  # fmt: skip
     req = Request("a", 0.0, (100, 100), 50, 6)
-    # Preprocessing, the message to the workers, the calibrated rest of the router's path.
-    router = 1e-3 + 2 * 5e-4 + 1e-4 + 2e-4
+    # The router's work (preprocessing, the rest of its CPU per request), the message to the
+    # workers, the calibrated rest of the router's path.
+    router_work = 1e-3 + 2 * 5e-4 + 3e-4
+    router = router_work + 1e-4 + 2e-4
     res = simulate(p, DeployConfig("epd", 1, 1, 1), [req])
+    # The work each process ran: one encode batch, one prefill, five decode steps.
+    want = {"E0": 0.05, "P0": 0.1, "D0": 5 * 0.02, "router": router_work}
+    assert res.work_s == pytest.approx(want, abs=1e-12)
     # MM tokens: the copy, then a "ready" message; the first token: one message back.
     assert res.ttft_s[0] == pytest.approx(router + 0.05 + 0.001 + 1e-4 + 0.1 + 1e-4, abs=1e-12)
     # KV hand-off: the copy and three messages; the last token's message cancels the first's.
@@ -294,6 +317,22 @@ def test_runtime_overheads_are_sums_of_known_costs():
     agg = simulate(p, DeployConfig("aggregated", 1, 1, 1), [req])
     assert agg.ttft_s[0] == pytest.approx(router + 0.05 + 0.1 + 1e-4, abs=1e-12)
     assert agg.tpot_s[0] == pytest.approx(0.02, abs=1e-12)
+    assert agg.work_s == pytest.approx({"N0": 0.05 + 0.1 + 5 * 0.02, "router": router_work})
+
+
+def test_the_routers_cpu_work_takes_its_share_of_shared_cores():
+    # One core: a prefill of 0.1 s starts with the router busy on the next request for 0.04 s
+    # (preprocessing 0.01 s + 0.03 s of further routing work), so both run at half speed.
+    p = _with_overheads(linear_profile(prefill_fixed_s=0.1), prepare_s=0.01, route_s=0.03)
+    reqs = [_text(0, 0.0), _text(1, 0.04)]
+    cfg = DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16)
+    alone = simulate(p, cfg, reqs)
+    assert alone.ttft_s[0] == pytest.approx(0.14, abs=1e-12)
+    shared = simulate(p, cfg, reqs, host_cores=1)
+    # r0: routed alone (0.04 s), then its prefill shares the core for 0.08 s with r1's routing
+    # (0.04 s of work at half speed), then runs alone for the 0.06 s left.
+    assert shared.ttft_s[0] == pytest.approx(0.04 + 0.08 + 0.06, abs=1e-12)
+    assert shared.work_s["router"] == pytest.approx(0.08, abs=1e-12)
 
 
 def test_router_preprocesses_one_request_at_a_time():

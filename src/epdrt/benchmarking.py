@@ -98,3 +98,12 @@ def model_dir_or_tiny(model_dir: str | None, seed: int = 0, size: str = "tiny") 
     path = str(Path(tmp.name) / f"{size}-llava")
     make_tiny_model(path, "llava", seed=seed, size=size)
     return path, tmp
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used, from /proc (Linux;
+    resolution one clock tick, usually 10 ms). Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

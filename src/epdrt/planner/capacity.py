@@ -160,7 +160,7 @@ def unloaded_ttft(profile: StageProfile, config: DeployConfig, workload: Workloa
                 enc += profile.transfer.seconds(per_chunk * tpi * mm) + o.message_s
         # Router preprocessing and its message to the workers; the first token's message back.
         out[i] = (
-            o.prepare(r.num_images) + o.request_s + 2 * o.message_s + enc
+            o.router_work(r.num_images) + o.request_s + 2 * o.message_s + enc
             + profile.prefill(r.input_tokens)
         )  # fmt: skip
     return out

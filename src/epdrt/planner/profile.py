@@ -297,6 +297,14 @@ class Overheads:
         request_spread: how that latency varies from request to request: quantiles at 0,
             0.05, ..., 1 of the calibration's residuals minus ``request_s`` (seconds); the
             simulator draws each request's ``request_s + spread`` (at least 0); () for none.
+        route_s: the router's further CPU work per request beyond preprocessing (routing it,
+            encoding and sending its messages and image tensors, taking in its tokens and
+            result), CPU seconds; calibrated from the router process's CPU time on an idle
+            deployment, else 0. The simulator adds it to the router's preprocessing, so on a
+            CPU host it takes its share of the cores the workers run on.
+        token_message_s: the router's CPU per tokens message of a decode step (one per step
+            of each decode worker: receive, decode, deliver every token in it); calibrated
+            with ``route_s`` (from requests served one at a time and all at once), else 0.
 
     NOTE: on a GPU serving a 7B-class model these are a few milliseconds against batches of
     tens to hundreds; for a tiny model on a CPU they are most of TTFT, which is why the
@@ -311,9 +319,15 @@ class Overheads:
     request_s: float = 0.0
     step_s: float = 0.0
     request_spread: tuple[float, ...] = ()
+    route_s: float = 0.0
+    token_message_s: float = 0.0
 
     def prepare(self, num_images: int) -> float:
         return self.prepare_s + num_images * self.prepare_per_image_s
+
+    def router_work(self, num_images: int) -> float:
+        """The router's CPU seconds for one request: preprocessing plus ``route_s``."""
+        return self.prepare(num_images) + self.route_s
 
     def wake(self, gap_s: float) -> float:
         """Extra seconds of work started after ``gap_s`` idle seconds."""
@@ -333,6 +347,8 @@ class Overheads:
             "request_s": self.request_s,
             "step_s": self.step_s,
             "request_spread": list(self.request_spread),
+            "route_s": self.route_s,
+            "token_message_s": self.token_message_s,
         }
 
     @classmethod

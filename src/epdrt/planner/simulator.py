@@ -37,7 +37,9 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
 - Runtime costs (profile.overheads, zero unless measured): the router preprocesses requests
   one at a time, then messages the workers; control messages (MM tokens ready, the first and
   last token to the client, the three-message KV hand-off); a GPU (or the router) starting
-  work after idling pays a wake-up cost; calibrated per-request latency and per-step work.
+  work after idling pays a wake-up cost; calibrated per-request latency and per-step work;
+  the router's CPU per request beyond preprocessing (``route_s``) and per tokens message of
+  a decode step (``token_message_s``, taken in by the router's receiving side).
 - Batch latencies are drawn from profile.jitter (seeded) when the profile has one.
 - ``host_cores``: GPUs and the router share that many CPU cores (processor sharing), as on a
   CPU-only host; ``host_interference``: each further process running at the same time slows
@@ -117,6 +119,7 @@ class _Gpu:
         "mac_k",
         "mac_line",
         "mac_t0",
+        "name",
         "pi",
         "pre_q",
         "run_ctx",
@@ -126,12 +129,14 @@ class _Gpu:
         "task",
     )
 
-    def __init__(self, index: int, stages: tuple[str, ...], kv_cap: int) -> None:
+    def __init__(self, index: int, name: str, stages: tuple[str, ...], kv_cap: int) -> None:
         self.index = index
+        self.name = name  # pool and index in it: E0, P1, N0 (the router: "router")
         self.stages = stages
         self.busy = False
         self.idle_since = -math.inf  # when the last batch ended (wake-up cost after idling)
-        self.busy_s = {"encode": 0.0, "prefill": 0.0, "decode": 0.0}
+        # Work seconds per stage (the router's under "route").
+        self.busy_s = {"encode": 0.0, "prefill": 0.0, "decode": 0.0, "route": 0.0}
         self.enc_q: deque[tuple[list[Any], int]] = deque()  # (chunk, tokens) per image
         self.ei = -1  # index into _Sim.enc_load (encode GPUs)
         self.pre_q: deque[_Req] = deque()
@@ -171,6 +176,9 @@ class SimResult:
         aborted: the run stopped as soon as the SLO target could no longer be met
             (``stop_below``); then ``slo_attainment`` is an upper bound below the target.
         utilization: busy share of each stage's instances, 0..1.
+        work_s: seconds of work (at full speed) each GPU ran, named by pool and index as in
+            ``E0``, ``P1``, ``D0``, ``N0``, and the router's (``router``): with shared host
+            cores, the CPU seconds the simulation charges to each process.
         phases: mean seconds per request in: encode (arrival to MM tokens at prefill, image
             requests only), prefill_wait (ready to batch start), handoff (first token to decode
             join), decode_per_token (per output token after joining).
@@ -188,6 +196,7 @@ class SimResult:
     slo_attainment: float
     aborted: bool
     utilization: dict[str, float] = field(default_factory=dict)
+    work_s: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -220,6 +229,7 @@ class SimResult:
             "slo_attainment": self.slo_attainment,
             "aborted": self.aborted,
             "utilization": self.utilization,
+            "work_s": self.work_s,
             "phases": self.phases,
         }
 
@@ -269,8 +279,8 @@ class _Sim:
         self.gpus: list[_Gpu] = []
         for pool, count in zip(role_stages(config.mode), config.pools):
             gm = plan[pool]
-            for _ in range(count):
-                self.gpus.append(_Gpu(len(self.gpus), gm.stages, gm.kv_tokens))
+            for k in range(count):
+                self.gpus.append(_Gpu(len(self.gpus), f"{pool}{k}", gm.stages, gm.kv_tokens))
         self.enc = [g for g in self.gpus if "encode" in g.stages]
         self.pre = [g for g in self.gpus if "prefill" in g.stages]
         self.dec = [g for g in self.gpus if "decode" in g.stages]
@@ -301,8 +311,12 @@ class _Sim:
         self.wake = o.wake if o.wake_s > 0 else None
         self.step_s = o.step_s  # runtime work per decode step beyond the model's
         # The router: one process that preprocesses requests one at a time (FIFO).
-        self.router = _Gpu(-1, (), 0)
+        self.router = _Gpu(-1, "router", (), 0)
         self.router_q: deque[int] = deque()
+        # The router's receiving side (its tokens messages): a process of its own on shared
+        # cores, with the CPU seconds of messages that arrived while it was busy.
+        self.receiver = _Gpu(-2, "router", (), 0)
+        self.receive_backlog = 0.0
         # Shared host cores (processor sharing): the GPUs and the router busy now, their speed.
         if host_cores is not None and host_cores < 1:
             raise InvalidArgument("host_cores must be >= 1")
@@ -420,7 +434,7 @@ class _Sim:
         if i + 1 < len(self.reqs):
             self._at(self.reqs[i + 1].arrival_s, self._arrive, i + 1)
         o = self.overheads
-        if o.prepare_s > 0 or o.prepare_per_image_s > 0 or self.msg > 0 or o.request_s > 0:
+        if o.router_work(1) > 0 or self.msg > 0 or o.request_s > 0:
             self.router_q.append(i)
             if not self.router.busy:
                 self._route_next()
@@ -432,8 +446,9 @@ class _Sim:
         r = self.router
         i = self.router_q.popleft()
         r.busy = True
-        cost = self.overheads.prepare(self.reqs[i].num_images) * self._factor()
+        cost = self.overheads.router_work(self.reqs[i].num_images) * self._factor()
         cost += self._wake_cost(r)
+        r.busy_s["route"] += cost
         self._start(r, cost, self._prepared, i)
 
     def _prepared(self, i: int) -> None:
@@ -447,6 +462,27 @@ class _Sim:
         r.idle_since = self.now
         if self.router_q:
             self._route_next()
+
+    def _receive(self, work: float) -> None:
+        """The router takes in tokens messages worth ``work`` CPU seconds, after those queued
+        before them. With shared host cores it competes for them; it delays no token."""
+        rx = self.receiver
+        rx.busy_s["route"] += work
+        if self.cores is None or work <= 0:
+            return
+        if rx.busy:
+            self.receive_backlog += work
+            return
+        rx.busy = True
+        self._start(rx, work, self._received, None)
+
+    def _received(self, _: None) -> None:
+        rx, work = self.receiver, self.receive_backlog
+        if work > 0:
+            self.receive_backlog = 0.0
+            self._start(rx, work, self._received, None)
+        else:
+            rx.busy = False
 
     def _dispatch(self, i: int) -> None:
         r, rq = self.reqs[i], self.state[i]
@@ -585,6 +621,7 @@ class _Sim:
             return  # superseded by a shorter run (_truncate)
         g.step += g.mac_k
         g.run_ctx += g.run_n * g.mac_k
+        self._receive(g.mac_k * self.overheads.token_message_s)  # a message per step
         g.mac_k = 0
         fin, step = g.fin, g.step
         released = False
@@ -790,6 +827,8 @@ class _Sim:
         for stage, gpus in (("encode", self.enc), ("prefill", self.pre), ("decode", self.dec)):
             if gpus and duration > 0:
                 util[stage] = sum(g.busy_s[stage] for g in gpus) / (len(gpus) * duration)
+        work = {g.name: sum(g.busy_s.values()) for g in self.gpus}
+        work["router"] = self.router.busy_s["route"] + self.receiver.busy_s["route"]
         ready = np.array([s.t_ready for s in st])
         pstart = np.array([s.t_pstart for s in st])
         join = np.array([s.t_join for s in st])
@@ -821,6 +860,7 @@ class _Sim:
             slo_attainment=attainment,
             aborted=self.stop,
             utilization=util,
+            work_s=work,
             phases=phases,
         )
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -86,6 +86,7 @@ class EPDCluster:
         self._channel = Channel(f"ipc://{self._run_dir}/cluster.sock")
         self._workers: dict[str, _Worker] = {}
         self._inflight: dict[str, _Inflight] = {}
+        self._received: Counter[str] = Counter()  # messages taken in, by type
         self._key_home: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
         self._closing = False
@@ -345,6 +346,7 @@ class EPDCluster:
                         return
 
     def _on_message(self, msg: object) -> None:
+        self._received[type(msg).__name__] += 1
         if isinstance(msg, m.Tokens):
             now = time.monotonic()
             for req_id, seconds in msg.encode_s.items():
@@ -428,6 +430,12 @@ class EPDCluster:
     def worker_stats(self) -> dict[str, dict[str, float]]:
         """Counters each worker reported at shutdown (empty while running)."""
         return {name: dict(w.stats) for name, w in self._workers.items()}
+
+    def messages_received(self) -> dict[str, int]:
+        """Messages the router has taken in from the workers so far, by type (``Tokens``:
+        one per request's first token, one per decode step of each decode worker)."""
+        with self._lock:
+            return dict(self._received)
 
     def worker_pids(self) -> dict[str, int]:
         return {name: w.proc.pid for name, w in self._workers.items()}
