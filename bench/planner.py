@@ -132,6 +132,10 @@ def _deployments(text: str) -> list[tuple[str, int, int, int]]:
     return out
 
 
+# A table row: deployment@rate, predicted and measured metrics, CPU per process (_cpu_table).
+_Row = tuple[str, dict[str, float], dict[str, float], dict[str, dict[str, Any]]]
+
+
 @dataclass
 class Usage:
     """What serving one workload used: the CPU seconds of each process (by worker name; this
@@ -444,7 +448,7 @@ def _repeat(
     cores: int | None,
     say: Any,
     repeat: int,
-) -> tuple[list[Record], list[tuple[str, dict[str, float], dict[str, float]]]]:
+) -> tuple[list[Record], list[_Row]]:
     """One measurement: profile (unless given), calibrate, serve and simulate every deployment
     at every rate; the records and the table rows."""
     import torch
@@ -611,7 +615,7 @@ def _repeat(
                 for name, values in ablations.items():
                     r.extra[name] = values[r.metric]
             records += recs
-            rows.append((f"{mode}@{rate:g}", keep, meas))
+            rows.append((f"{mode}@{rate:g}", keep, meas, cpu_s))
     if probe is not None:
         probe.close()
     return records, rows
@@ -672,15 +676,17 @@ def _save_run(
             f.write(json.dumps(row) + "\n")
 
 
-def _table(rows: list[tuple[str, dict[str, float], dict[str, float]]]) -> str:
+def _table(rows: list[_Row]) -> str:
     lines = [f"{'deployment':16} {'metric':14} {'predicted':>10} {'measured':>10} {'error':>7}"]
-    for mode, pred, meas in rows:
+    for mode, pred, meas, cpu in rows:
+        cells = []
         for k in METRICS:
             if k in pred and k in meas:
                 scale, unit = (1e3, "ms") if k.endswith("_s") else (1.0, "")
-                err = abs(pred[k] - meas[k]) / meas[k]
-                lines.append(
-                    f"{mode:16} {k:14} {pred[k] * scale:>8.2f}{unit:2} "
-                    f"{meas[k] * scale:>8.2f}{unit:2} {err:>6.1%}"
-                )
+                cells.append((k, pred[k] * scale, meas[k] * scale, unit))
+        # Per process: the work the simulation charged to it against the CPU it used.
+        cells += [(f"cpu {n}", c["simulated"], c["measured"], "s") for n, c in cpu.items()]
+        for name, p, m, unit in cells:
+            err = abs(p - m) / m if m else float("inf")
+            lines.append(f"{mode:16} {name:14} {p:>8.2f}{unit:2} {m:>8.2f}{unit:2} {err:>6.1%}")
     return "\n".join(lines)

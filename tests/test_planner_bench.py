@@ -30,7 +30,8 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
         "--json", str(out),
     ])  # fmt: skip
     assert rc == 0
-    assert "aggregated@20" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "aggregated@20" in err and "cpu w0" in err and "cpu router" in err
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     metrics = {r["metric"] for r in recs}
     assert {"ttft_p90_s", "throughput_rps", "ttft_p50_s", "tpot_p90_s"} <= metrics

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,8 +102,11 @@ def model_dir_or_tiny(model_dir: str | None, seed: int = 0, size: str = "tiny") 
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process ``pid`` has used, from /proc (Linux;
-    resolution one clock tick, usually 10 ms). Raises OSError when the process is gone."""
+    """CPU seconds (user + system, all threads) process ``pid`` has used: this process's from
+    its CPU clock (nanoseconds), another's from /proc (Linux; one clock tick, usually 10 ms).
+    Raises OSError when the process is gone."""
+    if pid == os.getpid():
+        return time.process_time()
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
