@@ -95,8 +95,11 @@ def test_killed_worker_fails_its_requests(tiny_model_dir):
 def test_ctrl_c_shuts_down_cleanly(tiny_model_dir, tmp_path):
     shm_before = _shm()
     pid_file = tmp_path / "pids"
+    # A runner started in the background (no job control) passes SIGINT on as ignored, and
+    # Python then installs no KeyboardInterrupt handler: the script restores it first.
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from epdrt.runtime import EPDCluster, EPDConfig
         with EPDCluster.launch({tiny_model_dir("llava")!r}, EPDConfig(mode="epd")) as c:
             open({str(pid_file)!r}, "w").write(" ".join(map(str, c.worker_pids().values())))
