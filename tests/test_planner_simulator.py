@@ -121,6 +121,24 @@ def test_epd_pipeline_times_are_sums_of_known_latencies():
     assert resp.ttft_s[0] == pytest.approx(0.05 + 2 * 0.01 + prefill, abs=1e-12)
 
 
+def test_a_requests_kv_leaves_before_its_prefill_gpus_next_batch():
+    # r0 and r1 prefill back to back (0.1 s each); r0's grant comes back 2 ms after its
+    # batch, while r1's batch runs. The prefill worker took it in before that batch (it was
+    # still handing r0 off), so r0's KV leaves at once, not when r1's batch ends.
+    p = _with_overheads(
+        linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01, transfer_latency_s=0.001),
+        message_s=1e-3,
+    )
+    reqs = [_text(0, 0.0, out=2), _text(1, 0.0, out=2)]
+    res = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), reqs)
+    end = 1e-3 + 0.1  # the router's message to the worker, r0's prefill
+    first = end + 1e-3  # the first token reaches the client
+    # grant at +2 ms, the copy 1 ms, its start message 1 ms; one step; the last token's message
+    finish = end + 2e-3 + 1e-3 + 1e-3 + 0.01 + 1e-3
+    assert res.ttft_s[0] == pytest.approx(first, abs=1e-12)
+    assert res.tpot_s[0] == pytest.approx(finish - first, abs=1e-12)
+
+
 def test_decode_steps_and_continuous_batching():
     # Step time 0.01 + 0.001 per sequence.
     p = linear_profile(decode_fixed_s=0.01, decode_per_seq_s=0.001)

@@ -50,8 +50,8 @@ class RecordingRole:
     def step(self) -> bool:
         self.log.append((self.name, "step"))
         if self.during_step is not None:
-            self.during_step()
-            self.during_step = None
+            action, self.during_step = self.during_step, None
+            action()
         return False
 
     def abort(self, req_id: str) -> None:
@@ -105,3 +105,50 @@ def test_intake_is_bounded_per_step_and_keeps_order(waiting):
     steps_before = [sum(1 for e in log[:i] if e[1] == "step") for i, e in enumerate(log)]
     per_step = [steps_before[i] for i, e in enumerate(log) if e[1] == "got"]
     assert max(per_step.count(k) for k in set(per_step)) <= MAX_MESSAGES_PER_STEP
+
+
+class FakeCopy:
+    """A copy in flight: done once waited on (``finishes``), else never; waits are logged."""
+
+    def __init__(self, finishes: bool) -> None:
+        self.finishes, self.finished, self.waits = finishes, False, []
+
+    def done(self) -> bool:
+        return self.finished
+
+    def wait(self, timeout: float) -> None:
+        self.waits.append(timeout)
+        if not self.finishes:
+            raise TimeoutError("still copying")
+        self.finished = True
+
+    @property
+    def state(self) -> str:
+        return "done" if self.finished else "pending"
+
+    error = ""
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("finishes", [True, False])
+def test_a_copy_about_to_finish_is_waited_for_before_the_next_step(finishes):
+    from epdrt.runtime.worker import COPY_WAIT_S
+
+    log: list = []
+    channel = ScriptedChannel()
+    copy = FakeCopy(finishes)
+
+    def hand_off() -> None:  # a step ends by starting a copy (a request's KV to decode)
+        worker.outbox.append((copy, lambda error: log.append(("copy done", error))))
+        role.during_step = lambda: channel.push(m.Shutdown())  # after the next step
+
+    role = RecordingRole("prefill", log, hand_off)
+    worker, _ = make_worker(channel, [role])
+    worker.run()
+    assert copy.waits and max(copy.waits) <= COPY_WAIT_S  # bounded: never a step's length
+    if finishes:  # its callback ran before the next step (the StartDecode goes out first)
+        assert log == [("prefill", "step"), ("copy done", None), ("prefill", "step")]
+    else:  # the next step went ahead; the callback waits for the copy
+        assert log == [("prefill", "step"), ("prefill", "step")]

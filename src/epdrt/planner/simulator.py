@@ -18,10 +18,12 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   ``prefill_padded``: each at the longest prompt) and ends with every request's first token.
 - Hand-off (``epd``/``pd``/``ed``): the decode GPU with the fewest sequences among those with
   KV room for input + output tokens is reserved (a request and its grant: two messages); the
-  KV (input tokens) then crosses the link, once the prefill GPU is between batches (its
-  worker reads the grant there), and a message starts the sequence; the prefill GPU frees
-  it on arrival. Without room anywhere the request waits, holding its
-  prefill KV.
+  KV (input tokens) then crosses the link and a message starts the sequence; the prefill
+  GPU frees it on arrival. A grant for a request of the batch that just ended is taken in
+  before the GPU's next batch (its worker is still handing the batch off when the grants
+  come back, and waits for copies about to finish); a grant that arrives later, mid-batch,
+  waits for that batch's end (the worker reads messages between batches). Without room
+  anywhere the request waits, holding its prefill KV.
 - Decode: continuous batching; at each step boundary waiting sequences join while the batch
   has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
   gives every sequence one token (``decode_padded``: the total counts every sequence at the
@@ -75,6 +77,7 @@ class _Req:
         "out",
         "pending",
         "pgpu",
+        "t_ask",
         "t_finish",
         "t_first",
         "t_join",
@@ -92,10 +95,12 @@ class _Req:
         self.bad = False
         nan = float("nan")
         self.t_ready = self.t_pstart = self.t_first = self.t_join = self.t_finish = nan
+        self.t_ask = nan  # when its prefill GPU asked a decode GPU for KV room
 
 
 class _Gpu:
     __slots__ = (
+        "batch_t0",
         "busy",
         "busy_s",
         "dec_wait",
@@ -134,6 +139,7 @@ class _Gpu:
         self.name = name  # pool and index in it: E0, P1, N0 (the router: "router")
         self.stages = stages
         self.busy = False
+        self.batch_t0 = -math.inf  # when the current (or last) batch began
         self.idle_since = -math.inf  # when the last batch ended (wake-up cost after idling)
         # Work seconds per stage (the router's under "route").
         self.busy_s = {"encode": 0.0, "prefill": 0.0, "decode": 0.0, "route": 0.0}
@@ -593,15 +599,18 @@ class _Sim:
             free[best_i] -= need
             most = max(free)
             rq.dgpu = best
+            rq.t_ask = self.now
             # Control round trip: ask the decoder for KV room, its grant back.
             self._at(self.now + 2 * self.msg, self._kv_granted, rq)
         self.handoff = waiting
 
     def _kv_granted(self, rq: _Req) -> None:
-        """The grant reached the prefill GPU: the KV leaves now, or when its batch ends."""
+        """The grant reached the prefill GPU: the KV leaves now, or when its batch ends (a
+        batch that began after the ask began while this request was handed off: its worker
+        took the grant in first)."""
         src = rq.pgpu
         assert src is not None
-        if src.busy:
+        if src.busy and src.batch_t0 < rq.t_ask:
             src.grants.append(rq)
         else:
             self._send(src, rq.inp * self.kv_bytes, self._kv_arrive, rq)
@@ -755,6 +764,7 @@ class _Sim:
         """Starts a batch of ``seconds`` on g, after g's wake-up cost; ``done(arg)`` at its end."""
         dur = seconds + self._wake_cost(g)
         g.busy = True
+        g.batch_t0 = self.now
         g.busy_s[stage] += dur
         self._start(g, dur, done, arg)
         return True

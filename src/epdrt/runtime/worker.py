@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from epdrt.cache import MMTokenCache, PagedKVCache
+from epdrt.errors import TransferError
 from epdrt.host_memory import keep_freed_host_memory
 from epdrt.region import Region
 from epdrt.runtime import messages as m
@@ -33,6 +34,11 @@ from epdrt.transfer.engine import Transfer, TransferEngine
 
 IDLE_POLL_S = 0.02
 MAX_MESSAGES_PER_STEP = 256
+# Before a step, copies still in flight are waited for up to this long (seconds): a copy's
+# callback (the KV hand-off's StartDecode, an image's MMReady) runs between steps, and a copy
+# a millisecond from done would otherwise wait for the whole next step (a prefill batch:
+# hundreds of milliseconds on a CPU host).
+COPY_WAIT_S = 0.005
 
 
 def named_tensors(entries: list[m.NamedTensor], frames: list[bytes]) -> dict[str, torch.Tensor]:
@@ -136,8 +142,20 @@ class Worker:
         )
         self.outbox.append((transfer, then))
 
-    def _finish_transfers(self) -> bool:
-        """Runs the callbacks of finished copies, in submission order; True if any ran."""
+    def _finish_transfers(self, wait_s: float = 0.0) -> bool:
+        """Runs the callbacks of finished copies, in submission order, after waiting up to
+        ``wait_s`` seconds for those in flight; True if any ran."""
+        deadline = time.monotonic() + wait_s
+        for transfer, _ in self.outbox:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                transfer.wait(left)
+            except TimeoutError:
+                break
+            except TransferError:
+                pass  # failed: its callback reports it below
         # One done() per transfer: one that finishes between two polls must land in exactly
         # one of the two lists.
         done, pending = [], []
@@ -193,7 +211,7 @@ class Worker:
                 # simulator has it).
                 if not self._take_messages(inbox):
                     return
-                busy = self._finish_transfers() or busy
+                busy = self._finish_transfers(COPY_WAIT_S) or busy
                 busy = role.step() or busy
             busy = busy or bool(self.outbox)
 
