@@ -165,13 +165,12 @@ def _run_real(
     usage: list[Usage] = []
     with EPDCluster.launch(model_dir, config) as cluster:
         pids = {**cluster.worker_pids(), "router": os.getpid()}
-        for item in warmup:  # one at a time: first calls in every worker, not timed
-            res = cluster.submit(item.request).result()
-            if res.error:
-                raise RuntimeError(f"warm-up request failed: {res.error}")
-        # All at once: every worker reaches its largest batches before anything is timed (a
-        # CPU worker's heap grows to its high-water mark once, a page fault per new page).
-        for res in [f.result() for f in [cluster.submit(it.request) for it in burst]]:
+        # One at a time: first calls in every worker. Then the burst all at once: every worker
+        # reaches its largest batches before anything is timed (a CPU worker's heap grows to
+        # its high-water mark once, a page fault per new page).
+        warmed = [cluster.submit(it.request).result() for it in warmup]
+        warmed += [f.result() for f in [cluster.submit(it.request) for it in burst]]
+        for res in warmed:
             if res.error:
                 raise RuntimeError(f"warm-up request failed: {res.error}")
         for workload in workloads:
@@ -456,6 +455,7 @@ def _repeat(
     from epdrt.planner.model_runner import profile_model
     from epdrt.planner.profile import load_profile
     from epdrt.planner.profiler import load_transfer_records
+    from epdrt.planner.simulator import Prediction, simulate
     from epdrt.planner.validation import (
         observed_metrics,
         observed_trace,
@@ -497,16 +497,11 @@ def _repeat(
     new_lo, new_hi = (int(x) for x in args.max_new_tokens.split(","))
     placeholder = Preprocessor.load(model_dir, EPDConfig()).placeholder
 
-    def workload(n: int, rate: float, seed: int) -> list[Any]:
+    def workload(n: int, rate: float, seed: int, largest: bool = False) -> list[Any]:
+        """The workload's requests; ``largest``: all of the most images and tokens."""
+        images, tokens = ((hi, hi), (new_hi, new_hi)) if largest else ((lo, hi), (new_lo, new_hi))
         return poisson_workload(
-            n, rate, placeholder, images_per_request=(lo, hi), max_new_tokens=(new_lo, new_hi),
-            repeat_image_prob=0.0, seed=seed,
-        )  # fmt: skip
-
-    def largest(n: int, seed: int) -> list[Any]:
-        """Requests of the most images and tokens the workloads have (a warm-up burst)."""
-        return poisson_workload(
-            n, 1.0, placeholder, images_per_request=(hi, hi), max_new_tokens=(new_hi, new_hi),
+            n, rate, placeholder, images_per_request=images, max_new_tokens=tokens,
             repeat_image_prob=0.0, seed=seed,
         )  # fmt: skip
 
@@ -546,7 +541,7 @@ def _repeat(
         warm = workload(args.warmup, 1.0, args.seed + 1000)
         for i, item in enumerate(warm):
             item.request.id = f"warmup{i}"
-        burst = largest(args.warmup_burst, args.seed + 4000)
+        burst = workload(args.warmup_burst, 1.0, args.seed + 4000, largest=True)
         for i, item in enumerate(burst):
             item.request.id = f"burst{i}"
         load_before = os.getloadavg()[0]
@@ -560,8 +555,10 @@ def _repeat(
             trace = observed_trace(observed)
             now = profile.with_batches_scaled(speed)  # the profile at the host's speed now
             host = (cores, interference)
-            pred = _forecast(now, sim_cfg, trace, *host)
-            cpu_s = _cpu_table(config, used.cpu_s, now, sim_cfg, trace, *host)
+            # One simulation gives the prediction, the CPU it charges and the saved requests.
+            res = simulate(now, sim_cfg, trace, host_cores=cores, host_interference=interference)
+            pred = Prediction.of(res).as_dict()
+            cpu_s = _cpu_table(config, used.cpu_s, res)
             ablations = {
                 "predicted_without_calibration": _forecast(
                     uncalibrated.with_batches_scaled(speed), sim_cfg, trace, *host
@@ -582,7 +579,7 @@ def _repeat(
             if args.save_runs:
                 sub = f"repeat{repeat}/" if args.repeats > 1 else ""
                 path = Path(args.save_runs) / f"{sub}{mode}-{rate:g}.jsonl"
-                _save_run(path, now, sim_cfg, observed, cores, interference)
+                _save_run(path, observed, trace, res)
             meas = observed_metrics(observed)
             keep = {k: pred[k] for k in METRICS if k in pred}
             recs = validation_records(
@@ -633,19 +630,10 @@ def _forecast(
 
 
 def _cpu_table(
-    runtime_config: Any,
-    measured: dict[str, float],
-    profile: Any,
-    config: Any,
-    trace: list[Any],
-    cores: int | None,
-    interference: float,
+    runtime_config: Any, measured: dict[str, float], res: Any
 ) -> dict[str, dict[str, Any]]:
     """Per process (runtime worker name, and ``router``): the CPU seconds it used while serving
-    against the work seconds the simulation charges to it (its ``sim`` name: E0, P0, ...)."""
-    from epdrt.planner.simulator import simulate
-
-    res = simulate(profile, config, trace, host_cores=cores, host_interference=interference)
+    against the work seconds simulation ``res`` charged to it (its ``sim`` name: E0, P0, ...)."""
     names = [name for name, _ in runtime_config.worker_roles()] + ["router"]
     return {
         name: {"sim": sim, "measured": measured[name], "simulated": work}
@@ -653,20 +641,9 @@ def _cpu_table(
     }
 
 
-def _save_run(
-    path: Path,
-    profile: Any,
-    config: Any,
-    observed: list[Any],
-    cores: int | None,
-    interference: float,
-) -> None:
-    """Each request: what the runtime measured beside what the simulator gives it."""
-    from epdrt.planner.simulator import simulate
-    from epdrt.planner.validation import observed_trace
-
-    trace = observed_trace(observed)
-    res = simulate(profile, config, trace, host_cores=cores, host_interference=interference)
+def _save_run(path: Path, observed: list[Any], trace: list[Any], res: Any) -> None:
+    """Each request: what the runtime measured beside what simulation ``res`` of ``trace``
+    (the same requests) gives it."""
     sim = {r.id: (float(a), float(b)) for r, a, b in zip(trace, res.ttft_s, res.tpot_s)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

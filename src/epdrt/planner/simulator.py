@@ -922,6 +922,19 @@ class Prediction:
     output_tokens_per_s: float
     slo_attainment: float
 
+    @classmethod
+    def of(cls, res: SimResult) -> Prediction:
+        """The prediction a simulation run gives."""
+        return cls(
+            ttft_p50_s=res.ttft_quantile(0.5),
+            ttft_p90_s=res.ttft_quantile(0.9),
+            tpot_p50_s=res.tpot_quantile(0.5),
+            tpot_p90_s=res.tpot_quantile(0.9),
+            throughput_rps=res.throughput_rps,
+            output_tokens_per_s=res.output_tokens_per_s,
+            slo_attainment=res.slo_attainment,
+        )
+
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
@@ -948,12 +961,4 @@ def predict(
         host_cores=host_cores,
         host_interference=host_interference,
     )
-    return Prediction(
-        ttft_p50_s=res.ttft_quantile(0.5),
-        ttft_p90_s=res.ttft_quantile(0.9),
-        tpot_p50_s=res.tpot_quantile(0.5),
-        tpot_p90_s=res.tpot_quantile(0.9),
-        throughput_rps=res.throughput_rps,
-        output_tokens_per_s=res.output_tokens_per_s,
-        slo_attainment=res.slo_attainment,
-    )
+    return Prediction.of(res)
