@@ -11,7 +11,13 @@ from types import SimpleNamespace
 import pytest
 
 from epdrt.runtime import messages as m
-from epdrt.runtime.worker import MAX_MESSAGES_PER_STEP, Worker
+from epdrt.runtime.worker import (
+    COPY_WAIT_S,
+    IDLE_POLL_S,
+    MAX_MESSAGES_PER_STEP,
+    PendingCopy,
+    Worker,
+)
 
 
 @dataclass
@@ -23,12 +29,18 @@ class Note:
 
 
 class ScriptedChannel:
-    """recv() hands out what has been queued, never blocking."""
+    """recv() hands out what has been queued, never blocking; logs each timeout it is given
+    and runs ``on_recv`` (what happens while the worker polls) before answering."""
 
     def __init__(self, *msgs: object) -> None:
         self.queue = deque((msg, []) for msg in msgs)
+        self.timeouts: list[float] = []
+        self.on_recv = None
 
     def recv(self, timeout_s: float):
+        self.timeouts.append(timeout_s)
+        if self.on_recv is not None:
+            self.on_recv()
         return self.queue.popleft() if self.queue else None
 
     def push(self, msg: object) -> None:
@@ -134,14 +146,12 @@ class FakeCopy:
 
 @pytest.mark.parametrize("finishes", [True, False])
 def test_a_copy_about_to_finish_is_waited_for_before_the_next_step(finishes):
-    from epdrt.runtime.worker import COPY_WAIT_S
-
     log: list = []
     channel = ScriptedChannel()
     copy = FakeCopy(finishes)
 
     def hand_off() -> None:  # a step ends by starting a copy (a request's KV to decode)
-        worker.outbox.append((copy, lambda error: log.append(("copy done", error))))
+        worker.outbox.append(PendingCopy(copy, lambda error: log.append(("copy done", error))))
         role.during_step = lambda: channel.push(m.Shutdown())  # after the next step
 
     role = RecordingRole("prefill", log, hand_off)
@@ -152,3 +162,82 @@ def test_a_copy_about_to_finish_is_waited_for_before_the_next_step(finishes):
         assert log == [("prefill", "step"), ("copy done", None), ("prefill", "step")]
     else:  # the next step went ahead; the callback waits for the copy
         assert log == [("prefill", "step"), ("prefill", "step")]
+
+
+class BusyRole(RecordingRole):
+    """A role with work left for ``steps`` steps; ``during_step`` runs in its first."""
+
+    def __init__(self, log: list, steps: int, during_step=None) -> None:
+        super().__init__("prefill", log, during_step)
+        self.left = steps
+
+    def step(self) -> bool:
+        super().step()
+        self.left -= 1
+        return self.left > 0
+
+
+def test_a_slow_copy_is_waited_for_once_not_before_every_step():
+    log: list = []
+    channel = ScriptedChannel()
+    copy = FakeCopy(finishes=False)
+    role = BusyRole(log, steps=5)
+    role.during_step = lambda: worker.outbox.append(PendingCopy(copy, lambda error: None))
+    worker, _ = make_worker(channel, [role])
+    channel.on_recv = lambda: role.left == 0 and channel.push(m.Shutdown())
+    worker.run()
+    assert [e for e in log if e[1] == "step"] == [("prefill", "step")] * 5
+    assert copy.waits == [pytest.approx(COPY_WAIT_S, abs=COPY_WAIT_S)]  # one wait, not four
+
+
+def test_an_idle_worker_sleeps_in_its_poll_while_a_copy_is_in_flight():
+    """No busy loop while a copy runs: the worker blocks in its poll (the engine's completion
+    fd wakes it, here the scripted channel) and runs the copy's callback right after."""
+    log: list = []
+    channel = ScriptedChannel()
+    copy = FakeCopy(finishes=False)
+    role = BusyRole(log, steps=1)
+    role.during_step = lambda: worker.outbox.append(
+        PendingCopy(copy, lambda error: log.append(("copy done", error)))
+    )
+    worker, _ = make_worker(channel, [role])
+    polls_in_flight: list[float] = []
+
+    def poll() -> None:
+        if log and not copy.finished:  # the copy is in flight: this poll ends when it does
+            polls_in_flight.append(channel.timeouts[-1])
+            copy.finished = True
+        elif ("copy done", None) in log:
+            channel.push(m.Shutdown())
+
+    channel.on_recv = poll
+    worker.run()
+    assert polls_in_flight == [IDLE_POLL_S]  # blocked, once, not a 0 s spin
+    assert log[:2] == [("prefill", "step"), ("copy done", None)]
+
+
+def test_a_copy_ending_wakes_the_channels_poll():
+    """The worker's real wiring: the engine's completion fd on the channel's poll."""
+    import tempfile
+    import time
+
+    from epdrt.region import Region
+    from epdrt.runtime.channel import Channel
+    from epdrt.transfer.engine import TransferEngine
+
+    engine = TransferEngine(num_threads=1)
+    with tempfile.TemporaryDirectory(dir="/tmp") as run_dir:
+        channel = Channel(f"ipc://{run_dir}/w")
+        try:
+            channel.watch(engine.completion_fd)
+            nbytes = 64 << 20
+            src, dst = Region.create(nbytes), Region.create(nbytes)
+            t0 = time.monotonic()
+            transfer = engine.submit([(src, 0, dst, 0, nbytes)])
+            assert channel.recv(30.0) is None  # woken by the copy, no message
+            assert time.monotonic() - t0 < 20.0
+            transfer.wait(30.0)
+            assert transfer.state == "done"
+            assert channel.recv(0.0) is None  # the fd was reset: nothing pending
+        finally:
+            channel.close()

@@ -8,6 +8,8 @@ makes ``send`` raise after ``send_timeout_s``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Sequence
 
@@ -37,6 +39,13 @@ class Channel:
         self._send_lock = threading.Lock()  # sends may come from several threads
         self._poller = zmq.Poller()
         self._poller.register(self._pull, zmq.POLLIN)
+        self._watched: list[int] = []
+
+    def watch(self, fd: int) -> None:
+        """Makes ``recv`` also return (None) as soon as eventfd ``fd`` (non-blocking) is
+        signalled; ``recv`` resets it."""
+        self._poller.register(fd, zmq.POLLIN)
+        self._watched.append(fd)
 
     def connect(self, name: str, endpoint: str) -> None:
         with self._send_lock:
@@ -62,8 +71,14 @@ class Channel:
             raise ChannelError(f"{peer} did not accept a message in time") from exc
 
     def recv(self, timeout_s: float) -> tuple[object, list[bytes]] | None:
-        """The next message and its tensor frames, or None after ``timeout_s`` seconds."""
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+        """The next message and its tensor frames; None after ``timeout_s`` seconds, or
+        earlier when a watched fd was signalled and no message is waiting."""
+        ready = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
+        for fd in self._watched:
+            if fd in ready:
+                with contextlib.suppress(BlockingIOError):  # reset by another reader first
+                    os.eventfd_read(fd)
+        if self._pull not in ready:
             return None
         frames = self._pull.recv_multipart()
         return CODEC.decode(frames)

@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -34,10 +35,11 @@ from epdrt.transfer.engine import Transfer, TransferEngine
 
 IDLE_POLL_S = 0.02
 MAX_MESSAGES_PER_STEP = 256
-# Before a step, copies still in flight are waited for up to this long (seconds): a copy's
+# Before a step, a copy still in flight is waited for up to this long (seconds), once: a copy's
 # callback (the KV hand-off's StartDecode, an image's MMReady) runs between steps, and a copy
 # a millisecond from done would otherwise wait for the whole next step (a prefill batch:
-# hundreds of milliseconds on a CPU host).
+# hundreds of milliseconds on a CPU host). A slower copy is not waited for again; an idle
+# worker wakes as soon as any copy ends (the engine's completion fd is on its poll).
 COPY_WAIT_S = 0.005
 
 
@@ -47,6 +49,15 @@ def named_tensors(entries: list[m.NamedTensor], frames: list[bytes]) -> dict[str
     for entry in entries:
         out[entry.name] = tensor_from_frame(entry.meta, frames.pop(0))
     return out
+
+
+@dataclass(slots=True)
+class PendingCopy:
+    """A copy in flight and what runs when it ends; ``waited``: the loop has waited for it."""
+
+    transfer: Transfer
+    then: Callable[[str | None], None]
+    waited: bool = False
 
 
 class Worker:
@@ -77,9 +88,11 @@ class Worker:
                 self.device,
             )  # fmt: skip
         # Cache-to-cache copies into peers' regions (mapped over IPC) run on this engine, off
-        # the main loop; ``outbox`` holds each until it completes.
+        # the main loop; ``outbox`` holds each until it completes. The loop's poll also wakes
+        # when one ends.
         self.engine = TransferEngine(num_threads=self.config.cpu_threads)
-        self.outbox: list[tuple[Transfer, Callable[[str | None], None]]] = []
+        self.channel.watch(self.engine.completion_fd)
+        self.outbox: list[PendingCopy] = []
         self.peer_mm: dict[str, MMTokenCache] = {}
         self.peer_kv: dict[str, PagedKVCache] = {}
         self._mm_descs: dict[str, bytes] = {}
@@ -140,18 +153,25 @@ class Worker:
             np.asarray(dst_blocks, dtype=np.int64) * block_nbytes,
             block_nbytes,
         )
-        self.outbox.append((transfer, then))
+        self.outbox.append(PendingCopy(transfer, then))
 
     def _finish_transfers(self, wait_s: float = 0.0) -> bool:
-        """Runs the callbacks of finished copies, in submission order, after waiting up to
-        ``wait_s`` seconds for those in flight; True if any ran."""
+        """Runs the callbacks of finished copies, in submission order; True if any ran.
+
+        First waits, up to ``wait_s`` seconds in all, for the copies in flight that it has not
+        waited for before (each copy at most once: one slower than that is not waited for
+        again, so it delays at most one step).
+        """
         deadline = time.monotonic() + wait_s
-        for transfer, _ in self.outbox:
+        for copy in self.outbox:
+            if copy.waited:
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            copy.waited = True
             try:
-                transfer.wait(left)
+                copy.transfer.wait(left)
             except TimeoutError:
                 break
             except TransferError:
@@ -159,14 +179,15 @@ class Worker:
         # One done() per transfer: one that finishes between two polls must land in exactly
         # one of the two lists.
         done, pending = [], []
-        for item in self.outbox:
-            (done if item[0].done() else pending).append(item)
+        for copy in self.outbox:
+            (done if copy.transfer.done() else pending).append(copy)
         if not done:
             return False
         self.outbox = pending
-        for transfer, then in done:
-            then(None if transfer.state == "done" else transfer.error or "copy failed")
-            transfer.release()
+        for copy in done:
+            t = copy.transfer
+            copy.then(None if t.state == "done" else t.error or "copy failed")
+            t.release()
         return True
 
     def count(self, name: str, amount: float = 1.0) -> None:
@@ -213,7 +234,6 @@ class Worker:
                     return
                 busy = self._finish_transfers(COPY_WAIT_S) or busy
                 busy = role.step() or busy
-            busy = busy or bool(self.outbox)
 
     def _take_messages(self, inbox: list[tuple[object, list[bytes]]]) -> bool:
         """Adds the waiting messages to ``inbox`` (up to MAX_MESSAGES_PER_STEP in it, so a
