@@ -382,6 +382,20 @@ def test_wake_up_cost_grows_with_the_idle_gap():
     assert one.tpot_s[0] == pytest.approx(0.01, abs=1e-12)  # warm from then on
 
 
+def test_the_wake_up_cost_is_the_workers_not_the_routers():
+    # A cold start: the router's 10 ms of preprocessing pays no wake-up (its CPU after idling
+    # is in its calibrated route_s), each cold worker's first batch does (2 ms).
+    base = linear_profile(encode_fixed_s=0.05, prefill_fixed_s=0.1, decode_fixed_s=0.02)
+    p = _with_overheads(base, prepare_s=0.01, wake_s=2e-3)
+    req = Request("a", 0.0, (100,), 50, 3)
+    epd = simulate(p, DeployConfig("epd", 1, 1, 1), [req])
+    assert epd.ttft_s[0] == pytest.approx(0.01 + 0.05 + 2e-3 + 0.1 + 2e-3, abs=1e-12)
+    assert epd.tpot_s[0] == pytest.approx((2e-3 + 2 * 0.02) / 2, abs=1e-12)  # D's first step
+    assert epd.work_s["router"] == pytest.approx(0.01, abs=1e-12)
+    agg = simulate(p, DeployConfig("aggregated", 1, 1, 1), [req])
+    assert agg.ttft_s[0] == pytest.approx(0.01 + 2e-3 + 0.05 + 0.1, abs=1e-12)  # one cold start
+
+
 def test_shared_host_cores_slow_overlapping_batches_down():
     # Processor sharing: n busy workers on c cores each run at min(1, c / n) of full speed.
     p = linear_profile(prefill_fixed_s=0.1)

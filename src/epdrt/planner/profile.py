@@ -286,9 +286,10 @@ class Overheads:
             before any worker sees it.
         message_s: one control message between two processes, one way (serialize, send,
             wake the receiver waiting in poll, deserialize).
-        wake_s, wake_tau_s: a process that starts work after idling ``gap`` seconds takes
+        wake_s, wake_tau_s: a worker that starts a batch after idling ``gap`` seconds takes
             ``wake_s * (1 - exp(-gap / wake_tau_s))`` longer (caches refilled, clocks ramped
-            up; on a shared CPU host, other processes ran meanwhile).
+            up; on a shared CPU host, other processes ran meanwhile). Measured on the model's
+            batches, so not charged to the router (its CPU is in ``route_s``).
         request_s: further latency of every request before its first token that none of the
             above accounts for (routing and dispatching it, the router recording the first
             token); calibrated on an idle deployment (``epdrt bench planner``), else 0.

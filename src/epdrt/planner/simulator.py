@@ -38,8 +38,8 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   ``aggregated`` reserves input + output KV at prefill admission on its one GPU.
 - Runtime costs (profile.overheads, zero unless measured): the router preprocesses requests
   one at a time, then messages the workers; control messages (MM tokens ready, the first and
-  last token to the client, the three-message KV hand-off); a GPU (or the router) starting
-  work after idling pays a wake-up cost; calibrated per-request latency and per-step work;
+  last token to the client, the three-message KV hand-off); a GPU starting work after idling
+  pays a wake-up cost; calibrated per-request latency and per-step work;
   the router's CPU per request beyond preprocessing (``route_s``) and per tokens message of
   a decode step (``token_message_s``, taken in by the router's receiving side).
 - Batch latencies are drawn from profile.jitter (seeded) when the profile has one.
@@ -452,8 +452,9 @@ class _Sim:
         r = self.router
         i = self.router_q.popleft()
         r.busy = True
+        # No wake-up cost: that is the profile's measure of a model batch on the device after
+        # idling; the router's own CPU after idling is in its calibrated route_s.
         cost = self.overheads.router_work(self.reqs[i].num_images) * self._factor()
-        cost += self._wake_cost(r)
         r.busy_s["route"] += cost
         self._start(r, cost, self._prepared, i)
 
@@ -465,7 +466,6 @@ class _Sim:
         self._at(self.now + self.msg + extra, self._dispatch, i)
         r = self.router
         r.busy = False
-        r.idle_since = self.now
         if self.router_q:
             self._route_next()
 
