@@ -175,7 +175,12 @@ class FakeRunner:
         self._run(seconds, num_requests * num_tokens * 1000)
 
     def decode(self, batch_size, context_tokens):
-        self._run(0.006 + 1e-5 * batch_size + 2e-9 * batch_size * context_tokens, 0)
+        # As the real runner: each step of a shape appends a token to every sequence.
+        if getattr(self, "shape", None) != (batch_size, context_tokens):
+            self.shape, self.steps = (batch_size, context_tokens), 0
+        context = context_tokens + self.steps
+        self.steps += 1
+        self._run(0.006 + 1e-5 * batch_size + 2e-9 * batch_size * context, 0)
 
     def synchronize(self):
         pass
@@ -229,6 +234,25 @@ def test_profiler_fits_the_fake_runner_exactly():
     assert p.memory.prefill_activation_bytes_per_token == pytest.approx(1000)
     assert p.memory.kv_bytes_per_token == 64.0
     assert len(p.samples["decode"]) == 6
+
+
+@pytest.mark.parametrize(
+    ("run_s", "want_runs"), [(0.03, 4), (0.2, 3), (0.001, 25)]
+)  # fmt: skip
+def test_fast_shapes_are_timed_until_their_runs_add_up(run_s, want_runs):
+    from epdrt.planner.profiler import time_runs
+
+    clock = FakeClock()
+
+    def fn():
+        clock.now += run_s
+
+    spread: list[float] = []
+    times = time_runs(fn, lambda: None, clock, 1, 3, spread, min_seconds=0.1, max_repeats=25)
+    assert len(times) == want_runs  # 3 at least, then until 0.1 s, at most 25
+    assert times == pytest.approx([run_s] * want_runs)
+    assert spread == pytest.approx([1.0] * 3)  # the first `repeats` runs only
+    assert len(time_runs(fn, lambda: None, clock, 0, 3)) == 3  # no budget: exactly `repeats`
 
 
 def test_transfer_from_benchmark_records():

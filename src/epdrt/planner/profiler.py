@@ -93,12 +93,20 @@ class ProfileGrid:
     decode_context: tuple[int, ...] = (256, 1024, 4096)
     warmup: int = 1
     repeats: int = 5
+    #: a shape whose ``repeats`` timed runs take less than ``min_seconds`` in all is run
+    #: again until they do, up to ``max_repeats`` runs (fast shapes are the noisiest).
+    min_seconds: float = 0.0
+    max_repeats: int = 0
     max_decode_tokens: int | None = None
+
+    @property
+    def most_repeats(self) -> int:
+        return max(self.repeats, self.max_repeats)
 
     def decode_shapes(self) -> list[tuple[int, int]]:
         """(batch, context) pairs to measure, batch sizes with fewer than two contexts
         dropped (the decode model is linear in context per batch size)."""
-        extra = self.warmup + self.repeats + 1
+        extra = self.warmup + self.most_repeats + 1
         out = []
         for b in self.decode_batch:
             cs = [
@@ -114,32 +122,37 @@ class ProfileGrid:
 Clock = Callable[[], float]
 
 
-def time_call(
+def time_runs(
     fn: Callable[[], None],
     sync: Callable[[], None],
     clock: Clock,
     warmup: int,
     repeats: int,
     spread: list[float] | None = None,
-) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones.
+    min_seconds: float = 0.0,
+    max_repeats: int = 0,
+) -> list[float]:
+    """Seconds of each timed run of ``fn``, after ``warmup`` untimed ones: ``repeats`` runs,
+    then more while they add up to less than ``min_seconds``, up to ``max_repeats``.
 
     Args:
-        spread: when given, each run's time over the median is appended to it.
+        spread: when given, the first ``repeats`` runs' times over the median of all are
+            appended to it (every shape weighs the same in the jitter, however many runs).
     """
     for _ in range(warmup):
         fn()
     sync()
-    times = []
-    for _ in range(max(repeats, 1)):
+    times: list[float] = []
+    most = max(repeats, max_repeats, 1)
+    while len(times) < max(repeats, 1) or (len(times) < most and sum(times) < min_seconds):
         t0 = clock()
         fn()
         sync()
         times.append(clock() - t0)
     med = statistics.median(times)
     if spread is not None and med > 0 and len(times) > 1:
-        spread.extend(t / med for t in times)
-    return med
+        spread.extend(t / med for t in times[: max(repeats, 2)])
+    return times
 
 
 JITTER_QUANTILES = tuple(i / 20 for i in range(21))
@@ -269,7 +282,14 @@ def measure_profile(
         if progress:
             progress(msg)
 
-    spread: list[float] = []  # every timed run over its shape's median
+    spread: list[float] = []  # timed runs over their shape's median
+
+    def runs(fn: Callable[[], None]) -> list[float]:
+        return time_runs(fn, sync, clock, g.warmup, g.repeats, spread, g.min_seconds, g.max_repeats)
+
+    def median(fn: Callable[[], None]) -> float:
+        return statistics.median(runs(fn))
+
     enc_rows: list[list[float]] = []
     enc_mem: list[tuple[float, float]] = []
     seen_tpi: set[int] = set()
@@ -283,7 +303,7 @@ def measure_profile(
             def fn(n: int = n, size: int = size) -> None:
                 runner.encode(n, size)
 
-            s = time_call(fn, sync, clock, g.warmup, g.repeats, spread)
+            s = median(fn)
             enc_rows.append([n, tpi, s])
             enc_mem.append((n * tpi, _peak(runner, fn)))
         say(f"encode {size}px ({tpi} tokens/image) measured")
@@ -294,7 +314,7 @@ def measure_profile(
         def pfn(t: int = t) -> None:
             runner.prefill(t)
 
-        pre_rows.append([t, time_call(pfn, sync, clock, g.warmup, g.repeats, spread)])
+        pre_rows.append([t, median(pfn)])
         pre_mem.append((t, _peak(runner, pfn)))
     say(f"prefill measured ({len(pre_rows)} sizes)")
     batch_rows: list[list[float]] = []
@@ -304,7 +324,7 @@ def measure_profile(
             def bfn(t: int = t, b: int = b) -> None:
                 runner.prefill(t, b)
 
-            batch_rows.append([b, t, time_call(bfn, sync, clock, g.warmup, g.repeats, spread)])
+            batch_rows.append([b, t, median(bfn)])
         say(f"prefill batch of {b} measured")
     dec_rows: list[list[float]] = []
     shapes = g.decode_shapes()
@@ -316,7 +336,10 @@ def measure_profile(
             def dfn(b: int = b, c: int = c) -> None:
                 runner.decode(b, c)
 
-            dec_rows.append([b, b * c, time_call(dfn, sync, clock, g.warmup, g.repeats, spread)])
+            times = runs(dfn)
+            # Each step appends a token: the median run saw the middle timed run's context.
+            mid = c + g.warmup + (len(times) - 1) / 2
+            dec_rows.append([b, b * mid, statistics.median(times)])
         say(f"decode batch {b} measured")
 
     tpis = sorted({r[1] for r in enc_rows})
@@ -363,7 +386,13 @@ def measure_profile(
         source="measured",
         device=facts.device,
         notes=(
-            f"measured: median of {g.repeats} runs after {g.warmup} warm-up per shape; "
+            f"measured: median of {g.repeats} runs after {g.warmup} warm-up per shape"
+            + (
+                f" (up to {g.max_repeats} runs until {g.min_seconds:g} s)"
+                if g.min_seconds > 0 and g.max_repeats > g.repeats
+                else ""
+            )
+            + "; "
             "encode on the measured (images, tokens/image) grid, prefill piecewise linear "
             "(and what each further request adds to a padded batch), "
             "decode piecewise linear in batch and linear in total context"
