@@ -101,6 +101,7 @@ class ProfileGrid:
 
     @property
     def most_repeats(self) -> int:
+        """The most timed runs a shape can take."""
         return max(self.repeats, self.max_repeats)
 
     def decode_shapes(self) -> list[tuple[int, int]]:
@@ -136,8 +137,9 @@ def time_runs(
     then more while they add up to less than ``min_seconds``, up to ``max_repeats``.
 
     Args:
-        spread: when given, the first ``repeats`` runs' times over the median of all are
-            appended to it (every shape weighs the same in the jitter, however many runs).
+        spread: when given, the first ``repeats`` runs' (at least 2) times over the median
+            of all are appended to it (every shape weighs the same in the jitter, however
+            many runs it took).
     """
     for _ in range(warmup):
         fn()
