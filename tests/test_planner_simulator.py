@@ -121,10 +121,9 @@ def test_epd_pipeline_times_are_sums_of_known_latencies():
     assert resp.ttft_s[0] == pytest.approx(0.05 + 2 * 0.01 + prefill, abs=1e-12)
 
 
-def test_a_requests_kv_leaves_before_its_prefill_gpus_next_batch():
-    # r0 and r1 prefill back to back (0.1 s each); r0's grant comes back 2 ms after its
-    # batch, while r1's batch runs. The prefill worker took it in before that batch (it was
-    # still handing r0 off), so r0's KV leaves at once, not when r1's batch ends.
+def test_the_decoder_pulls_a_requests_kv_while_its_prefill_gpu_runs_the_next_batch():
+    # r0 and r1 prefill back to back (0.1 s each). r0's KV does not wait for r1's batch: the
+    # decode GPU pulls it (the KVReady message, the copy) while r1's batch runs.
     p = _with_overheads(
         linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01, transfer_latency_s=0.001),
         message_s=1e-3,
@@ -133,8 +132,8 @@ def test_a_requests_kv_leaves_before_its_prefill_gpus_next_batch():
     res = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), reqs)
     end = 1e-3 + 0.1  # the router's message to the worker, r0's prefill
     first = end + 1e-3  # the first token reaches the client
-    # grant at +2 ms, the copy 1 ms, its start message 1 ms; one step; the last token's message
-    finish = end + 2e-3 + 1e-3 + 1e-3 + 0.01 + 1e-3
+    # KVReady 1 ms, the copy 1 ms; one step; the last token's message
+    finish = end + 1e-3 + 1e-3 + 0.01 + 1e-3
     assert res.ttft_s[0] == pytest.approx(first, abs=1e-12)
     assert res.tpot_s[0] == pytest.approx(finish - first, abs=1e-12)
 
@@ -330,8 +329,8 @@ def test_runtime_overheads_are_sums_of_known_costs():
     assert res.work_s == pytest.approx(want, abs=1e-12)
     # MM tokens: the copy, then a "ready" message; the first token: one message back.
     assert res.ttft_s[0] == pytest.approx(router + 0.05 + 0.001 + 1e-4 + 0.1 + 1e-4, abs=1e-12)
-    # KV hand-off: the copy and three messages; the last token's message cancels the first's.
-    assert res.tpot_s[0] == pytest.approx((0.001 + 3e-4 + 5 * 0.02) / 5, abs=1e-12)
+    # KV hand-off: KVReady and the copy; the last token's message cancels the first's.
+    assert res.tpot_s[0] == pytest.approx((0.001 + 1e-4 + 5 * 0.02) / 5, abs=1e-12)
     agg = simulate(p, DeployConfig("aggregated", 1, 1, 1), [req])
     assert agg.ttft_s[0] == pytest.approx(router + 0.05 + 0.1 + 1e-4, abs=1e-12)
     assert agg.tpot_s[0] == pytest.approx(0.02, abs=1e-12)

@@ -17,13 +17,11 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   ``profile.prefill_batch_latency`` (the fixed cost of a call once, every request's own work;
   ``prefill_padded``: each at the longest prompt) and ends with every request's first token.
 - Hand-off (``epd``/``pd``/``ed``): the decode GPU with the fewest sequences among those with
-  KV room for input + output tokens is reserved (a request and its grant: two messages); the
-  KV (input tokens) then crosses the link and a message starts the sequence; the prefill
-  GPU frees it on arrival. A grant for a request of the batch that just ended is taken in
-  before the GPU's next batch (its worker is still handing the batch off when the grants
-  come back, and waits for copies about to finish); a grant that arrives later, mid-batch,
-  waits for that batch's end (the worker reads messages between batches). Without room
-  anywhere the request waits, holding its prefill KV.
+  KV room for input + output tokens is reserved; a message tells it the KV is ready, and it
+  pulls the KV (input tokens) over its link, then the sequence joins its batch at the next
+  step boundary. The prefill GPU frees the KV when its batch running at the end of the pull
+  ends (the runtime's prefill worker reads the decoder's ``KVPulled`` between batches).
+  Without room anywhere the request waits, holding its prefill KV.
 - Decode: continuous batching; at each step boundary waiting sequences join while the batch
   has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
   gives every sequence one token (``decode_padded``: the total counts every sequence at the
@@ -77,7 +75,6 @@ class _Req:
         "out",
         "pending",
         "pgpu",
-        "t_ask",
         "t_finish",
         "t_first",
         "t_join",
@@ -95,12 +92,10 @@ class _Req:
         self.bad = False
         nan = float("nan")
         self.t_ready = self.t_pstart = self.t_first = self.t_join = self.t_finish = nan
-        self.t_ask = nan  # when its prefill GPU asked a decode GPU for KV room
 
 
 class _Gpu:
     __slots__ = (
-        "batch_t0",
         "busy",
         "busy_s",
         "dec_wait",
@@ -108,7 +103,6 @@ class _Gpu:
         "enc_q",
         "fin",
         "gone",
-        "grants",
         "idle_since",
         "incoming",
         "index",
@@ -127,6 +121,7 @@ class _Gpu:
         "name",
         "pi",
         "pre_q",
+        "pulled",
         "run_ctx",
         "run_n",
         "stages",
@@ -139,7 +134,6 @@ class _Gpu:
         self.name = name  # pool and index in it: E0, P1, N0 (the router: "router")
         self.stages = stages
         self.busy = False
-        self.batch_t0 = -math.inf  # when the current (or last) batch began
         self.idle_since = -math.inf  # when the last batch ended (wake-up cost after idling)
         # Work seconds per stage (the router's under "route").
         self.busy_s = {"encode": 0.0, "prefill": 0.0, "decode": 0.0, "route": 0.0}
@@ -160,7 +154,8 @@ class _Gpu:
         self.step = 0
         self.dec_wait: deque[_Req] = deque()
         self.incoming = 0  # KV transfers under way to this GPU
-        self.grants: list[_Req] = []  # KV grants that arrived mid-batch: sent when it ends
+        # Requests whose KV decode pulled during the current batch: freed when it ends.
+        self.pulled: list[_Req] = []
         self.link_free = 0.0
         # A run of mac_k decode steps started at mac_t0 (context mac_ctx); mac_k == 0: none.
         self.mac_k = 0
@@ -411,8 +406,9 @@ class _Sim:
         arg: Any,
         messages: int = 1,
     ) -> None:
-        """Copies ``num_bytes`` over src's link (serialized per sender), then ``messages``
-        control messages, one after another, before ``fn(arg)`` runs."""
+        """Copies ``num_bytes`` over ``src``'s link (the GPU whose transfer engine runs the
+        copy: serialized per GPU), then ``messages`` control messages, one after another,
+        before ``fn(arg)`` runs."""
         start = max(self.now, src.link_free)
         src.link_free = start + self.xfer(num_bytes)
         self._at(src.link_free + messages * self.msg, fn, arg)
@@ -569,13 +565,13 @@ class _Sim:
         self._batch_done(g)
 
     def _batch_done(self, g: _Gpu) -> None:
-        """g's batch ended: the KV of grants that arrived meanwhile leaves (the worker reads
+        """g's batch ended: the KV that decode GPUs pulled meanwhile is freed (the worker reads
         its messages between batches), then g starts its next batch."""
         g.busy = False
         g.idle_since = self.now
-        for rq in g.grants:
-            self._send(g, rq.inp * self.kv_bytes, self._kv_arrive, rq)
-        g.grants.clear()
+        for rq in g.pulled:
+            g.kv_used -= rq.inp
+        g.pulled.clear()
         self._kick(g)
 
     def _place_handoffs(self) -> None:
@@ -599,30 +595,32 @@ class _Sim:
             free[best_i] -= need
             most = max(free)
             rq.dgpu = best
-            rq.t_ask = self.now
-            # Control round trip: ask the decoder for KV room, its grant back.
-            self._at(self.now + 2 * self.msg, self._kv_granted, rq)
+            # KVReady reaches the decoder, which pulls the KV over its own link.
+            self._at(self.now + self.msg, self._kv_pull, rq)
         self.handoff = waiting
 
-    def _kv_granted(self, rq: _Req) -> None:
-        """The grant reached the prefill GPU: the KV leaves now, or when its batch ends (a
-        batch that began after the ask began while this request was handed off: its worker
-        took the grant in first)."""
-        src = rq.pgpu
-        assert src is not None
-        if src.busy and src.batch_t0 < rq.t_ask:
-            src.grants.append(rq)
-        else:
-            self._send(src, rq.inp * self.kv_bytes, self._kv_arrive, rq)
+    def _kv_pull(self, rq: _Req) -> None:
+        assert rq.dgpu is not None
+        self._send(rq.dgpu, rq.inp * self.kv_bytes, self._kv_arrive, rq, messages=0)
 
     def _kv_arrive(self, rq: _Req) -> None:
+        """The pull ended: the sequence joins its decoder; KVPulled frees the prefill GPU's
+        copy, at once or when the batch it is running ends."""
         src, d = rq.pgpu, rq.dgpu
         assert src is not None and d is not None
-        src.kv_used -= rq.inp
         d.incoming -= 1
         d.dec_wait.append(rq)
         self._kick(d)
-        self._kick(src)
+        self._at(self.now + self.msg, self._kv_pulled, rq)
+
+    def _kv_pulled(self, rq: _Req) -> None:
+        src = rq.pgpu
+        assert src is not None
+        if src.busy:
+            src.pulled.append(rq)
+        else:
+            src.kv_used -= rq.inp
+            self._kick(src)
 
     def _steps_done(self, arg: tuple[_Gpu, int]) -> None:
         g, mac_id = arg
@@ -764,7 +762,6 @@ class _Sim:
         """Starts a batch of ``seconds`` on g, after g's wake-up cost; ``done(arg)`` at its end."""
         dur = seconds + self._wake_cost(g)
         g.busy = True
-        g.batch_t0 = self.now
         g.busy_s[stage] += dur
         self._start(g, dur, done, arg)
         return True

@@ -37,9 +37,13 @@ class DecodeRole:
         self.w = worker
         assert worker.kv is not None
         self.kv = worker.kv
-        self.alloc_queue: deque[m.KVAlloc] = deque()
+        # Sequences whose KV waits in a prefill worker's cache, in arrival order (admission).
+        self.ready_queue: deque[tuple[m.KVReady, dict[str, torch.Tensor]]] = deque()
         self.local_queue: deque[tuple[str, torch.Tensor, int, int, dict]] = deque()
-        self.granted: dict[str, int] = {}  # req -> prompt tokens, KV being written by prefill
+        # Admitted sequences whose KV is being copied in from their prefill worker.
+        self.pulling: dict[str, tuple[m.KVReady, dict[str, torch.Tensor]]] = {}
+        # Aborted while pulling: their blocks are freed once the copy into them ends.
+        self.orphans: set[str] = set()
         self.active: OrderedDict[str, _Seq] = OrderedDict()
         self.life_blocks: dict[str, int] = {}  # blocks each admitted sequence may ever use
         self.promised = 0  # sum over admitted sequences of life blocks not yet allocated
@@ -60,16 +64,8 @@ class DecodeRole:
     def handle(self, msg: object, frames: list[bytes]) -> bool:
         from epdrt.runtime.worker import named_tensors
 
-        if isinstance(msg, m.KVAlloc):
-            self.alloc_queue.append(msg)
-            return True
-        if isinstance(msg, m.StartDecode):
-            if self.granted.pop(msg.req_id, None) is None:
-                return True  # aborted meanwhile
-            extras = named_tensors(msg.extras, frames)
-            self.active[msg.req_id] = _Seq(
-                msg.req_id, msg.first_token, 1, msg.max_new_tokens, extras
-            )
+        if isinstance(msg, m.KVReady):
+            self.ready_queue.append((msg, named_tensors(msg.extras, frames)))
             return True
         return False
 
@@ -82,14 +78,13 @@ class DecodeRole:
     # ---- work ------------------------------------------------------------------------------
     def step(self) -> bool:
         progressed = False
-        while self.alloc_queue:
-            alloc = self.alloc_queue[0]
-            if not self._try_admit(alloc.req_id, alloc.num_tokens, alloc.max_new_tokens):
+        while self.ready_queue:
+            ready, extras = self.ready_queue[0]
+            if not self._try_admit(ready.req_id, ready.num_tokens, ready.max_new_tokens):
                 self.w.count("decode_admission_waits")
                 break
-            self.alloc_queue.popleft()
-            self.granted[alloc.req_id] = alloc.num_tokens
-            self.w.send(alloc.src, m.KVGranted(alloc.req_id, self.kv.block_table(alloc.req_id)))
+            self.ready_queue.popleft()
+            self._pull(ready, extras)
             progressed = True
         while self.local_queue:
             req_id, kv, token, max_new, extras = self.local_queue[0]
@@ -105,6 +100,30 @@ class DecodeRole:
             self._decode_step()
             progressed = True
         return progressed
+
+    def _pull(self, ready: m.KVReady, extras: dict[str, torch.Tensor]) -> None:
+        """Copies an admitted sequence's KV blocks from its prefill worker's cache into the
+        blocks reserved here; it joins the running batch once the copy ends."""
+        req_id = ready.req_id
+        self.pulling[req_id] = (ready, extras)
+        src = self.w.peer_kv_cache(ready.src)
+        self.w.copy_blocks(
+            src.region, self.kv.region, list(ready.blocks), self.kv.block_table(req_id),
+            self.kv.block_nbytes, lambda error: self._pulled(req_id, error),
+        )  # fmt: skip
+        self.w.count("kv_bytes_received", len(ready.blocks) * self.kv.block_nbytes)
+
+    def _pulled(self, req_id: str, error: str | None) -> None:
+        if req_id in self.orphans:  # aborted meanwhile: nothing writes into its blocks now
+            self.orphans.discard(req_id)
+            self._finish(req_id)
+            return
+        ready, extras = self.pulling.pop(req_id)
+        if error is not None:
+            self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
+            return
+        self.w.send(ready.src, m.KVPulled(req_id))
+        self.active[req_id] = _Seq(req_id, ready.first_token, 1, ready.max_new_tokens, extras)
 
     def _slots_of(self, req_id: str) -> torch.Tensor:
         n = self.kv.seq_len(req_id)
@@ -148,9 +167,11 @@ class DecodeRole:
         self.kv.free(req_id)
 
     def abort(self, req_id: str) -> None:
-        self.alloc_queue = deque(a for a in self.alloc_queue if a.req_id != req_id)
+        self.ready_queue = deque(x for x in self.ready_queue if x[0].req_id != req_id)
         self.local_queue = deque(x for x in self.local_queue if x[0] != req_id)
-        self.granted.pop(req_id, None)
+        if self.pulling.pop(req_id, None) is not None:
+            self.orphans.add(req_id)  # a copy still writes into its blocks
+            return
         self.active.pop(req_id, None)
         if req_id in self.kv:
             self._finish(req_id)

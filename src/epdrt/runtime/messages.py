@@ -101,30 +101,26 @@ class PrefillRequest(Msg):
     extras: list[NamedTensor]
 
 
-class KVAlloc(Msg):
-    """Prefill -> decode: reserve room for a sequence of ``num_tokens`` (+ its output)."""
+class KVReady(Msg):
+    """Prefill -> decode: a prefilled sequence's KV waits in ``blocks`` of the sender's KV
+    cache. The decoder admits it when it has room for ``num_tokens`` plus its output
+    (back-pressure), copies the blocks into its own cache itself, and continues from
+    ``first_token`` (model extras as tensor frames): the sender's loop takes no part, so a
+    hand-off never waits for the sender's next batch."""
 
     req_id: str
-    num_tokens: int
-    max_new_tokens: int
     src: str
-
-
-class KVGranted(Msg):
-    """Decode -> prefill: write the sequence's KV into these blocks of my cache."""
-
-    req_id: str
     blocks: list[int]
-
-
-class StartDecode(Msg):
-    """Prefill -> decode: the KV is in place; continue from ``first_token``."""
-
-    req_id: str
-    first_token: int
     num_tokens: int
+    first_token: int
     max_new_tokens: int
     extras: list[NamedTensor]
+
+
+class KVPulled(Msg):
+    """Decode -> prefill: the sequence's KV has been copied out; its blocks can go."""
+
+    req_id: str
 
 
 # ---- results and faults ----------------------------------------------------------------------
@@ -166,8 +162,8 @@ class Stats(Msg):
 
 
 Message = (
-    Hello | Peers | Shutdown | EncodeImages | FetchMM | MMReady | PrefillRequest | KVAlloc
-    | KVGranted | StartDecode | Tokens | Failed | Abort | Stats
+    Hello | Peers | Shutdown | EncodeImages | FetchMM | MMReady | PrefillRequest | KVReady
+    | KVPulled | Tokens | Failed | Abort | Stats
 )  # fmt: skip
 
 CODEC = Codec(Message)

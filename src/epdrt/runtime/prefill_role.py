@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Prefill role: admits requests by MM-token bytes, gathers their images' tokens from the
-encoders, runs the LM prefill, emits the first token and hands the KV to a decode worker.
+encoders, runs the LM prefill, emits the first token and stages the KV for a decode worker,
+which pulls it (``KVReady``; ``KVPulled`` frees it here).
 
 Admission is FIFO and per request: a request enters only when blocks for all of its missing
 images can be reserved in this worker's MM cache (back-pressure, no worst-case reservation).
@@ -40,18 +41,6 @@ class _Request:
         return len(self.held) == len(self.keys)
 
 
-@dataclass
-class _Handoff:
-    """A prefilled sequence whose KV waits in this worker's cache for a decode grant."""
-
-    req_id: str
-    decoder: str
-    num_tokens: int
-    first_token: int
-    max_new_tokens: int
-    extras: dict[str, torch.Tensor]
-
-
 class PrefillRole:
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -59,7 +48,7 @@ class PrefillRole:
         self.mm, self.kv = worker.mm, worker.kv
         self.queue: deque[_Request] = deque()  # not yet admitted
         self.admitted: dict[str, _Request] = {}
-        self.handoffs: dict[str, _Handoff] = {}
+        self.staged: set[str] = set()  # requests whose KV waits here for its decoder to pull
         self.receiving: dict[bytes, str] = {}  # image key -> the request its blocks arrive for
 
     # ---- messages --------------------------------------------------------------------------
@@ -74,8 +63,8 @@ class PrefillRole:
         if isinstance(msg, m.MMReady):
             self._mm_ready(msg)
             return True
-        if isinstance(msg, m.KVGranted):
-            self._send_kv(msg)
+        if isinstance(msg, m.KVPulled):
+            self._unstage(msg.req_id)
             return True
         return False
 
@@ -259,39 +248,20 @@ class PrefillRole:
             return
         for layer in range(self.kv.num_layers):
             self.kv.write(layer, slots, kv[layer, 0], kv[layer, 1])
-        self.handoffs[msg.req_id] = _Handoff(
-            msg.req_id, msg.decoder, n, token, msg.max_new_tokens, decode_extras
-        )
-        self.w.send(msg.decoder, m.KVAlloc(msg.req_id, n, msg.max_new_tokens, self.w.name))
-
-    def _send_kv(self, grant: m.KVGranted) -> None:
-        """Copies a staged sequence's KV blocks into the decoder's cache and starts it there."""
-        h = self.handoffs.pop(grant.req_id, None)
-        if h is None:
-            return
-
-        def done(error: str | None) -> None:
-            self.kv.free(h.req_id)
-            if error is not None:
-                self.w.send(h.decoder, m.Abort(h.req_id))
-                self.w.fail(h.req_id, f"KV transfer to {h.decoder} failed: {error}")
-                return
-            names = list(h.extras)
-            extras = [m.NamedTensor(k, tensor_meta(h.extras[k])) for k in names]
-            self.w.send(
-                h.decoder,
-                m.StartDecode(h.req_id, h.first_token, h.num_tokens, h.max_new_tokens, extras),
-                [h.extras[k] for k in names],
-            )
-
-        dst = self.w.peer_kv_cache(h.decoder)
-        src_blocks = self.kv.block_table(h.req_id)
-        self.w.copy_blocks(
-            self.kv.region, dst.region, src_blocks, list(grant.blocks), self.kv.block_nbytes, done
-        )
-        self.w.count("kv_bytes_sent", len(grant.blocks) * self.kv.block_nbytes)
+        self.staged.add(msg.req_id)
+        names = list(decode_extras)
+        extras = [m.NamedTensor(k, tensor_meta(decode_extras[k])) for k in names]
+        blocks = list(self.kv.block_table(msg.req_id))
+        ready = m.KVReady(msg.req_id, self.w.name, blocks, n, token, msg.max_new_tokens, extras)
+        self.w.send(msg.decoder, ready, [decode_extras[k] for k in names])
 
     # ---- cleanup ---------------------------------------------------------------------------
+    def _unstage(self, req_id: str) -> None:
+        """Frees a staged sequence's KV blocks (pulled by its decoder, or aborted)."""
+        if req_id in self.staged:
+            self.staged.discard(req_id)
+            self.kv.free(req_id)
+
     def _release(self, req: _Request) -> None:
         """Frees what ``req`` holds; images it was receiving pass to a request awaiting them."""
         for key in req.reserved:
@@ -322,5 +292,4 @@ class PrefillRole:
         req = self.admitted.pop(req_id, None)
         if req is not None:
             self._release(req)
-        if self.handoffs.pop(req_id, None) is not None:
-            self.kv.free(req_id)
+        self._unstage(req_id)

@@ -36,8 +36,8 @@ from epdrt.transfer.engine import Transfer, TransferEngine
 IDLE_POLL_S = 0.02
 MAX_MESSAGES_PER_STEP = 256
 # Before a step, a copy still in flight is waited for up to this long (seconds), once: a copy's
-# callback (the KV hand-off's StartDecode, an image's MMReady) runs between steps, and a copy
-# a millisecond from done would otherwise wait for the whole next step (a prefill batch:
+# callback (a pulled KV joining the decode batch, an image's MMReady) runs between steps, and a
+# copy a millisecond from done would otherwise wait for the whole next step (a prefill batch:
 # hundreds of milliseconds on a CPU host). A slower copy is not waited for again; an idle
 # worker wakes as soon as any copy ends (the engine's completion fd is on its poll).
 COPY_WAIT_S = 0.005
