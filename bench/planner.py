@@ -337,7 +337,12 @@ def _calibrate(
     base = base.with_batches_scaled(speed)
     trace = observed_trace(observed)
     res = simulate(
-        base, runtime_deploy_config(config), trace, host_cores=cores, host_interference=interference
+        base,
+        runtime_deploy_config(config),
+        trace,
+        host_cores=cores,
+        host_interference=interference,
+        host_pinned=_pinned(config, cores),
     )
     ttft = {r.id: float(t) for r, t in zip(trace, res.ttft_s)}
     tpot = {r.id: float(t) for r, t in zip(trace, res.tpot_s)}
@@ -554,9 +559,17 @@ def _repeat(
         for rate, observed, speed, used in zip(rates, runs, speeds, usage):
             trace = observed_trace(observed)
             now = profile.with_batches_scaled(speed)  # the profile at the host's speed now
-            host = (cores, interference)
+            pinned = _pinned(config, cores)
+            host = (cores, interference, pinned)
             # One simulation gives the prediction, the CPU it charges and the saved requests.
-            res = simulate(now, sim_cfg, trace, host_cores=cores, host_interference=interference)
+            res = simulate(
+                now,
+                sim_cfg,
+                trace,
+                host_cores=cores,
+                host_interference=interference,
+                host_pinned=pinned,
+            )
             pred = Prediction.of(res).as_dict()
             cpu_s = _cpu_table(config, used.cpu_s, res)
             ablations = {
@@ -564,8 +577,13 @@ def _repeat(
                     uncalibrated.with_batches_scaled(speed), sim_cfg, trace, *host
                 ),
                 "predicted_without_speed_probe": _forecast(profile, sim_cfg, trace, *host),
-                "predicted_without_shared_cores": _forecast(now, sim_cfg, trace, None, 0.0),
-                "predicted_without_interference": _forecast(now, sim_cfg, trace, cores, 0.0),
+                "predicted_without_shared_cores": _forecast(now, sim_cfg, trace, None, 0.0, False),
+                "predicted_without_interference": _forecast(
+                    now, sim_cfg, trace, cores, 0.0, pinned
+                ),
+                "predicted_without_pinning": _forecast(
+                    now, sim_cfg, trace, cores, interference, False
+                ),
                 "predicted_without_jitter": _forecast(
                     replace(now, jitter=()), sim_cfg, trace, *host
                 ),
@@ -600,6 +618,7 @@ def _repeat(
                     "loadavg_1min_after": load_after,
                     "host_cpus": os.cpu_count(),
                     "simulated_host_cores": cores,
+                    "simulated_pinned_workers": pinned,
                     "launches": launches,
                     "host_speed_ratio": speed,
                     "host_interference": interference,
@@ -619,14 +638,33 @@ def _repeat(
 
 
 def _forecast(
-    profile: Any, config: Any, trace: list[Any], cores: int | None, interference: float
+    profile: Any,
+    config: Any,
+    trace: list[Any],
+    cores: int | None,
+    interference: float,
+    pinned: bool,
 ) -> dict[str, float]:
     """The simulator's prediction as a dict (predict() with the host's sharing)."""
     from epdrt.planner.simulator import predict
 
     return predict(
-        profile, config, trace, host_cores=cores, host_interference=interference
+        profile,
+        config,
+        trace,
+        host_cores=cores,
+        host_interference=interference,
+        host_pinned=pinned,
     ).as_dict()
+
+
+def _pinned(config: Any, cores: int | None) -> bool:
+    """Whether the runtime pins ``config``'s CPU workers to cores of their own on this host."""
+    from epdrt.runtime.cluster import cpu_workers_pinned
+
+    return cores is not None and cpu_workers_pinned(
+        len(config.worker_roles()), config.cpu_threads, cores
+    )
 
 
 def _cpu_table(

@@ -429,6 +429,27 @@ def test_processes_running_at_once_slow_each_other_by_the_interference(alpha):
         simulate(p, cfg, [_text(0, 0.0)], host_cores=2, host_interference=-0.1)
 
 
+def test_pinned_workers_keep_their_cores_and_the_router_takes_a_free_one():
+    # Two workers, two cores; the router preprocesses three requests (10 ms each) while the
+    # workers prefill the first two (0.1 s each); the third queues behind the first.
+    p = _with_overheads(linear_profile(prefill_fixed_s=0.1), prepare_s=0.01)
+    reqs = [_text(i, 0.0) for i in range(3)]
+    cfg = DeployConfig("aggregated", 2, 2, 2, prefill_tokens=16)
+    pinned = simulate(p, cfg, reqs, host_cores=2, host_pinned=True)
+    # r1's preprocessing ran on the free core 1; r2's found none free and shared its last
+    # core, 1, with N1's prefill (both at half speed for 20 ms): N0 kept its core.
+    np.testing.assert_allclose(pinned.ttft_s, [0.11, 0.13, 0.21], atol=1e-12)
+    # Pooled cores: the three share two, each at 2/3 speed while r2 is preprocessed.
+    pooled = simulate(p, cfg, reqs, host_cores=2)
+    np.testing.assert_allclose(pooled.ttft_s, [0.115, 0.125, 0.215], atol=1e-12)
+    # More workers than cores: nothing is pinned.
+    three = DeployConfig("aggregated", 3, 3, 3, prefill_tokens=16)
+    np.testing.assert_allclose(
+        simulate(p, three, reqs, host_cores=2, host_pinned=True).ttft_s,
+        simulate(p, three, reqs, host_cores=2).ttft_s,
+    )
+
+
 def test_shared_cores_stretch_decode_steps_and_their_boundaries():
     # pd on one core: a decodes 20 steps of 10 ms from 0.1; b's prefill (0.105-0.305) halves
     # both; b joins at the step boundary after 0.305 (work 0.11 = step 11, at 0.31).

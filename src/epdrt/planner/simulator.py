@@ -52,7 +52,7 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +98,7 @@ class _Gpu:
     __slots__ = (
         "busy",
         "busy_s",
+        "core",
         "dec_wait",
         "ei",
         "enc_q",
@@ -122,6 +123,7 @@ class _Gpu:
         "pi",
         "pre_q",
         "pulled",
+        "rate",
         "run_ctx",
         "run_n",
         "stages",
@@ -135,6 +137,10 @@ class _Gpu:
         self.stages = stages
         self.busy = False
         self.idle_since = -math.inf  # when the last batch ended (wake-up cost after idling)
+        # Shared host cores: work seconds done per second now; the router's core when workers
+        # are pinned (a worker's is its index), -1 before it first runs.
+        self.rate = 1.0
+        self.core = -1
         # Work seconds per stage (the router's under "route").
         self.busy_s = {"encode": 0.0, "prefill": 0.0, "decode": 0.0, "route": 0.0}
         self.enc_q: deque[tuple[list[Any], int]] = deque()  # (chunk, tokens) per image
@@ -257,6 +263,7 @@ class _Sim:
         stop_below: float | None,
         host_cores: int | None = None,
         host_interference: float = 0.0,
+        host_pinned: bool = False,
     ) -> None:
         self.p = profile
         self.c = config
@@ -325,8 +332,9 @@ class _Sim:
             raise InvalidArgument(f"host_interference must be >= 0, got {host_interference}")
         self.cores = host_cores
         self.interference = host_interference
+        # Each worker on a core of its own (the runtime pins them when there are enough).
+        self.pinned = host_pinned and host_cores is not None and len(self.gpus) <= host_cores
         self.active: list[_Gpu] = []
-        self.speed = 1.0
         self.ps_t = 0.0
         self.ps_gen = 0
         # Batch-latency jitter (profile.jitter): a seeded draw per batch, so runs repeat.
@@ -350,6 +358,9 @@ class _Sim:
         With shared host cores, every busy GPU (and the busy router) is one runnable process:
         n of them on c cores each run at ``min(1, c / n)`` of full speed, divided by
         ``1 + interference * (min(n, c) - 1)`` (the processes running at once slow each other).
+        With pinned workers, each worker has its core; the router's sides move to a core
+        with nothing else running whenever there is one (the kernel's idle balancing), else
+        stay where they ran last, and the tasks of one core share it.
         """
         if self.cores is None:
             self._at(self.now + work, fn, arg)
@@ -359,26 +370,49 @@ class _Sim:
         self.active.append(g)
         self._retime()
 
+    def _balance(self) -> Counter[int]:
+        """Pinned workers: moves each busy side of the router to a core with nothing else
+        running, if there is one and its own is not; returns the tasks on each core."""
+        assert self.cores is not None
+        on_core = Counter(g.index for g in self.active if g.index >= 0)
+        for g in self.active:
+            if g.index >= 0:
+                continue
+            if g.core < 0 or on_core[g.core]:
+                free = [k for k in range(self.cores) if not on_core[k]]
+                if free:
+                    g.core = free[0]
+                elif g.core < 0:
+                    g.core = min(range(self.cores), key=on_core.__getitem__)
+            on_core[g.core] += 1
+        return on_core
+
     def _advance(self) -> None:
         """Books the work every active task did since the last change, at the old speed."""
         dt = self.now - self.ps_t
-        if dt > 0 and self.active:
-            done = dt * self.speed
+        if dt > 0:
             for g in self.active:
                 assert g.task is not None
-                g.task[0] -= done
+                g.task[0] -= dt * g.rate
         self.ps_t = self.now
 
     def _retime(self) -> None:
         """New speed for the active tasks; their completions rescheduled (older ones void)."""
         n, c = len(self.active), self.cores
-        self.speed = 1.0
-        if c is not None and n:
-            self.speed = min(1.0, c / n) / (1.0 + self.interference * (min(n, c) - 1))
+        assert c is not None
+        if self.pinned:
+            on_core = self._balance()
+            slow = 1.0 + self.interference * (len(+on_core) - 1)
+            for g in self.active:
+                g.rate = 1.0 / (on_core[g.index if g.index >= 0 else g.core] * slow)
+        else:
+            speed = min(1.0, c / n) / (1.0 + self.interference * (min(n, c) - 1)) if n else 1.0
+            for g in self.active:
+                g.rate = speed
         self.ps_gen += 1
         for g in self.active:
             assert g.task is not None
-            end = self.now + max(g.task[0], 0.0) / self.speed
+            end = self.now + max(g.task[0], 0.0) / g.rate
             self._at(end, self._task_end, (g, self.ps_gen))
 
     def _task_end(self, arg: tuple[_Gpu, int]) -> None:
@@ -881,6 +915,7 @@ def simulate(
     stop_below: float | None = None,
     host_cores: int | None = None,
     host_interference: float = 0.0,
+    host_pinned: bool = False,
 ) -> SimResult:
     """Simulates ``config`` serving ``requests`` (sorted by arrival) until all finish.
 
@@ -894,6 +929,9 @@ def simulate(
         host_interference: with ``host_cores``, the fraction by which each further process
             running at the same time slows every running one (shared caches and memory
             bandwidth; ``bench/planner.py`` measures it with two copies of a probe).
+        host_pinned: with ``host_cores``, each worker runs on a core of its own (the runtime
+            pins CPU workers when there are enough cores); the router runs where a core is
+            free, else shares its last one.
 
     Raises:
         InvalidArgument: the config cannot hold the workload in memory.
@@ -902,7 +940,9 @@ def simulate(
         raise InvalidArgument("simulate needs at least one request")
     if any(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(requests)):
         raise InvalidArgument("requests must be sorted by arrival_s")
-    sim = _Sim(profile, config, requests, slo, stop_below, host_cores, host_interference)
+    sim = _Sim(
+        profile, config, requests, slo, stop_below, host_cores, host_interference, host_pinned
+    )
     sim.run()
     return sim.result()
 
@@ -944,6 +984,7 @@ def predict(
     *,
     host_cores: int | None = None,
     host_interference: float = 0.0,
+    host_pinned: bool = False,
 ) -> Prediction:
     """Predicted TTFT/TPOT percentiles and throughput of ``config`` serving ``requests``.
 
@@ -957,5 +998,6 @@ def predict(
         slo,
         host_cores=host_cores,
         host_interference=host_interference,
+        host_pinned=host_pinned,
     )
     return Prediction.of(res)

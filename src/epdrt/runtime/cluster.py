@@ -75,6 +75,13 @@ class _Inflight:
     encode_s: float = 0.0
 
 
+def cpu_workers_pinned(num_cpu_workers: int, threads_each: int, cores: int) -> bool:
+    """Whether CPU workers get cores of their own (``threads_each`` each): only when there are
+    enough; with fewer, none is pinned and the kernel shares all cores among them
+    (round-robin pinning would put two busy workers on one core while another has one)."""
+    return num_cpu_workers * threads_each <= cores
+
+
 class EPDCluster:
     """A running deployment. Use ``with EPDCluster.launch(model_dir, config) as cluster``."""
 
@@ -128,10 +135,7 @@ class EPDCluster:
         devices = self._devices()
         cores = sorted(os.sched_getaffinity(0))
         threads = self.config.cpu_threads
-        # CPU workers get cores of their own when there are enough; with fewer, none is
-        # pinned: the kernel then shares all cores among them (round-robin pinning would put
-        # two busy workers on one core while another core has one).
-        pin = devices.count("cpu") * threads <= len(cores)
+        pin = cpu_workers_pinned(devices.count("cpu"), threads, len(cores))
         free = iter(cores)
         for (name, roles), device in zip(self.config.worker_roles(), devices):
             cpus = [next(free) for _ in range(threads)] if device == "cpu" and pin else []
