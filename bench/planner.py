@@ -14,7 +14,8 @@ throughput of the same deployments serving the same requests on this host.
    keep each request's submit time, shape (MM tokens per image, text tokens, tokens generated)
    and timings. A rate beyond the deployment's capacity measures its throughput.
 4. Replay the same requests (same submit times, same shapes) in the simulator with the profile;
-   on a CPU-only host the workers and the router share the host's cores in the simulation,
+   on a CPU-only host the workers and the router share the host's cores in the simulation
+   (each worker on a core of its own when the runtime pins them),
    the profile's batch latencies are scaled to the host's speed during the run (a probe of
    the model's own batches, timed beside the profile and again before and after each
    workload), and processes computing at the same time slow each other by the fraction a
@@ -22,7 +23,7 @@ throughput of the same deployments serving the same requests on this host.
 5. One record per (deployment, metric): ``value`` = predicted, ``baseline_value`` = measured,
    ``ratio = min / max`` (1.0 = exact); ``extra`` holds the error, the speed ratio, the
    interference, and what the prediction is without each of: the calibration, the speed
-   probe, the interference, the calibrated request spread, shared cores, jitter.
+   probe, the interference, the calibrated request spread, shared cores, pinning, jitter.
 
 Without ``--model`` a random-weight LLaVA of ``--size`` is made: ``small`` (default), whose
 batches take milliseconds to tens of milliseconds on one CPU core, so that compute rather than
