@@ -36,8 +36,8 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   ``aggregated`` reserves input + output KV at prefill admission on its one GPU.
 - Runtime costs (profile.overheads, zero unless measured): the router preprocesses requests
   one at a time, then messages the workers; control messages (MM tokens ready, the first and
-  last token to the client, the three-message KV hand-off); a GPU starting work after idling
-  pays a wake-up cost; calibrated per-request latency and per-step work;
+  last token to the client, the KV hand-off's KVReady and KVPulled); a GPU starting work
+  after idling pays a wake-up cost; calibrated per-request latency and per-step work;
   the router's CPU per request beyond preprocessing (``route_s``) and per tokens message of
   a decode step (``token_message_s``, taken in by the router's receiving side).
 - Batch latencies are drawn from profile.jitter (seeded) when the profile has one.

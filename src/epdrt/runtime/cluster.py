@@ -34,7 +34,6 @@ from epdrt.runtime.channel import Channel, ChannelError
 from epdrt.runtime.config import EPDConfig, WorkerSpec
 from epdrt.runtime.request import Request, RequestError, RequestResult
 from epdrt.runtime.stage_model import Preprocessor
-from epdrt.runtime.wire import tensor_meta
 
 POLL_S = 0.02
 KEY_HOMES = 65536  # how many image keys the router remembers the encoder of
@@ -305,28 +304,18 @@ class EPDCluster:
         for name, images in per_encoder.items():
             items, tensors = [], []
             for image in images:
-                names = list(image.tensors)
-                items.append(
-                    m.EncodeItem(
-                        image.key,
-                        image.num_tokens,
-                        [m.NamedTensor(n, tensor_meta(image.tensors[n])) for n in names],
-                    )
-                )
-                tensors += [image.tensors[n] for n in names]
+                entries, frames = m.named_entries(image.tensors)
+                items.append(m.EncodeItem(image.key, image.num_tokens, entries))
+                tensors += frames
             self._channel.send(name, m.EncodeImages(request.id, items), tensors)
         slots = [
             m.ImageSlot(i.key, i.num_tokens, i.start, encoders[i.key]) for i in prepared.images
         ]
-        extra_names = list(prepared.extras)
-        self._channel.send(
-            prefill,
-            m.PrefillRequest(
-                request.id, prepared.input_ids, slots, request.max_new_tokens, decode,
-                [m.NamedTensor(n, tensor_meta(prepared.extras[n])) for n in extra_names],
-            ),
-            [prepared.extras[n] for n in extra_names],
-        )  # fmt: skip
+        entries, frames = m.named_entries(prepared.extras)
+        msg = m.PrefillRequest(
+            request.id, prepared.input_ids, slots, request.max_new_tokens, decode, entries
+        )
+        self._channel.send(prefill, msg, frames)
 
     # ---- receiving -------------------------------------------------------------------------
     def _receive_loop(self) -> None:

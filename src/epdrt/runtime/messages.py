@@ -7,9 +7,12 @@ Every message is a tagged ``msgspec`` struct; tensors ride as raw frames after i
 
 from __future__ import annotations
 
-import msgspec
+from collections.abc import Mapping
 
-from epdrt.runtime.wire import Codec, TensorMeta
+import msgspec
+import torch
+
+from epdrt.runtime.wire import Codec, TensorMeta, tensor_meta
 
 
 class NamedTensor(msgspec.Struct, frozen=True):
@@ -17,6 +20,15 @@ class NamedTensor(msgspec.Struct, frozen=True):
 
     name: str
     meta: TensorMeta
+
+
+def named_entries(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[list[NamedTensor], list[torch.Tensor]]:
+    """``tensors`` as a message's entries and the tensors to send after it, in one order
+    (``worker.named_tensors`` reads them back)."""
+    names = list(tensors)
+    return [NamedTensor(n, tensor_meta(tensors[n])) for n in names], [tensors[n] for n in names]
 
 
 class Msg(msgspec.Struct, tag=True, frozen=True):

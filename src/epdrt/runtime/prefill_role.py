@@ -19,7 +19,6 @@ import torch
 from epdrt.errors import InvalidArgument, PoolExhausted
 from epdrt.kernels import assemble_inputs_embeds
 from epdrt.runtime import messages as m
-from epdrt.runtime.wire import tensor_meta
 
 if TYPE_CHECKING:
     from epdrt.runtime.worker import Worker
@@ -249,11 +248,10 @@ class PrefillRole:
         for layer in range(self.kv.num_layers):
             self.kv.write(layer, slots, kv[layer, 0], kv[layer, 1])
         self.staged.add(msg.req_id)
-        names = list(decode_extras)
-        extras = [m.NamedTensor(k, tensor_meta(decode_extras[k])) for k in names]
+        entries, frames = m.named_entries(decode_extras)
         blocks = list(self.kv.block_table(msg.req_id))
-        ready = m.KVReady(msg.req_id, self.w.name, blocks, n, token, msg.max_new_tokens, extras)
-        self.w.send(msg.decoder, ready, [decode_extras[k] for k in names])
+        ready = m.KVReady(msg.req_id, self.w.name, blocks, n, token, msg.max_new_tokens, entries)
+        self.w.send(msg.decoder, ready, frames)
 
     # ---- cleanup ---------------------------------------------------------------------------
     def _unstage(self, req_id: str) -> None:

@@ -87,8 +87,9 @@ class Worker:
                 s.num_layers, s.num_kv_heads, s.head_dim, cfg.kv_block_size, num_blocks, dtype,
                 self.device,
             )  # fmt: skip
-        # Cache-to-cache copies into peers' regions (mapped over IPC) run on this engine, off
-        # the main loop; ``outbox`` holds each until it completes. The loop's poll also wakes
+        # Cache-to-cache copies between this worker's regions and its peers' (mapped over IPC:
+        # MM pages pushed to a prefill, KV pulled from one) run on this engine, off the main
+        # loop; ``outbox`` holds each until it completes. The loop's poll also wakes
         # when one ends.
         self.engine = TransferEngine(num_threads=self.config.cpu_threads)
         self.channel.watch(self.engine.completion_fd)
