@@ -300,9 +300,7 @@ def default_grid(runner: ModelStageRunner, quick: bool = False) -> ProfileGrid:
     min_seconds, max_repeats = (0.0, 0) if quick else ((0.1, 20) if on_gpu else (0.25, 25))
     near = max(ctx - 16, 1)  # the longest prompt measured: just inside the context
     pre = tuple(sorted({t for t in pre if t <= near} | ({near} if max(pre) > near else set())))
-    extra = warmup + max(repeats, max_repeats) + 1
-    dec_c = tuple(c for c in dec_c if c + extra <= ctx) or (max(ctx // 2, 1),)
-    return ProfileGrid(
+    grid = ProfileGrid(
         encode_images=enc_n,
         image_sizes=image_sizes(runner, quick),
         prefill_tokens=pre,
@@ -317,6 +315,9 @@ def default_grid(runner: ModelStageRunner, quick: bool = False) -> ProfileGrid:
         # Room for the sequences' tokens and the partly filled last block of each.
         max_decode_tokens=(runner.kv.num_blocks - max(dec_b)) * runner.kv.block_size,
     )
+    growth = grid.decode_growth
+    fitting = tuple(c for c in dec_c if c + growth <= ctx) or (max(ctx // 2, 1),)
+    return replace(grid, decode_context=fitting)
 
 
 def image_sizes(runner: ModelStageRunner, quick: bool = False) -> tuple[int, ...]:

@@ -100,14 +100,15 @@ class ProfileGrid:
     max_decode_tokens: int | None = None
 
     @property
-    def most_repeats(self) -> int:
-        """The most timed runs a shape can take."""
-        return max(self.repeats, self.max_repeats)
+    def decode_growth(self) -> int:
+        """Tokens a decode shape's sequences can grow by while it is measured (each step
+        appends one): its warm-up, its most timed runs and one."""
+        return self.warmup + max(self.repeats, self.max_repeats) + 1
 
     def decode_shapes(self) -> list[tuple[int, int]]:
         """(batch, context) pairs to measure, batch sizes with fewer than two contexts
         dropped (the decode model is linear in context per batch size)."""
-        extra = self.warmup + self.most_repeats + 1
+        extra = self.decode_growth
         out = []
         for b in self.decode_batch:
             cs = [
