@@ -296,12 +296,13 @@ TransferEngine::~TransferEngine() {
   for (auto& [key, stream] : streams_) cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
   for (auto& [key, stream] : streams_) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
   for (auto& [cap, p] : pinned_pool_) cudaFreeHost(p);
+  for (auto& [device, event] : producer_events_) cudaEventDestroy(static_cast<cudaEvent_t>(event));
 #endif
   ::close(completion_fd_);
 }
 
-std::shared_ptr<Transfer> TransferEngine::submit(const std::vector<TransferOp>& ops,
-                                                 uint64_t peer) {
+std::shared_ptr<Transfer> TransferEngine::submit(const std::vector<TransferOp>& ops, uint64_t peer,
+                                                 std::optional<void*> after_stream) {
   std::vector<PlannedOp> planned(ops.size());
   std::shared_ptr<Transfer> t(new Transfer());
   for (size_t i = 0; i < ops.size(); ++i) {
@@ -319,13 +320,13 @@ std::shared_ptr<Transfer> TransferEngine::submit(const std::vector<TransferOp>& 
   }
   t->num_ops_ = ops.size();
   if (peer == 0 && !ops.empty() && ops.front().dst) peer = ops.front().dst->id();
-  return start(std::move(t), peer);
+  return start(std::move(t), peer, after_stream);
 }
 
 std::shared_ptr<Transfer> TransferEngine::submit_blocks(
     const std::shared_ptr<Region>& src, const std::shared_ptr<Region>& dst,
     const uint64_t* src_offsets, const uint64_t* dst_offsets, const uint64_t* sizes,
-    uint64_t uniform_nbytes, size_t n, uint64_t peer) {
+    uint64_t uniform_nbytes, size_t n, uint64_t peer, std::optional<void*> after_stream) {
   EPDRT_ASSERT(src && dst, "submit_blocks needs a source and a destination region");
   EPDRT_ASSERT(n == 0 || (src_offsets != nullptr && dst_offsets != nullptr),
                "submit_blocks: offsets are null");
@@ -343,10 +344,11 @@ std::shared_ptr<Transfer> TransferEngine::submit_blocks(
   t->regions_ = {src};
   if (dst != src) t->regions_.push_back(dst);
   t->num_ops_ = n;
-  return start(std::move(t), peer != 0 ? peer : dst->id());
+  return start(std::move(t), peer != 0 ? peer : dst->id(), after_stream);
 }
 
-std::shared_ptr<Transfer> TransferEngine::start(std::shared_ptr<Transfer> t, uint64_t peer) {
+std::shared_ptr<Transfer> TransferEngine::start(std::shared_ptr<Transfer> t, uint64_t peer,
+                                                std::optional<void*> after_stream) {
   t->nbytes_ = 0;
   for (const CopyOp& run : t->runs_) t->nbytes_ += run.nbytes;
   t->notify_fd_ = completion_fd_;
@@ -357,7 +359,7 @@ std::shared_ptr<Transfer> TransferEngine::start(std::shared_ptr<Transfer> t, uin
     return t;
   }
   if (t->on_cuda_) {
-    start_cuda(t, peer);
+    start_cuda(t, peer, after_stream);
   } else {
     start_cpu(t);
   }
@@ -432,9 +434,32 @@ void TransferEngine::reap_cuda() {
   inflight_cuda_.erase(first, inflight_cuda_.end());
 }
 
-void TransferEngine::start_cuda(const std::shared_ptr<Transfer>& t, uint64_t peer) {
-  DeviceGuard guard(t->device_index_);
+void* TransferEngine::record_producer(void* stream) {
+  // The handle may come from another copy of the CUDA runtime (torch links its own shared
+  // cudart; the core links cudart statically): streams are driver objects of the device's
+  // primary context, which every runtime in the process shares, so it names the same stream here.
+  const auto producer = static_cast<cudaStream_t>(stream);
+  int device = 0;
+  check_cuda(cudaStreamGetDevice(producer, &device), "cudaStreamGetDevice (after_stream)");
+  auto it = producer_events_.find(device);
+  if (it == producer_events_.end()) {
+    DeviceGuard guard(device);
+    cudaEvent_t event = nullptr;
+    check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
+    it = producer_events_.emplace(device, event).first;
+  }
+  const auto event = static_cast<cudaEvent_t>(it->second);
+  check_cuda(cudaEventRecord(event, producer), "cudaEventRecord (after_stream)");
+  return event;
+}
+
+void TransferEngine::start_cuda(const std::shared_ptr<Transfer>& t, uint64_t peer,
+                                std::optional<void*> after_stream) {
   std::lock_guard<std::mutex> lock(cuda_mu_);
+  // Recorded before the copy device becomes current: a "current device" handle (0,
+  // cudaStreamLegacy, cudaStreamPerThread) means the caller's device.
+  void* producer_done = after_stream ? record_producer(*after_stream) : nullptr;
+  DeviceGuard guard(t->device_index_);
   reap_cuda();
   // One stream per (peer, device): a peer's transfers run in order, peers overlap.
   const uint64_t key = peer * 31 + static_cast<uint64_t>(t->device_index_);
@@ -445,6 +470,10 @@ void TransferEngine::start_cuda(const std::shared_ptr<Transfer>& t, uint64_t pee
     it = streams_.emplace(key, s).first;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(it->second);
+  if (producer_done != nullptr) {
+    check_cuda(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(producer_done), 0),
+               "cudaStreamWaitEvent (after_stream)");
+  }
   bool launched = false;
   try {
     const size_t n = t->runs_.size();
@@ -489,7 +518,7 @@ void TransferEngine::start_cuda(const std::shared_ptr<Transfer>& t, uint64_t pee
 
 #else
 
-void TransferEngine::start_cuda(const std::shared_ptr<Transfer>&, uint64_t) {
+void TransferEngine::start_cuda(const std::shared_ptr<Transfer>&, uint64_t, std::optional<void*>) {
   throw CudaUnavailable("epdrt was built without CUDA (rebuild with EPDRT_CUDA=ON)");
 }
 

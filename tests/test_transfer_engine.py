@@ -166,6 +166,32 @@ def test_mixing_cpu_and_cuda_is_rejected_or_cuda_is_unavailable(engine):
         engine.submit([(src, 0, gpu, 0, 64)])
 
 
+@pytest.mark.parametrize("after_stream", [0, 1, 2, 0x7F00DEADBEEF, (1 << 64) - 1])
+def test_cpu_transfers_accept_and_ignore_after_stream(engine, after_stream):
+    # Host producers are synchronous: any handle (even one naming no stream) is accepted.
+    src, dst = filled_region(8 * 512), Region.create(8 * 512)
+    perm = [3, 0, 7, 1]
+    engine.submit_blocks(
+        src, dst, [i * 512 for i in perm], [0, 512, 1024, 1536], 512, after_stream=after_stream
+    ).wait(TIMEOUT_S)
+    engine.submit([(src, 0, dst, 4096 - 100, 100)], after_stream=after_stream).wait(TIMEOUT_S)
+    d, s = blocks(dst, 512), blocks(src, 512)
+    assert torch.equal(d[:4], s[perm])
+    assert torch.equal(d[4:7], torch.zeros_like(d[4:7]))
+    got = dst.tensor(torch.uint8, (100,), offset=4096 - 100)
+    assert torch.equal(got, src.tensor(torch.uint8, (100,)))
+
+
+@pytest.mark.parametrize("after_stream", ["0", 1.0, True, -1, 1 << 64, object()])
+def test_bad_after_stream_is_rejected(engine, after_stream):
+    src, dst = filled_region(1024), Region.create(1024)
+    with pytest.raises(InvalidArgument, match="after_stream"):
+        engine.submit([(src, 0, dst, 0, 1024)], after_stream=after_stream)
+    with pytest.raises(InvalidArgument, match="after_stream"):
+        engine.submit_blocks(src, dst, [0], [0], 1024, after_stream=after_stream)
+    assert dst.tensor(torch.uint8, (1024,)).count_nonzero() == 0
+
+
 def test_empty_batches_complete_at_once(engine):
     src, dst = Region.create(64), Region.create(64)
     for t in (engine.submit([]), engine.submit([(src, 0, dst, 0, 0)])):
@@ -274,3 +300,37 @@ def test_cuda_streams_per_peer_keep_order():
     engine.submit([(a, 0, b, 0, n)], peer=7)
     engine.submit([(c, 0, b, 0, n)], peer=7).wait(TIMEOUT_S)
     assert int(b.tensor(torch.uint8, (n,)).float().mean().item()) == 2
+
+
+# Cycles torch.cuda._sleep spins per call: ~10 ms at the clock rates of current GPUs, so ten
+# calls keep the producer stream busy for ~0.1 s, far longer than submitting the copy takes.
+SLEEP_CYCLES = 20_000_000
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("producer", ["default", "side"])
+@pytest.mark.parametrize("num_blocks", [1, 64])  # one cudaMemcpyAsync; the block-copy kernel
+def test_cuda_copies_wait_for_the_producer_stream(producer, num_blocks):
+    engine = TransferEngine()
+    block = 16 << 10
+    n = num_blocks * block
+    src, dst = Region.create(n, "cuda"), Region.create(n, "cuda")
+    source = src.tensor(torch.uint8, (num_blocks, block))
+    source.fill_(1)
+    dst.tensor(torch.uint8, (n,)).zero_()
+    torch.cuda.synchronize()
+    # Reversed block order: num_blocks runs, so 64 blocks take the kernel path.
+    src_offsets = torch.arange(num_blocks) * block
+    dst_offsets = src_offsets.flip(0)
+    stream = torch.cuda.current_stream() if producer == "default" else torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(10):
+            torch.cuda._sleep(SLEEP_CYCLES)
+        final = torch.arange(n, device="cuda").remainder_(251).to(torch.uint8).view_as(source)
+        source.copy_(final)
+        handle = torch.cuda.current_stream().cuda_stream
+        t = engine.submit_blocks(src, dst, src_offsets, dst_offsets, block, after_stream=handle)
+        want = final.flip(0).cpu()  # waits for the producer stream only
+    t.wait(TIMEOUT_S)
+    assert t.num_runs == num_blocks
+    assert torch.equal(dst.tensor(torch.uint8, (num_blocks, block)).cpu(), want)

@@ -62,6 +62,13 @@ uint64_t non_negative(long long v, const char* what, size_t i) {
   return static_cast<uint64_t>(v);
 }
 
+// A raw cudaStream_t from Python (an int such as torch.cuda.current_stream().cuda_stream), or
+// nullopt for None. 0 is the legacy default stream, not "none".
+std::optional<void*> stream_handle(std::optional<uintptr_t> handle) {
+  if (!handle) return std::nullopt;
+  return reinterpret_cast<void*>(*handle);
+}
+
 const char* state_name(TransferState s) {
   switch (s) {
     case TransferState::kPending:
@@ -121,7 +128,8 @@ stream per peer). See epdrt.TransferEngine for the documented Python API.
       .def(py::init<int>(), py::arg("num_threads") = 0)
       .def(
           "submit",
-          [](TransferEngine& e, py::handle ops, uint64_t peer) {
+          [](TransferEngine& e, py::handle ops, uint64_t peer,
+             std::optional<uintptr_t> after_stream) {
             py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(
                 ops.ptr(), "ops must be a sequence of (src, src_offset, dst, dst_offset, nbytes)"));
             if (!fast) throw py::error_already_set();
@@ -140,15 +148,16 @@ stream per peer). See epdrt.TransferEngine for the documented Python API.
               op.dst_offset = non_negative(tup[3].cast<long long>(), "dst_offset", idx);
               op.nbytes = non_negative(tup[4].cast<long long>(), "nbytes", idx);
             }
-            return e.submit(parsed, peer);
+            return e.submit(parsed, peer, stream_handle(after_stream));
           },
-          py::arg("ops"), py::arg("peer") = 0,
-          "Validates every op (nothing is copied when one is invalid) and starts the copies.")
+          py::arg("ops"), py::arg("peer") = 0, py::arg("after_stream") = py::none(),
+          "Validates every op (nothing is copied when one is invalid) and starts the copies;\n"
+          "CUDA copies start after the work enqueued so far on after_stream (a cudaStream_t).")
       .def(
           "submit_blocks",
           [](TransferEngine& e, const std::shared_ptr<Region>& src,
              const std::shared_ptr<Region>& dst, py::handle src_offsets, py::handle dst_offsets,
-             py::handle nbytes, uint64_t peer) {
+             py::handle nbytes, uint64_t peer, std::optional<uintptr_t> after_stream) {
             const std::vector<uint64_t> so = to_u64(src_offsets, "src_offsets");
             const std::vector<uint64_t> d = to_u64(dst_offsets, "dst_offsets");
             EPDRT_ASSERT(so.size() == d.size(), "src_offsets has ", so.size(),
@@ -157,17 +166,19 @@ stream per peer). See epdrt.TransferEngine for the documented Python API.
               const long long each = nbytes.cast<long long>();
               EPDRT_ASSERT(each >= 0, "nbytes is negative (", each, ")");
               return e.submit_blocks(src, dst, so.data(), d.data(), nullptr,
-                                     static_cast<uint64_t>(each), so.size(), peer);
+                                     static_cast<uint64_t>(each), so.size(), peer,
+                                     stream_handle(after_stream));
             }
             const std::vector<uint64_t> sizes = to_u64(nbytes, "nbytes");
             EPDRT_ASSERT(sizes.size() == so.size(), "nbytes has ", sizes.size(),
                          " entries, the offsets ", so.size());
-            return e.submit_blocks(src, dst, so.data(), d.data(), sizes.data(), 0, so.size(), peer);
+            return e.submit_blocks(src, dst, so.data(), d.data(), sizes.data(), 0, so.size(), peer,
+                                   stream_handle(after_stream));
           },
           py::arg("src"), py::arg("dst"), py::arg("src_offsets"), py::arg("dst_offsets"),
-          py::arg("nbytes"), py::arg("peer") = 0,
+          py::arg("nbytes"), py::arg("peer") = 0, py::arg("after_stream") = py::none(),
           "Copies src[src_offsets[i]:+n] to dst[dst_offsets[i]:+n], n = nbytes (an int, or\n"
-          "one per op). Offsets: int64 arrays or sequences of ints.")
+          "one per op). Offsets: int64 arrays or sequences of ints. after_stream: as submit.")
       .def_property_readonly("num_threads", &TransferEngine::num_threads)
       .def_property_readonly("completion_fd", &TransferEngine::completion_fd,
                              "eventfd made readable whenever one of this engine's transfers ends.");

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -100,14 +101,25 @@ class TransferEngine {
   TransferEngine& operator=(const TransferEngine&) = delete;
 
   // Validates and starts ops. peer selects the CUDA stream (0: the destination region's id).
-  std::shared_ptr<Transfer> submit(const std::vector<TransferOp>& ops, uint64_t peer = 0);
+  //
+  // after_stream: the producer's stream (a cudaStream_t; 0, i.e. nullptr, is the legacy default
+  // stream, a real stream). The copies of a CUDA transfer start only after all work enqueued on
+  // it before this call, e.g. the kernel that wrote the source on torch's current stream; the
+  // engine records its own event there and makes its copy stream wait on it, so the caller's
+  // thread never blocks. Handles that name a stream of "the current device" (0,
+  // cudaStreamLegacy, cudaStreamPerThread) mean the calling thread's current device. Ignored by
+  // CPU transfers (host producers have finished writing when they call submit) and by empty
+  // ones. nullopt: no ordering against any other stream.
+  std::shared_ptr<Transfer> submit(const std::vector<TransferOp>& ops, uint64_t peer = 0,
+                                   std::optional<void*> after_stream = std::nullopt);
   // n copies from src to dst: src_offsets[i] -> dst_offsets[i], sizes[i] bytes each (or
-  // uniform_nbytes each when sizes is null). Same checks as submit().
+  // uniform_nbytes each when sizes is null). Same checks and after_stream as submit().
   std::shared_ptr<Transfer> submit_blocks(const std::shared_ptr<Region>& src,
                                           const std::shared_ptr<Region>& dst,
                                           const uint64_t* src_offsets, const uint64_t* dst_offsets,
                                           const uint64_t* sizes, uint64_t uniform_nbytes, size_t n,
-                                          uint64_t peer = 0);
+                                          uint64_t peer = 0,
+                                          std::optional<void*> after_stream = std::nullopt);
 
   int num_threads() const noexcept { return static_cast<int>(workers_.size()); }
   // An eventfd (non-blocking) that is incremented each time one of this engine's transfers
@@ -126,9 +138,11 @@ class TransferEngine {
     size_t end;
   };
 
-  std::shared_ptr<Transfer> start(std::shared_ptr<Transfer> t, uint64_t peer);
+  std::shared_ptr<Transfer> start(std::shared_ptr<Transfer> t, uint64_t peer,
+                                  std::optional<void*> after_stream);
   void start_cpu(const std::shared_ptr<Transfer>& t);
-  void start_cuda(const std::shared_ptr<Transfer>& t, uint64_t peer);
+  void start_cuda(const std::shared_ptr<Transfer>& t, uint64_t peer,
+                  std::optional<void*> after_stream);
   void worker_loop();
 
   int completion_fd_ = -1;
@@ -140,11 +154,18 @@ class TransferEngine {
 
   void* acquire_pinned(size_t bytes, size_t* capacity);
   void reap_cuda();  // with cuda_mu_ held: drops finished transfers, recycles their pinned arrays
+  // With cuda_mu_ held: records the engine's event of the stream's device on `stream` and
+  // returns it (a cudaEvent_t), for the copy stream to wait on.
+  void* record_producer(void* stream);
 
   std::mutex cuda_mu_;
   std::unordered_map<uint64_t, void*> streams_;  // (peer, device) key -> cudaStream_t
   std::vector<std::shared_ptr<Transfer>> inflight_cuda_;
   std::multimap<size_t, void*> pinned_pool_;  // capacity -> free pinned host buffer
+  // Device -> cudaEvent_t recorded on producer streams of that device. One per device is
+  // enough: each is recorded and waited on under cuda_mu_, and cudaStreamWaitEvent waits for
+  // the record made before it, whatever is recorded later.
+  std::unordered_map<int, void*> producer_events_;
 };
 
 }  // namespace epdrt

@@ -26,6 +26,19 @@ def _int64_array(name: str, values: Any) -> np.ndarray:
     return arr
 
 
+def _stream_handle(after_stream: Any) -> int | None:
+    """``after_stream`` checked: None, or a ``cudaStream_t`` as a non-negative 64-bit int."""
+    if after_stream is None:
+        return None
+    ok = isinstance(after_stream, int) and not isinstance(after_stream, bool)
+    if not ok or not 0 <= after_stream < 1 << 64:
+        raise InvalidArgument(
+            "after_stream must be None or a raw cudaStream_t handle as an int (e.g."
+            f" torch.cuda.current_stream().cuda_stream), got {after_stream!r}"
+        )
+    return after_stream
+
+
 class Transfer:
     """Handle of one submitted batch: poll with :meth:`done`, block with :meth:`wait`."""
 
@@ -94,6 +107,11 @@ class TransferEngine:
     A batch is checked before anything is copied; InvalidArgument rejects it whole when an op is
     out of bounds, uses a closed region, mixes CPU and CUDA, or when destination ranges overlap
     each other or a source range.
+
+    NOTE: the engine's CUDA streams are its own (non-blocking): nothing orders them after the
+    stream that wrote the source (e.g. the vision tower's, on torch's current stream) unless
+    ``after_stream`` says so. Pass ``after_stream=torch.cuda.current_stream(dev).cuda_stream``
+    whenever the source may still be being written by queued GPU work.
     """
 
     def __init__(self, num_threads: int = 0) -> None:
@@ -108,11 +126,27 @@ class TransferEngine:
         """An eventfd that becomes readable whenever one of this engine's transfers ends."""
         return self._engine.completion_fd
 
-    def submit(self, ops: Iterable[Op], *, peer: int = 0) -> Transfer:
+    def submit(
+        self, ops: Iterable[Op], *, peer: int = 0, after_stream: int | None = None
+    ) -> Transfer:
         """Starts ``ops``: ``(src, src_offset, dst, dst_offset, nbytes)`` tuples of Regions.
 
-        ``peer`` picks the CUDA stream (0: one per destination region).
+        Args:
+            ops: offsets and sizes in bytes.
+            peer: picks the CUDA stream (0: one per destination region); transfers with the
+                same peer run in submission order.
+            after_stream: a raw ``cudaStream_t`` handle as an int (what
+                ``torch.cuda.current_stream(dev).cuda_stream`` returns; 0 is the legacy default
+                stream), or None. The copies of a CUDA transfer start only after the work
+                enqueued on that stream before this call; the call itself never blocks. Handles
+                meaning "the current device's" stream (0, 1, 2) refer to the calling thread's
+                current device. Ignored for CPU transfers: a host producer has finished writing
+                when it submits.
+
+        Raises:
+            InvalidArgument: a bad op or ``after_stream`` (nothing is copied).
         """
+        stream = _stream_handle(after_stream)
         raw = []
         for i, op in enumerate(ops):
             if len(op) != 5 or not isinstance(op[0], Region) or not isinstance(op[2], Region):
@@ -121,7 +155,7 @@ class TransferEngine:
                 )
             src, src_offset, dst, dst_offset, nbytes = op
             raw.append((src._handle, src_offset, dst._handle, dst_offset, nbytes))
-        return Transfer(self._engine.submit(raw, peer))
+        return Transfer(self._engine.submit(raw, peer, stream))
 
     def submit_blocks(
         self,
@@ -132,6 +166,7 @@ class TransferEngine:
         nbytes: int | Sequence[int] | np.ndarray,
         *,
         peer: int = 0,
+        after_stream: int | None = None,
     ) -> Transfer:
         """Copies ``src[src_offsets[i]:+n]`` to ``dst[dst_offsets[i]:+n]`` for every i.
 
@@ -139,11 +174,17 @@ class TransferEngine:
             src_offsets: ``[n] int64``, byte offset of each op in ``src``.
             dst_offsets: ``[n] int64``, byte offset of each op in ``dst``.
             nbytes: bytes of every op (int), or ``[n] int64`` one size per op.
+            peer: as in :meth:`submit`.
+            after_stream: as in :meth:`submit`: CUDA copies start after the work already
+                enqueued on this ``cudaStream_t`` (an int); ignored for CPU transfers.
         """
+        stream = _stream_handle(after_stream)
         so = _int64_array("src_offsets", src_offsets)
         do = _int64_array("dst_offsets", dst_offsets)
         sizes: Any = nbytes if isinstance(nbytes, int) else _int64_array("nbytes", nbytes)
-        return Transfer(self._engine.submit_blocks(src._handle, dst._handle, so, do, sizes, peer))
+        return Transfer(
+            self._engine.submit_blocks(src._handle, dst._handle, so, do, sizes, peer, stream)
+        )
 
     def __repr__(self) -> str:
         return f"TransferEngine(num_threads={self.num_threads})"
