@@ -95,7 +95,7 @@ def hf_inputs(adapter: ModelAdapter, request: PreparedRequest) -> dict[str, torc
             inputs[name] = torch.cat([im.tensors[name] for im in request.images])
         if "image_grid_thw" in inputs:  # Qwen2-VL's M-RoPE index needs the token types
             inputs["mm_token_type_ids"] = (ids == adapter.spec.image_token_id).long()
-    return inputs
+    return {name: t.to(adapter.device) for name, t in inputs.items()}
 
 
 def reference_tokens(

@@ -119,3 +119,30 @@ def test_back_pressure_small_caches(tiny_model_dir, references):
         for s in cluster.worker_stats().values()
     )
     assert waits > 0  # the caches really were the bottleneck
+
+
+@pytest.mark.parametrize(
+    "dev", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)], ids=["cpu", "cuda"]
+)
+def test_verified_hand_offs_carry_the_producers_bytes(dev, tiny_model_dir):
+    """Every image's MM rows and every sequence's KV arrive as the producer wrote them (the
+    receivers digest what landed and compare), and the tokens equal ``generate()`` on the same
+    device. On a GPU this fails when a copy is not ordered after the work that produced it."""
+    model = tiny_model_dir("llava")
+    adapter = load_adapter(model, dev)
+    single, batch = _workload(adapter.spec.image_placeholder)
+    requests = [single, *batch]
+    expected = _expected(adapter, requests)
+    del adapter
+    config = EPDConfig(
+        mode="epd", devices=[dev] * 3, verify_transfers=True, request_timeout_s=TIMEOUT_S
+    )
+    with EPDCluster.launch(model, config) as cluster:
+        results = cluster.generate(requests)
+    assert {r.id: r.error for r in results} == {r.id: None for r in requests}
+    assert {r.id: r.token_ids for r in results} == expected
+    stats = cluster.worker_stats()
+    checks = {w: s.get("transfer_digest_checks", 0) for w, s in stats.items()}
+    assert checks["p0"] == stats["e0"]["images_encoded"] > 0  # each image fetched once
+    assert checks["d0"] == sum(1 for r in results if len(r.token_ids) > 1)  # each KV pulled
+    assert sum(s.get("transfer_digest_mismatches", 0) for s in stats.values()) == 0

@@ -62,3 +62,23 @@ def require_cuda(device: Device) -> None:
         raise CudaUnavailable("epdrt was built without CUDA (rebuild with EPDRT_CUDA=ON)")
     if not torch.cuda.is_available():
         raise CudaUnavailable("torch sees no CUDA device on this host")
+
+
+def producer_stream(device: torch.device) -> int | None:
+    """The raw ``cudaStream_t`` of torch's current stream on ``device``, as an int (None on the
+    CPU, where torch's writes are done when the call that made them returns).
+
+    A transfer of memory that torch just wrote passes it as ``after_stream``: the transfer
+    engine copies on streams of its own, which must wait for the producer's work.
+    """
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def wait_for_producer(device: torch.device) -> None:
+    """Blocks until torch's current stream on ``device`` has run everything enqueued on it (a
+    no-op on the CPU): needed before another process is told it may read memory written there,
+    since no stream of that process is ordered after ours."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()

@@ -158,6 +158,10 @@ class MMTokenCache:
         self._pending[key] = (entry, new_blocks)
         return entry
 
+    def reserved(self, key: ContentKey) -> MMEntry:
+        """The entry ``reserve(key)`` made, not yet committed (KeyError if there is none)."""
+        return self._pending[key][0]
+
     def commit(self, key: ContentKey) -> MMEntry:
         """Makes a reserved entry visible; it stays held by the reserver until ``release``."""
         pending = self._pending.pop(key, None)

@@ -89,6 +89,10 @@ class EPDCluster:
         self.config = config
         self.pre = Preprocessor.load(self.model_dir, config)
         self._run_dir = Path(tempfile.mkdtemp(prefix="epdrt-run-"))
+        # Worker logs: kept where the config says, else removed with the run directory.
+        log_dir = config.log_dir or os.environ.get("EPDRT_WORKER_LOG_DIR")
+        self._log_dir = Path(log_dir) if log_dir else self._run_dir
+        self._log_dir.mkdir(parents=True, exist_ok=True)
         self._channel = Channel(f"ipc://{self._run_dir}/cluster.sock")
         self._workers: dict[str, _Worker] = {}
         self._inflight: dict[str, _Inflight] = {}
@@ -143,7 +147,7 @@ class EPDCluster:
                 config=self.config, endpoint=f"ipc://{self._run_dir}/{name}.sock",
                 cluster_endpoint=cluster_endpoint, parent_pid=os.getpid(), cpus=cpus,
             )  # fmt: skip
-            log_path = self._run_dir / f"{name}.log"
+            log_path = self._log_dir / f"{self._run_dir.name}-{name}.log"
             argv = [
                 sys.executable,
                 "-m",
@@ -432,6 +436,10 @@ class EPDCluster:
 
     def worker_pids(self) -> dict[str, int]:
         return {name: w.proc.pid for name, w in self._workers.items()}
+
+    def worker_devices(self) -> dict[str, str]:
+        """The device each worker runs on ("cpu", "cuda:0", ...)."""
+        return {name: w.device for name, w in self._workers.items()}
 
 
 def _failed(req_id: str, error: str) -> RequestResult:

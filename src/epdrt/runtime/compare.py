@@ -24,6 +24,13 @@ class ModeRun:
     results: list[RequestResult]
     summary: dict[str, Any]
     worker_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    worker_devices: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def shares_devices(self) -> bool:
+        """True when two of its workers ran on one GPU (they then competed for it)."""
+        gpus = [d for d in self.worker_devices.values() if d != "cpu"]
+        return len(gpus) != len(set(gpus))
 
     def peak_memory_by_stage(self) -> dict[str, float]:
         """Largest peak memory (bytes) among the workers of each stage combination."""
@@ -55,7 +62,11 @@ def run_modes(
         with EPDCluster.launch(Path(model_dir), config) as cluster:
             results, wall = replay(cluster, workload, progress=progress, label=label)
         summary = summarize(results, wall, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s)
-        runs.append(ModeRun(label, config, results, summary, cluster.worker_stats()))
+        runs.append(
+            ModeRun(
+                label, config, results, summary, cluster.worker_stats(), cluster.worker_devices()
+            )
+        )
     return runs
 
 

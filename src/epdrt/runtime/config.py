@@ -47,6 +47,13 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: a request not finished this long after submission fails with a timeout error
     request_timeout_s: float = 600.0
     worker_start_timeout_s: float = 300.0
+    #: Digest every hand-off (an image's MM tokens, a sequence's KV) on both sides and fail a
+    #: request whose bytes arrived different (``runtime/integrity.py``; costs a read of each).
+    verify_transfers: bool = False
+    #: Keep each worker's log here (``<worker>.log``, appended to) instead of only in the
+    #: cluster's run directory, which is removed at shutdown. Default: the environment
+    #: variable ``EPDRT_WORKER_LOG_DIR``, if set.
+    log_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in (

@@ -119,6 +119,9 @@ class DecodeRole:
             self._finish(req_id)
             return
         ready, extras = self.pulling.pop(req_id)
+        if error is None and ready.digest is not None:
+            k, v = self.kv.read(req_id)
+            error = self.w.digest_mismatch(ready.digest, torch.stack([k, v], dim=1))
         if error is not None:
             self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
             return

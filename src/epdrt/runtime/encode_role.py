@@ -128,18 +128,20 @@ class EncodeRole:
     def _serve(self, fetch: m.FetchMM) -> None:
         """Copies the claimed tokens into the fetcher's cache, tells it, drops the claim."""
         seconds = self.claims.pop((fetch.req_id, fetch.key))
+        entry = self.mm.peek(fetch.key)
+        digest = self.w.digest(self.mm.tokens(entry)) if fetch.blocks else None
 
         def done(error: str | None) -> None:  # the claim's hold lasts until the copy is done
             self.mm.release(fetch.key)
-            self.w.send(
-                fetch.dst,
-                m.MMReady(req_id=fetch.req_id, key=fetch.key, encode_s=seconds, error=error),
-            )
+            ready = m.MMReady(
+                req_id=fetch.req_id, key=fetch.key, encode_s=seconds, error=error,
+                digest=None if digest is None else int(digest),
+            )  # fmt: skip
+            self.w.send(fetch.dst, ready)
 
         if not fetch.blocks:
             done(None)
             return
-        entry = self.mm.peek(fetch.key)
         dst = self.w.peer_mm_cache(fetch.dst)
         self.w.copy_blocks(
             self.mm.region, dst.region, list(entry.blocks), list(fetch.blocks),

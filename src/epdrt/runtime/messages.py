@@ -90,6 +90,8 @@ class MMReady(Msg):
     key: bytes
     encode_s: float
     error: str | None = None
+    #: ``integrity.content_digest`` of the tokens sent (``EPDConfig.verify_transfers``)
+    digest: int | None = None
 
 
 # ---- prefill ---------------------------------------------------------------------------------
@@ -127,6 +129,9 @@ class KVReady(Msg):
     first_token: int
     max_new_tokens: int
     extras: list[NamedTensor]
+    #: ``integrity.content_digest`` of the KV ``[L, 2, num_tokens, H, D]`` staged
+    #: (``EPDConfig.verify_transfers``)
+    digest: int | None = None
 
 
 class KVPulled(Msg):

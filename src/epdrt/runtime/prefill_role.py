@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from epdrt.device import wait_for_producer
 from epdrt.errors import InvalidArgument, PoolExhausted
 from epdrt.kernels import assemble_inputs_embeds
 from epdrt.runtime import messages as m
@@ -72,10 +73,11 @@ class PrefillRole:
         if req is None:
             return  # aborted or prefilled meanwhile
         req.encode_s += msg.encode_s
-        if msg.error is not None:
-            self.w.fail(
-                msg.req_id, f"receiving an image from {req.keys[msg.key].encoder}: {msg.error}"
-            )
+        error = msg.error
+        if error is None and msg.key in req.reserved:
+            error = self.w.digest_mismatch(msg.digest, self.mm.tokens(self.mm.reserved(msg.key)))
+        if error is not None:
+            self.w.fail(msg.req_id, f"receiving an image from {req.keys[msg.key].encoder}: {error}")
             return
         if msg.key not in req.reserved:
             return  # an answer to a fetch that only released the encoder's claim
@@ -216,14 +218,25 @@ class PrefillRole:
             return
         self.w.count("prefill_seconds", time.perf_counter() - start)
         self.w.count("prefill_batches")
+        staged = []
         for req, (logits, kv, decode_extras) in zip(batch, outputs):
             self._release(req)
-            self._hand_off(req, int(torch.argmax(logits)), kv, decode_extras)
+            ready = self._hand_off(req, int(torch.argmax(logits)), kv, decode_extras)
+            if ready is not None:
+                staged.append(ready)
+        if staged:
+            # The decoders copy the staged KV on streams of their own processes, which nothing
+            # orders after this one: the writes must be done before they are told.
+            wait_for_producer(self.w.device)
+        for decoder, ready, frames in staged:
+            self.w.send(decoder, ready, frames)
 
     def _hand_off(
         self, req: _Request, token: int, kv: torch.Tensor, decode_extras: dict[str, torch.Tensor]
-    ) -> None:
-        """Reports the first token; stages the KV for the decoder (or hands it over locally)."""
+    ) -> tuple[str, m.KVReady, list[torch.Tensor]] | None:
+        """Reports the first token; stages the KV for the decoder, returning the decoder and
+        the ``KVReady`` (with its frames) to send once the staging writes are done, or hands
+        the KV over in-process (None)."""
         msg = req.msg
         self.w.count("prefill_tokens", len(msg.input_ids))
         finished = msg.max_new_tokens <= 1 or token in self.w.model.spec.eos_token_ids
@@ -235,23 +248,28 @@ class PrefillRole:
             ),
         )
         if finished:
-            return
+            return None
         n = len(msg.input_ids)
         if self.w.decode is not None and msg.decoder == self.w.name:
             self.w.decode.start_local(msg.req_id, kv, token, msg.max_new_tokens, decode_extras)
-            return
+            return None
         try:
             slots = self.kv.reserve(msg.req_id, n)
         except PoolExhausted as exc:
             self.w.fail(msg.req_id, f"prefill KV staging: {exc}")
-            return
+            return None
+        # Read before the staging writes are queued, so a check does not order them.
+        digest = self.w.digest(kv)
+        digest = None if digest is None else int(digest)
         for layer in range(self.kv.num_layers):
             self.kv.write(layer, slots, kv[layer, 0], kv[layer, 1])
         self.staged.add(msg.req_id)
         entries, frames = m.named_entries(decode_extras)
         blocks = list(self.kv.block_table(msg.req_id))
-        ready = m.KVReady(msg.req_id, self.w.name, blocks, n, token, msg.max_new_tokens, entries)
-        self.w.send(msg.decoder, ready, frames)
+        ready = m.KVReady(
+            msg.req_id, self.w.name, blocks, n, token, msg.max_new_tokens, entries, digest
+        )
+        return msg.decoder, ready, frames
 
     # ---- cleanup ---------------------------------------------------------------------------
     def _unstage(self, req_id: str) -> None:

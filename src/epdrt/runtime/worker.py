@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from epdrt.cache import MMTokenCache, PagedKVCache
+from epdrt.device import producer_stream
 from epdrt.errors import TransferError
 from epdrt.host_memory import keep_freed_host_memory
 from epdrt.region import Region
 from epdrt.runtime import messages as m
 from epdrt.runtime.channel import Channel
 from epdrt.runtime.config import WorkerSpec
+from epdrt.runtime.integrity import content_digest
 from epdrt.runtime.stage_model import StageModel
 from epdrt.runtime.wire import tensor_from_frame
 from epdrt.transfer.engine import Transfer, TransferEngine
@@ -146,13 +148,19 @@ class Worker:
         then: Callable[[str | None], None],
     ) -> None:
         """Starts copying whole blocks ``src_blocks[i]`` -> ``dst_blocks[i]`` between two
-        block regions; ``then(error)`` runs in the main loop once the copy is done."""
+        block regions; ``then(error)`` runs in the main loop once the copy is done.
+
+        On a GPU the copy starts only after the work already on torch's current stream: it may
+        have produced the source (an image's tokens) or still read the destination (blocks
+        freed by a finished sequence).
+        """
         transfer = self.engine.submit_blocks(
             src,
             dst,
             np.asarray(src_blocks, dtype=np.int64) * block_nbytes,
             np.asarray(dst_blocks, dtype=np.int64) * block_nbytes,
             block_nbytes,
+            after_stream=producer_stream(self.device),
         )
         self.outbox.append(PendingCopy(transfer, then))
 
@@ -190,6 +198,22 @@ class Worker:
             copy.then(None if t.state == "done" else t.error or "copy failed")
             t.release()
         return True
+
+    def digest(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """``tensor``'s content digest (asynchronous) when hand-offs are verified, else None."""
+        return content_digest(tensor) if self.config.verify_transfers else None
+
+    def digest_mismatch(self, sent: int | None, received: torch.Tensor) -> str | None:
+        """Why ``received`` is not what the sender digested as ``sent`` (None: it is, or the
+        sender sent no digest); counts the checks and the mismatches."""
+        if sent is None:
+            return None
+        self.count("transfer_digest_checks")
+        got = int(content_digest(received))
+        if got == sent:
+            return None
+        self.count("transfer_digest_mismatches")
+        return f"the bytes that arrived differ from those sent (digest {got:#x}, sent {sent:#x})"
 
     def count(self, name: str, amount: float = 1.0) -> None:
         self.counters[name] = self.counters.get(name, 0.0) + amount
@@ -291,7 +315,11 @@ class Worker:
     def stats(self) -> dict[str, float]:
         out = dict(self.counters)
         if self.device.type == "cuda":
-            out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
+            # The caches' regions are cudaMalloc'd by the core, outside torch's allocator.
+            regions = sum(c.region.nbytes for c in (self.mm, self.kv) if c is not None)
+            torch_peak = torch.cuda.max_memory_allocated(self.device)
+            out["cache_region_bytes"] = float(regions)
+            out["peak_memory_bytes"] = float(torch_peak + regions)
         else:
             out["peak_memory_bytes"] = float(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
