@@ -25,7 +25,6 @@ import transformers
 from PIL import Image
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoTokenizer,
     GenerationConfig,
     PreTrainedModel,
@@ -118,9 +117,7 @@ class ModelAdapter(abc.ABC):
         try:
             self.config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-            self.image_processor = AutoImageProcessor.from_pretrained(
-                self.model_dir, backend="pil", local_files_only=True
-            )
+            self.image_processor = _compat.pil_image_processor(self.model_dir)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load {self.model_dir}: {exc}") from exc
         if self.config.model_type != self.model_type:
