@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "float16", "bfloat16"],
         help="weights, KV and MM tokens (default: bfloat16 on a GPU, float32 on CPU)",
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds before a request fails (a lost request must not stall the whole run)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -65,17 +71,21 @@ def run(args: argparse.Namespace) -> list[Record]:
     # Same devices for all: EPD's E+P+D worker count, pd's E+P and D, aggregated's workers.
     total = args.encode + args.prefill + args.decode
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    common = dict(dtype=dtype, request_timeout_s=args.request_timeout)
     configs = [
         ("epd", EPDConfig(mode="epd", num_encode=args.encode, num_prefill=args.prefill,
-                          num_decode=args.decode, dtype=dtype)),
+                          num_decode=args.decode, **common)),
         ("pd", EPDConfig(mode="pd", num_prefill=args.encode + args.prefill,
-                         num_decode=args.decode, dtype=dtype)),
-        ("aggregated", EPDConfig(mode="aggregated", num_prefill=total, dtype=dtype)),
+                         num_decode=args.decode, **common)),
+        ("aggregated", EPDConfig(mode="aggregated", num_prefill=total, **common)),
     ]  # fmt: skip
     runs = run_modes(
         model_dir, workload, configs, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
     )
     print(format_runs(runs), file=sys.stderr)
+    for run in runs:
+        if run.shares_devices:
+            print(f"NOTE: {run.label}'s workers share GPUs: {run.worker_devices}", file=sys.stderr)
     for base in runs[1:]:
         bad = token_mismatches(runs[0], base)
         if bad:
@@ -92,6 +102,12 @@ def _records(runs, args: argparse.Namespace) -> list[Record]:
     epd, baselines = runs[0], runs[1:]
     stages = f"E{args.encode}P{args.prefill}D{args.decode}"
     case = f"{args.requests} req @ {args.rate}/s, {args.images} img, {stages}"
+    # Where each deployment's workers ran: on a host with fewer GPUs than workers they share
+    # devices, and the comparison is of schedules on shared hardware, not of separate GPUs.
+    placement = {
+        "devices": {run.label: run.worker_devices for run in runs},
+        "workers_share_devices": {run.label: run.shares_devices for run in runs},
+    }
     records = []
     for base in baselines:
         for metric, key, higher in METRICS:
@@ -102,7 +118,7 @@ def _records(runs, args: argparse.Namespace) -> list[Record]:
                 Record(
                     bench="e2e", case=f"{case} vs {base.label}", metric=metric, value=value,
                     baseline=base.label, baseline_value=baseline,
-                    ratio=value / baseline if higher else baseline / value,
+                    ratio=value / baseline if higher else baseline / value, extra=placement,
                 )
             )  # fmt: skip
         epd_mem, base_mem = epd.peak_memory_by_stage(), base.peak_memory_by_stage()
@@ -113,7 +129,7 @@ def _records(runs, args: argparse.Namespace) -> list[Record]:
                 Record(
                     bench="e2e", case=f"{case} vs {base.label}", metric="encoder-device peak bytes",
                     value=enc_epd, baseline=base.label, baseline_value=enc_base,
-                    ratio=enc_base / enc_epd,
+                    ratio=enc_base / enc_epd, extra=placement,
                 )
             )  # fmt: skip
     return records

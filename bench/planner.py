@@ -79,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on a CPU host, neither rescale the profile to the host's speed at each run nor "
         "measure how much concurrent workers slow each other (see SpeedProbe)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights, KV and MM tokens of the profile and of every run (default: bfloat16 on "
+        "a GPU, float32 on CPU)",
+    )
     parser.add_argument("--calibration-requests", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200, help="requests per deployment")
     parser.add_argument("--rates", default="6,60", help="Poisson arrivals per second, one run each")
@@ -305,7 +311,9 @@ def _calibrate(
     from epdrt.runtime.config import EPDConfig
     from epdrt.runtime.workload import TimedRequest
 
-    config = EPDConfig(mode="aggregated", num_prefill=1, request_timeout_s=args.request_timeout)
+    config = EPDConfig(
+        mode="aggregated", num_prefill=1, dtype=args.dtype, request_timeout_s=args.request_timeout
+    )
     items = workload(args.calibration_requests, 1.0, args.seed + 2000)
     work = [TimedRequest(0.15 * i, it.request) for i, it in enumerate(items)]
     for it in work:
@@ -381,6 +389,8 @@ def run(args: argparse.Namespace) -> list[Record]:
 
     model_dir, tmp = model_dir_or_tiny(args.model, seed=args.seed, size=args.size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # One dtype for the profile and the runs it predicts.
+    args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     cores = args.host_cores or (None if device == "cuda" else os.cpu_count())
     t0 = time.perf_counter()
 
@@ -394,6 +404,7 @@ def run(args: argparse.Namespace) -> list[Record]:
         recs, rows = _repeat(args, model_dir, device, cores, say, repeat)
         for r in recs:
             r.extra["repeat"] = repeat
+            r.extra["dtype"] = args.dtype
             if args.repeats > 1:
                 r.case = f"{r.case} (repeat {repeat})"
         records += recs
@@ -481,6 +492,7 @@ def _repeat(
             profile = profile_model(
                 model_dir,
                 device=device,
+                dtype=args.dtype,
                 transfer=load_transfer_records(args.transfer, "ipc") if args.transfer else None,
                 transfer_note=f"ipc records of {args.transfer}" if args.transfer else "",
                 quick=args.quick_profile,
@@ -538,7 +550,7 @@ def _repeat(
     for mode, e, p, d in _deployments(args.deployments):
         config = EPDConfig(
             mode=mode, num_encode=max(e, 1), num_prefill=p, num_decode=max(d, 1),
-            request_timeout_s=args.request_timeout,
+            dtype=args.dtype, request_timeout_s=args.request_timeout,
         )  # fmt: skip
         works = [workload(args.requests, rate, args.seed + k) for k, rate in enumerate(rates)]
         for k, work in enumerate(works):

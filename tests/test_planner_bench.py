@@ -43,6 +43,7 @@ def test_bench_planner_writes_predicted_and_measured_records(tiny_model_dir, tmp
         assert r["extra"]["requests"] == 12 and r["extra"]["rate"] == 20
         assert r["extra"]["host_speed_ratio"] == 1.0  # no probes
         assert r["extra"]["host_interference"] == 0.0
+        assert r["extra"]["dtype"] == "float32"  # the CPU's default, for profile and runs
     thr = next(r for r in recs if r["metric"] == "throughput_rps")
     assert 0 < thr["baseline_value"] < 40 and thr["ratio"] > 0.5  # both near the offered rate
     # The calibration fills in what the quick profile lacked, and is saved with it.

@@ -45,7 +45,11 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
-    """Short sha of the checkout epdrt runs from, or "unknown" outside a git checkout."""
+    """The commit measured: ``EPDRT_COMMIT`` when set (a copied tree on a GPU host has no
+    ``.git``; bench/gpu_all.sh passes the caller's), else the short sha of the checkout epdrt
+    runs from, else "unknown"."""
+    if os.environ.get("EPDRT_COMMIT"):
+        return os.environ["EPDRT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
@@ -57,7 +61,7 @@ def git_commit() -> str:
             check=True,
         )
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("EPDRT_COMMIT", "unknown")
+        return "unknown"
     return out.stdout.strip()
 
 
