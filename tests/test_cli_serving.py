@@ -56,8 +56,18 @@ def test_run_jsonl(tiny_model_dir, tmp_path):
         {"id": "text", "prompt": "just text", "images": [], "max_new_tokens": 3},
         {"id": "bad", "prompt": "<image>", "images": ["corrupt.png"], "max_new_tokens": 3},
     ]  # fmt: skip
+    # Lines that cannot become a request: each gets its own error, the rest run.
+    invalid = [
+        ({"id": "neg", "prompt": "x", "max_new_tokens": -3}, '"max_new_tokens" must be a positive'),
+        ({"id": "str", "prompt": "<image>", "images": "a.png"}, "list of image paths, got str"),
+        ({"id": "flag", "prompt": "x", "max_new_tokens": True}, "positive integer, got bool"),
+        ({"id": "noprompt", "images": []}, '"prompt" must be a string, got NoneType'),
+        ({"id": "one", "prompt": "again"}, "'one' is used by an earlier line"),
+        ([1, 2], "a JSON object, got list"),
+    ]
     requests = tmp_path / "requests.jsonl"
-    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = "".join(json.dumps(x) + "\n" for x in [*lines, *(row for row, _ in invalid)])
+    requests.write_text(text + "{not json\n")
     out = tmp_path / "out.json"
     args = ["run", "--model", model, "--requests", str(requests), "--mode", "epd"]
     assert main([*args, "--json", str(out)]) == 0
@@ -71,7 +81,27 @@ def test_run_jsonl(tiny_model_dir, tmp_path):
         assert rows[line["id"]]["token_ids"] == expected
         assert rows[line["id"]]["error"] is None and rows[line["id"]]["ttft_s"] > 0
     assert rows["bad"]["error"] and rows["bad"]["token_ids"] == []
-    assert report["summary"]["requests"] == 4 and report["summary"]["failed"] == 1
+    ids = [r["id"] for r in report["requests"]]  # file order; unnamed lines by number
+    assert ids == ["one", "two", "text", "bad", "neg", "str", "flag", "noprompt", "line9",
+                   "line10", "line11"]  # fmt: skip
+    for rid, (_, message) in zip(ids[4:], invalid):
+        assert message in rows[rid]["error"] and rows[rid]["token_ids"] == [], rid
+    assert "not JSON" in rows["line11"]["error"]
+    assert report["summary"]["requests"] == 11 and report["summary"]["failed"] == 8
+
+
+def test_run_reports_user_errors_in_one_line(tiny_model_dir, tmp_path, capsys):
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"prompt": "x"}\n')
+    missing = ["run", "--model", str(tmp_path / "nowhere"), "--requests", str(requests)]
+    assert main(missing) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"epdrt run: error: {tmp_path / 'nowhere'} is not a model directory"
+                   " (no config.json in it)"]  # fmt: skip
+    unreadable = ["run", "--model", tiny_model_dir("llava"), "--requests", str(tmp_path / "no")]
+    assert main(unreadable) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("epdrt run: error: cannot read the request file")
 
 
 def test_demo_and_bench_e2e(tmp_path):
@@ -90,4 +120,7 @@ def test_demo_and_bench_e2e(tmp_path):
     rows = [json.loads(line) for line in records.read_text().splitlines()]
     assert {r["baseline"] for r in rows} == {"pd", "aggregated"}
     assert all(r["bench"] == "e2e" and r["value"] > 0 and r["ratio"] > 0 for r in rows)
+    placement = rows[0]["extra"]
+    assert placement["devices"]["epd"] == {"e0": "cpu", "p0": "cpu", "d0": "cpu"}
+    assert placement["workers_share_devices"] == {"epd": False, "pd": False, "aggregated": False}
     assert records.with_suffix(".png").exists()

@@ -124,7 +124,7 @@ def test_back_pressure_small_caches(tiny_model_dir, references):
 @pytest.mark.parametrize(
     "dev", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)], ids=["cpu", "cuda"]
 )
-def test_verified_hand_offs_carry_the_producers_bytes(dev, tiny_model_dir):
+def test_verified_hand_offs_carry_the_producers_bytes(dev, tiny_model_dir, tmp_path):
     """Every image's MM rows and every sequence's KV arrive as the producer wrote them (the
     receivers digest what landed and compare), and the tokens equal ``generate()`` on the same
     device. On a GPU this fails when a copy is not ordered after the work that produced it."""
@@ -134,9 +134,11 @@ def test_verified_hand_offs_carry_the_producers_bytes(dev, tiny_model_dir):
     requests = [single, *batch]
     expected = _expected(adapter, requests)
     del adapter
+    logs = tmp_path / "logs"
     config = EPDConfig(
-        mode="epd", devices=[dev] * 3, verify_transfers=True, request_timeout_s=TIMEOUT_S
-    )
+        mode="epd", devices=[dev] * 3, verify_transfers=True, request_timeout_s=TIMEOUT_S,
+        log_dir=str(logs),
+    )  # fmt: skip
     with EPDCluster.launch(model, config) as cluster:
         results = cluster.generate(requests)
     assert {r.id: r.error for r in results} == {r.id: None for r in requests}
@@ -146,3 +148,5 @@ def test_verified_hand_offs_carry_the_producers_bytes(dev, tiny_model_dir):
     assert checks["p0"] == stats["e0"]["images_encoded"] > 0  # each image fetched once
     assert checks["d0"] == sum(1 for r in results if len(r.token_ids) > 1)  # each KV pulled
     assert sum(s.get("transfer_digest_mismatches", 0) for s in stats.values()) == 0
+    kept = sorted(p.name.rsplit("-", 1)[1] for p in logs.glob("*.log"))
+    assert kept == ["d0.log", "e0.log", "p0.log"]  # worker logs outlive the cluster

@@ -31,8 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command. A user's mistake (a missing model directory, an unreadable file, a
+    model that cannot be loaded) is one line on stderr and exit status 2, not a traceback."""
+    from epdrt.commands import UsageError
+    from epdrt.models.errors import ModelLoadError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, ModelLoadError) as exc:
+        print(f"epdrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

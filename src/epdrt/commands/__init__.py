@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 
+class UsageError(Exception):
+    """A mistake on the command line (a missing model directory, an unreadable file): the
+    command prints it on one line and exits with status 2."""
+
+
 def add_json_option(parser: argparse.ArgumentParser) -> None:
     """The ``--json PATH`` option every command has ('-' writes to stdout)."""
     parser.add_argument(

@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from epdrt.commands import add_json_option, write_json
+from epdrt.commands import UsageError, add_json_option, write_json
+from epdrt.runtime.request import Request, RequestError, RequestResult
+from epdrt.runtime.workload import TimedRequest
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -35,29 +39,87 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def load_requests(path: str) -> list:
-    from epdrt.runtime.request import Request
-    from epdrt.runtime.workload import TimedRequest
+@dataclass
+class RequestLines:
+    """A request file read line by line: the requests to serve, and the lines that could not
+    become one (their results, each with a clear ``error``). ``order`` lists every id in
+    file order."""
 
-    out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    workload: list[TimedRequest] = field(default_factory=list)
+    rejected: dict[str, RequestResult] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+
+def _field(row: dict, name: str, kinds: type | tuple[type, ...], what: str, default: Any) -> Any:
+    """``row[name]`` (``default`` when absent) if it is one of ``kinds`` (never a bool); else
+    RequestError naming the type it is."""
+    value = row.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise RequestError(f'"{name}" must be {what}, got {type(value).__name__} {value!r}')
+    return value
+
+
+def parse_request(row: Any, base: Path, n: int) -> TimedRequest:
+    """One JSON line as a timed request; RequestError says what is wrong with it."""
+    if not isinstance(row, dict):
+        raise RequestError(f"a request line is a JSON object, got {type(row).__name__}")
+    prompt = _field(row, "prompt", str, "a string", None)
+    images = _field(row, "images", list, "a list of image paths", [])
+    for i, image in enumerate(images):
+        if not isinstance(image, str):
+            raise RequestError(f'"images"[{i}] must be a path string, got {image!r}')
+    max_new = _field(row, "max_new_tokens", int, "a positive integer", 16)
+    if max_new <= 0:
+        raise RequestError(f'"max_new_tokens" must be a positive integer, got {max_new}')
+    arrival = _field(row, "arrival_s", (int, float), "a number of seconds", 0.0)
+    if not arrival >= 0:
+        raise RequestError(f'"arrival_s" must be at least 0, got {arrival}')
+    paths = [p if Path(p).is_absolute() else str(base / p) for p in images]
+    request = Request(prompt, paths, max_new, id=_request_id(row, n))
+    return TimedRequest(float(arrival), request)
+
+
+def _request_id(row: Any, n: int) -> str:
+    """The line's ``id`` (a string or an integer), else ``line<n>``."""
+    rid = row.get("id") if isinstance(row, dict) else None
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else f"line{n}"
+
+
+def load_requests(path: str) -> RequestLines:
+    """Reads a JSONL request file; a bad line becomes that request's error, never the run's.
+
+    Raises UsageError when the file cannot be read at all.
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the request file {path}: {exc}") from exc
+    lines = RequestLines()
+    base = Path(path).parent
+    seen: set[str] = set()
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        row: Any = None
         try:
             row = json.loads(line)
-            req = Request(
-                prompt=row["prompt"],
-                images=[
-                    str(Path(path).parent / p) if not Path(p).is_absolute() else p
-                    for p in row.get("images", [])
-                ],
-                max_new_tokens=int(row.get("max_new_tokens", 16)),
-                id=str(row.get("id", f"line{n}")),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise SystemExit(f"{path}:{n}: bad request line: {exc}") from exc
-        out.append(TimedRequest(float(row.get("arrival_s", 0.0)), req))
-    return out
+            item = parse_request(row, base, n)
+            if item.request.id in seen:
+                raise RequestError(f"id {item.request.id!r} is used by an earlier line")
+        except (json.JSONDecodeError, RequestError) as exc:
+            req_id = _request_id(row, n)
+            if req_id in seen:
+                req_id = f"line{n}"
+            what = "not JSON" if isinstance(exc, json.JSONDecodeError) else "bad request"
+            error = f"{path}:{n}: {what}: {exc}"
+            lines.rejected[req_id] = RequestResult(req_id, [], "", None, None, 0.0, None, error)
+            lines.order.append(req_id)
+            seen.add(req_id)
+            continue
+        lines.workload.append(item)
+        lines.order.append(item.request.id)
+        seen.add(item.request.id)
+    return lines
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -71,12 +133,18 @@ def _run(args: argparse.Namespace) -> int:
         config = EPDConfig(
             mode=args.mode, num_encode=args.encode, num_prefill=args.prefill, num_decode=args.decode
         )
-    workload = load_requests(args.requests)
+    if not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"{args.model} is not a model directory (no config.json in it)")
+    lines = load_requests(args.requests)
+    for bad in lines.rejected.values():
+        print(f"skipping {bad.id}: {bad.error}", file=sys.stderr)
     print(
         f"launching {config.mode} workers: {[n for n, _ in config.worker_roles()]}", file=sys.stderr
     )
     with EPDCluster.launch(args.model, config) as cluster:
-        results, wall = replay(cluster, workload, label=config.mode)
+        served, wall = replay(cluster, lines.workload, label=config.mode)
+    by_id = {**lines.rejected, **{r.id: r for r in served}}
+    results = [by_id[i] for i in lines.order]
     summary = summarize(results, wall, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot)
     for r in results:
         status = "ok" if r.error is None else f"ERROR {r.error}"
