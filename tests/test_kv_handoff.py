@@ -127,6 +127,17 @@ def test_an_abort_during_the_pull_frees_the_blocks_only_once_the_copy_ends():
     assert "r" not in role.active and worker.sent == []
 
 
+def test_a_kv_ready_that_arrives_after_its_abort_is_dropped():
+    """The cluster's Abort and the prefill worker's KVReady travel on different sockets; a
+    KVReady that comes second must not start a sequence nobody waits for."""
+    worker, role, prefill_kv = decode_side()
+    role.abort("r")
+    role.handle(staged(prefill_kv, "r", 9), [])
+    assert not role.step()
+    assert worker.copies == [] and worker.kv.num_free_blocks == 16
+    assert worker.counters["kv_ready_dropped"] == 1
+
+
 def test_a_failed_pull_fails_the_request_and_frees_its_blocks():
     worker, role, prefill_kv = decode_side()
     role.handle(staged(prefill_kv, "r", 9), [])

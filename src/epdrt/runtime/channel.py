@@ -35,8 +35,10 @@ class Channel:
         self._pull.bind(endpoint)
         self.endpoint = endpoint
         self._send_timeout_ms = int(send_timeout_s * 1000)
-        self._peers: dict[str, zmq.Socket] = {}
-        self._send_lock = threading.Lock()  # sends may come from several threads
+        # Sends may come from several threads; each peer's socket has a lock of its own, so a
+        # peer that stopped reading delays only the sends to it.
+        self._peers: dict[str, tuple[zmq.Socket, threading.Lock]] = {}
+        self._peers_lock = threading.Lock()
         self._poller = zmq.Poller()
         self._poller.register(self._pull, zmq.POLLIN)
         self._watched: list[int] = []
@@ -48,9 +50,9 @@ class Channel:
         self._watched.append(fd)
 
     def connect(self, name: str, endpoint: str) -> None:
-        with self._send_lock:
+        with self._peers_lock:
             if name not in self._peers:
-                self._peers[name] = self._push(endpoint)
+                self._peers[name] = (self._push(endpoint), threading.Lock())
 
     def _push(self, endpoint: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.PUSH)
@@ -61,11 +63,15 @@ class Channel:
 
     def send(self, peer: str, msg: msgspec.Struct, tensors: Sequence[torch.Tensor] = ()) -> None:
         frames = CODEC.encode(msg, tensors)
+        with self._peers_lock:
+            entry = self._peers.get(peer)
+        if entry is None:
+            raise ChannelError(f"no connection to {peer!r}")
+        sock, lock = entry
         try:
-            with self._send_lock:
-                sock = self._peers.get(peer)
-                if sock is None:
-                    raise ChannelError(f"no connection to {peer!r}")
+            with lock:
+                if sock.closed:
+                    raise ChannelError(f"the connection to {peer!r} is closed")
                 sock.send_multipart(frames, copy=False)
         except zmq.Again as exc:
             raise ChannelError(f"{peer} did not accept a message in time") from exc
@@ -84,8 +90,9 @@ class Channel:
         return CODEC.decode(frames)
 
     def close(self) -> None:
-        with self._send_lock:
-            for sock in self._peers.values():
-                sock.close(linger=0)
+        with self._peers_lock:
+            for sock, lock in self._peers.values():
+                with lock:
+                    sock.close(linger=0)
             self._peers.clear()
         self._pull.close()

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +32,9 @@ from epdrt.errors import EpdrtError
 from epdrt.runtime import messages as m
 from epdrt.runtime.channel import Channel, ChannelError
 from epdrt.runtime.config import EPDConfig, WorkerSpec
+from epdrt.runtime.outbox import Outbox
 from epdrt.runtime.request import Request, RequestError, RequestResult
-from epdrt.runtime.stage_model import Preprocessor
+from epdrt.runtime.stage_model import Prepared, Preprocessor
 
 POLL_S = 0.02
 KEY_HOMES = 65536  # how many image keys the router remembers the encoder of
@@ -59,12 +60,16 @@ class _Worker:
 
 @dataclass
 class _Inflight:
+    """A request the router holds: queued (``loads`` empty) or in the workers."""
+
     request: Request
+    prepared: Prepared
     future: Future
-    loads: dict[str, int]  # worker -> load this request added (undone when it resolves)
     submitted: float
     deadline: float
     on_token: Callable[[str, int], None] | None = None
+    #: worker -> load this request added (undone when it resolves); empty while queued
+    loads: dict[str, int] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
     #: tokens that arrived before an earlier one (index -> (token, finished)): the prefill's
     #: first token and decode's next travel on different sockets
@@ -96,9 +101,15 @@ class EPDCluster:
         self._channel = Channel(f"ipc://{self._run_dir}/cluster.sock")
         self._workers: dict[str, _Worker] = {}
         self._inflight: dict[str, _Inflight] = {}
+        self._queue: OrderedDict[str, _Inflight] = OrderedDict()  # admitted in this order
+        self._inflight_tokens = 0  # tokens_of() of the requests in _inflight
         self._received: Counter[str] = Counter()  # messages taken in, by type
         self._key_home: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
+        # What must not run under the lock (future results, token callbacks), queued under it
+        # by the thread that holds it and run by that thread once it lets go (see _locked).
+        self._after: list[Callable[[], None]] = []
+        self._outbox = Outbox(self._channel)
         self._closing = False
         self._receiver: threading.Thread | None = None
 
@@ -197,11 +208,11 @@ class EPDCluster:
         """Stops every worker (asking first, killing after ``timeout_s``) and cleans up."""
         if self._closing:
             return
-        self._closing = True
-        for w in self._workers.values():
-            if w.alive and w.proc.poll() is None:
-                with contextlib.suppress(ChannelError):
-                    self._channel.send(w.name, m.Shutdown())
+        with self._locked():
+            self._closing = True
+            for w in self._workers.values():
+                if w.alive and w.proc.poll() is None:
+                    self._outbox.post(w.name, m.Shutdown())
         if self._receiver is not None:
             self._receiver.join(timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
@@ -211,9 +222,10 @@ class EPDCluster:
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait(timeout=timeout_s)
-        with self._lock:
-            for req_id in list(self._inflight):
+        with self._locked():
+            for req_id in [*self._inflight, *self._queue]:
                 self._resolve(req_id, "the cluster shut down")
+        self._outbox.close(timeout_s)
         self._channel.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
@@ -228,9 +240,13 @@ class EPDCluster:
     ) -> Future:
         """Queues one request; the future resolves to a RequestResult (never raises).
 
+        Requests enter the workers within the admission budget (``max_inflight_requests``,
+        ``max_inflight_tokens``), in submission order; beyond it they wait in the router's
+        queue, and beyond ``max_queued_requests`` waiting they are rejected at once.
+        ``future.cancel()`` (or ``abort``) frees what the request holds in every worker.
+
         ``on_token(request_id, token_id)`` streams each generated token as it arrives (called
-        on the cluster's receiver thread: keep it short, it must not call back into the
-        cluster).
+        on the cluster's receiver thread, not under its lock: keep it short).
         """
         future: Future = Future()
         submitted = time.monotonic()
@@ -239,28 +255,90 @@ class EPDCluster:
         except RequestError as exc:
             future.set_result(_failed(request.id, str(exc)))
             return future
-        with self._lock:
+        deadline = submitted + self.config.request_timeout_s
+        state = _Inflight(request, prepared, future, submitted, deadline, on_token)
+        with self._locked():
+            error = None
             if self._closing:
-                future.set_result(_failed(request.id, "the cluster is shut down"))
+                error = "the cluster is shut down"
+            elif request.id in self._inflight or request.id in self._queue:
+                error = "a request with this id is in flight"
+            elif not self._queue and self._has_room(state):
+                self._admit(state)
+            elif len(self._queue) >= self.config.max_queued_requests:
+                error = (
+                    f"the router's queue is full ({len(self._queue)} requests wait for"
+                    f" {len(self._inflight)} in flight): retry later"
+                )
+            else:
+                self._queue[request.id] = state
+            if error is not None:
+                self._after.append(lambda: future.set_result(_failed(request.id, error)))
                 return future
-            if request.id in self._inflight:
-                future.set_result(_failed(request.id, "a request with this id is in flight"))
-                return future
-            try:
-                prefill, decode, encoders, loads = self._route(prepared)
-            except EpdrtError as exc:
-                future.set_result(_failed(request.id, str(exc)))
-                return future
-            state = _Inflight(
-                request, future, loads, submitted, submitted + self.config.request_timeout_s,
-                on_token,
-            )  # fmt: skip
-            self._inflight[request.id] = state
-            try:
-                self._dispatch(request, prepared, prefill, decode, encoders)
-            except ChannelError as exc:
-                self._fail(request.id, f"could not reach a worker: {exc}")
+        future.add_done_callback(lambda f: f.cancelled() and self.abort(request.id))
         return future
+
+    def abort(self, request_id: str) -> bool:
+        """Fails a queued or running request ("aborted") and frees what it holds in every
+        worker; False when no such request is held."""
+        with self._locked():
+            if request_id not in self._inflight and request_id not in self._queue:
+                return False
+            self._fail(request_id, "aborted")
+            return True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Holds the router's lock; then, let go, runs what was queued in ``_after``."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                after, self._after = self._after, []
+        for action in after:
+            action()
+
+    @staticmethod
+    def tokens_of(state: _Inflight) -> int:
+        """What a request counts against ``max_inflight_tokens``: prompt + output tokens."""
+        return len(state.prepared.input_ids) + state.request.max_new_tokens
+
+    def _has_room(self, state: _Inflight) -> bool:
+        cfg = self.config
+        if len(self._inflight) >= cfg.max_inflight_requests:
+            return False
+        return not self._inflight or (
+            self._inflight_tokens + self.tokens_of(state) <= cfg.max_inflight_tokens
+        )
+
+    def _admit(self, state: _Inflight) -> None:
+        """Routes an admitted request and queues its messages (under the lock)."""
+        req_id = state.request.id
+        try:
+            prefill, decode, encoders, state.loads = self._route(state.prepared)
+        except EpdrtError as exc:
+            self._settle(state, _failed(req_id, str(exc)))
+            return
+        self._inflight[req_id] = state
+        self._inflight_tokens += self.tokens_of(state)
+        self._dispatch(state.request, state.prepared, prefill, decode, encoders)
+
+    def _admit_queued(self) -> None:
+        while self._queue and not self._closing:
+            state = next(iter(self._queue.values()))
+            if not self._has_room(state):
+                return
+            del self._queue[state.request.id]
+            self._admit(state)
+
+    def _unreachable(self, req_id: str) -> Callable[[ChannelError], None]:
+        """A send failure handler: fails ``req_id`` (called on a sender thread)."""
+
+        def fail(exc: ChannelError) -> None:
+            with self._locked():
+                self._fail(req_id, f"could not reach a worker: {exc}")
+
+        return fail
 
     def _live(self, role: str) -> list[_Worker]:
         return [w for w in self._workers.values() if w.alive and role in w.roles]
@@ -299,7 +377,8 @@ class EPDCluster:
         return prefill.name, decode.name, encoders, loads
 
     def _dispatch(self, request, prepared, prefill, decode, encoders) -> None:
-        """Sends the images to their encoders first (encoding starts at once), then prefill."""
+        """Queues the images for their encoders first (encoding starts at once), then the
+        request for its prefill worker."""
         per_encoder: dict[str, list] = {}
         for image in prepared.images:
             if image.key in {i.key for i in per_encoder.get(encoders[image.key], [])}:
@@ -311,7 +390,8 @@ class EPDCluster:
                 entries, frames = m.named_entries(image.tensors)
                 items.append(m.EncodeItem(image.key, image.num_tokens, entries))
                 tensors += frames
-            self._channel.send(name, m.EncodeImages(request.id, items), tensors)
+            msg = m.EncodeImages(request.id, items)
+            self._outbox.post(name, msg, tensors, self._unreachable(request.id))
         slots = [
             m.ImageSlot(i.key, i.num_tokens, i.start, encoders[i.key]) for i in prepared.images
         ]
@@ -319,7 +399,7 @@ class EPDCluster:
         msg = m.PrefillRequest(
             request.id, prepared.input_ids, slots, request.max_new_tokens, decode, entries
         )
-        self._channel.send(prefill, msg, frames)
+        self._outbox.post(prefill, msg, frames, self._unreachable(request.id))
 
     # ---- receiving -------------------------------------------------------------------------
     def _receive_loop(self) -> None:
@@ -330,7 +410,7 @@ class EPDCluster:
             except EpdrtError as exc:  # a malformed message: drop it, keep serving
                 print(f"epdrt cluster: dropped a message: {exc}", file=sys.stderr)
                 got = None
-            with self._lock:
+            with self._locked():
                 if got is not None:
                     self._on_message(got[0])
                 self._check_workers()
@@ -368,14 +448,21 @@ class EPDCluster:
             state.first_token_at = state.first_token_at or now
             state.last_token_at = now
             if state.on_token is not None:
-                try:
-                    state.on_token(req_id, token)
-                except Exception as exc:  # a faulty callback must not stop the receiver
-                    print(f"epdrt cluster: on_token raised {exc!r}", file=sys.stderr)
-                    state.on_token = None
+                self._after.append(lambda s=state, t=token: self._stream(req_id, s, t))
             if finished:
                 self._resolve(req_id, None)
                 return
+
+    @staticmethod
+    def _stream(req_id: str, state: _Inflight, token: int) -> None:
+        """Calls the request's ``on_token`` (off the lock); one that raises is dropped."""
+        if state.on_token is None:
+            return
+        try:
+            state.on_token(req_id, token)
+        except Exception as exc:  # a faulty callback must not stop the receiver
+            print(f"epdrt cluster: on_token raised {exc!r}", file=sys.stderr)
+            state.on_token = None
 
     def _check_workers(self) -> None:
         for w in self._workers.values():
@@ -391,25 +478,32 @@ class EPDCluster:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        limit = self.config.request_timeout_s
+        for req_id in [r for r, s in self._queue.items() if now > s.deadline]:
+            self._fail(req_id, f"timed out after {limit} s waiting in the router's queue")
         for req_id in [r for r, s in self._inflight.items() if now > s.deadline]:
             tokens = len(self._inflight[req_id].tokens)
             where = f"after {tokens} tokens" if tokens else "before its first token"
-            self._fail(req_id, f"timed out after {self.config.request_timeout_s} s, {where}")
+            self._fail(req_id, f"timed out after {limit} s, {where}")
 
     def _fail(self, req_id: str, error: str) -> None:
         """Fails a request and tells the live workers it touched to free what it holds."""
-        state = self._inflight.get(req_id)
+        state = self._inflight.get(req_id) or self._queue.get(req_id)
         if state is None:
             return
         for name in state.loads:
-            w = self._workers[name]
-            if w.alive:
-                with contextlib.suppress(ChannelError):
-                    self._channel.send(name, m.Abort(req_id))
+            if self._workers[name].alive:
+                self._outbox.post(name, m.Abort(req_id))
         self._resolve(req_id, error)
 
     def _resolve(self, req_id: str, error: str | None) -> None:
-        state = self._inflight.pop(req_id)
+        """Ends a request held here (queued or in flight) with its result; admits what the
+        budget now has room for."""
+        state = self._queue.pop(req_id, None)
+        if state is None:
+            state = self._inflight.pop(req_id)
+            self._inflight_tokens -= self.tokens_of(state)
+            self._admit_queued()
         for name, amount in state.loads.items():
             self._workers[name].load -= amount
         ttft = None if state.first_token_at is None else state.first_token_at - state.submitted
@@ -418,10 +512,20 @@ class EPDCluster:
             tpot = (state.last_token_at - state.first_token_at) / (len(state.tokens) - 1)
         e2e = None if state.last_token_at is None else state.last_token_at - state.submitted
         text = self.pre.decode(state.tokens) if error is None else ""
-        state.future.set_result(
+        self._settle(
+            state,
             RequestResult(state.request.id, state.tokens if error is None else [], text, ttft,
-                          tpot, state.encode_s, e2e, error)
+                          tpot, state.encode_s, e2e, error),
         )  # fmt: skip
+
+    def _settle(self, state: _Inflight, result: RequestResult) -> None:
+        """Resolves the request's future once the lock is let go (unless it was cancelled)."""
+
+        def settle() -> None:
+            if not state.future.cancelled():
+                state.future.set_result(result)
+
+        self._after.append(settle)
 
     # ---- introspection ---------------------------------------------------------------------
     def worker_stats(self) -> dict[str, dict[str, float]]:
@@ -431,7 +535,7 @@ class EPDCluster:
     def messages_received(self) -> dict[str, int]:
         """Messages the router has taken in from the workers so far, by type (``Tokens``:
         one per request's first token, one per decode step of each decode worker)."""
-        with self._lock:
+        with self._locked():
             return dict(self._received)
 
     def worker_pids(self) -> dict[str, int]:

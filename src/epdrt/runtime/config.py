@@ -44,6 +44,14 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_images_per_request: int = 8
     max_image_bytes: int = 32 << 20
     max_image_pixels: int = 4096 * 4096
+    #: The router's admission budget: at most this many requests, holding at most this many
+    #: tokens (prompt + max_new_tokens each; one request alone may exceed it), are in the
+    #: workers at once; the rest wait in the router's queue, in order. Every worker's queues
+    #: are bounded by it.
+    max_inflight_requests: int = 256
+    max_inflight_tokens: int = 1 << 20
+    #: Requests beyond this many waiting in the router's queue are rejected at once.
+    max_queued_requests: int = 4096
     #: a request not finished this long after submission fails with a timeout error
     request_timeout_s: float = 600.0
     worker_start_timeout_s: float = 300.0
@@ -60,7 +68,8 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "num_prefill", "num_decode", "cpu_threads", "encode_max_batch_images",
             "prefill_max_batch_tokens", "decode_max_batch", "kv_block_size", "kv_cache_tokens",
             "mm_block_size", "mm_cache_tokens", "max_images_per_request", "max_image_bytes",
-            "max_image_pixels",
+            "max_image_pixels", "max_inflight_requests", "max_inflight_tokens",
+            "max_queued_requests",
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

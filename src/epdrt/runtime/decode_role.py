@@ -22,6 +22,9 @@ from epdrt.runtime.stage_model import DecodeInput
 if TYPE_CHECKING:
     from epdrt.runtime.worker import Worker
 
+#: How many aborted request ids a decode worker remembers (to drop their late KVReady).
+ABORTED_REMEMBERED = 65536
+
 
 @dataclass
 class _Seq:
@@ -45,6 +48,10 @@ class DecodeRole:
         # Aborted while pulling: their blocks are freed once the copy into them ends.
         self.orphans: set[str] = set()
         self.active: OrderedDict[str, _Seq] = OrderedDict()
+        # Requests aborted here, most recent last: a KVReady comes from the prefill worker, an
+        # Abort from the cluster, so the Abort can arrive first and the KVReady must then be
+        # dropped (its staged blocks are freed by the prefill worker's own Abort).
+        self.aborted: OrderedDict[str, None] = OrderedDict()
         self.life_blocks: dict[str, int] = {}  # blocks each admitted sequence may ever use
         self.promised = 0  # sum over admitted sequences of life blocks not yet allocated
 
@@ -65,7 +72,11 @@ class DecodeRole:
         from epdrt.runtime.worker import named_tensors
 
         if isinstance(msg, m.KVReady):
-            self.ready_queue.append((msg, named_tensors(msg.extras, frames)))
+            extras = named_tensors(msg.extras, frames)
+            if msg.req_id in self.aborted:
+                self.w.count("kv_ready_dropped")
+            else:
+                self.ready_queue.append((msg, extras))
             return True
         return False
 
@@ -170,6 +181,9 @@ class DecodeRole:
         self.kv.free(req_id)
 
     def abort(self, req_id: str) -> None:
+        self.aborted[req_id] = None
+        if len(self.aborted) > ABORTED_REMEMBERED:
+            self.aborted.popitem(last=False)
         self.ready_queue = deque(x for x in self.ready_queue if x[0].req_id != req_id)
         self.local_queue = deque(x for x in self.local_queue if x[0] != req_id)
         if self.pulling.pop(req_id, None) is not None:

@@ -324,6 +324,11 @@ class Worker:
             out["peak_memory_bytes"] = float(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             )
+        # Blocks still held when the worker reports (at shutdown, after every request ended):
+        # anything but 0 is a leak.
+        for name, cache in (("mm", self.mm), ("kv", self.kv)):
+            if cache is not None:
+                out[f"{name}_blocks_in_use"] = float(cache.num_blocks - cache.num_free_blocks)
         if self.mm is not None:
             out.update(
                 mm_hits=self.mm.hits, mm_misses=self.mm.misses, mm_evictions=self.mm.evictions
