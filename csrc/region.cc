@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 
@@ -12,12 +13,16 @@
 namespace epdrt {
 namespace {
 
-// Descriptor layout (little-endian, kDescriptorBytes in all):
-//   [0, 8)   magic "EPDRTRG1"      [8, 12)  device type      [12, 16) device index
+// Descriptor layout (little-endian, kRegionDescriptorBytes in all):
+//   [0, 8)   magic "EPDRTRG2"      [8, 12)  device type      [12, 16) device index (creator's)
 //   [16, 24) nbytes                [24, 32) region id        [32, 36) creator pid
-//   [36, 40) reserved (0)          [40, 104) backend payload
-constexpr char kMagic[8] = {'E', 'P', 'D', 'R', 'T', 'R', 'G', '1'};
-constexpr size_t kHeaderBytes = 40;
+//   [36, 40) reserved (0)          [40, 56) device UUID (zeros for the CPU)
+//   [56, 120) backend payload
+// Version 1 ("EPDRTRG1", 104 bytes) had no UUID.
+constexpr char kMagic[8] = {'E', 'P', 'D', 'R', 'T', 'R', 'G', '2'};
+constexpr size_t kUuidOffset = 40;
+constexpr size_t kPayloadOffset = 56;
+static_assert(kPayloadOffset + kRegionPayloadBytes == kRegionDescriptorBytes, "layout");
 
 template <typename T>
 void put(std::vector<uint8_t>& buf, size_t offset, T value) {
@@ -38,23 +43,61 @@ uint64_t random_region_id() {
 
 }  // namespace
 
+RegionDescriptor RegionDescriptor::parse(const uint8_t* data, size_t size) {
+  EPDRT_ASSERT(size == kRegionDescriptorBytes, "a region descriptor has ", kRegionDescriptorBytes,
+               " bytes, got ", size);
+  EPDRT_ASSERT(data != nullptr, "region descriptor is null");
+  EPDRT_ASSERT(std::memcmp(data, kMagic, sizeof(kMagic)) == 0,
+               "not a region descriptor of this epdrt version (bad magic)");
+  RegionDescriptor d;
+  const auto type = get<int32_t>(data, 8);
+  EPDRT_ASSERT(type == static_cast<int32_t>(DeviceType::kCpu) ||
+                   type == static_cast<int32_t>(DeviceType::kCuda),
+               "region descriptor names unknown device type ", type);
+  d.device = Device{static_cast<DeviceType>(type), get<int32_t>(data, 12)};
+  d.nbytes = get<uint64_t>(data, 16);
+  d.id = get<uint64_t>(data, 24);
+  d.creator_pid = get<int32_t>(data, 32);
+  std::memcpy(d.device_uuid.data(), data + kUuidOffset, d.device_uuid.size());
+  std::memcpy(d.payload.data(), data + kPayloadOffset, d.payload.size());
+  const bool zero_uuid =
+      std::all_of(d.device_uuid.begin(), d.device_uuid.end(), [](uint8_t b) { return b == 0; });
+  const bool device_ok = d.device.type == DeviceType::kCpu ? d.device.index == 0 && zero_uuid
+                                                           : d.device.index >= 0 && !zero_uuid;
+  EPDRT_ASSERT(d.nbytes > 0 && d.creator_pid > 0 && get<int32_t>(data, 36) == 0 && device_ok,
+               "corrupt region descriptor");
+  return d;
+}
+
+std::vector<uint8_t> RegionDescriptor::serialize() const {
+  std::vector<uint8_t> buf(kRegionDescriptorBytes, 0);
+  std::memcpy(buf.data(), kMagic, sizeof(kMagic));
+  put<int32_t>(buf, 8, static_cast<int32_t>(device.type));
+  put<int32_t>(buf, 12, device.index);
+  put<uint64_t>(buf, 16, nbytes);
+  put<uint64_t>(buf, 24, id);
+  put<int32_t>(buf, 32, creator_pid);
+  std::memcpy(buf.data() + kUuidOffset, device_uuid.data(), device_uuid.size());
+  std::memcpy(buf.data() + kPayloadOffset, payload.data(), payload.size());
+  return buf;
+}
+
 void Region::check_open(const char* what) const {
   EPDRT_ASSERT(!closed_, "cannot ", what, ": the region is closed");
 }
 
 std::vector<uint8_t> Region::export_descriptor() const {
   check_open("export a region");
-  static_assert(kHeaderBytes + kPayloadBytes == kDescriptorBytes, "descriptor layout");
-  std::vector<uint8_t> buf(kDescriptorBytes, 0);
-  std::memcpy(buf.data(), kMagic, sizeof(kMagic));
-  put<int32_t>(buf, 8, static_cast<int32_t>(device_.type));
-  put<int32_t>(buf, 12, device_.index);
-  put<uint64_t>(buf, 16, nbytes_);
-  put<uint64_t>(buf, 24, id_);
-  put<int32_t>(buf, 32, static_cast<int32_t>(getpid()));
+  RegionDescriptor d;
+  d.device = device_;
+  d.device_uuid = device_uuid_;
+  d.nbytes = nbytes_;
+  d.id = id_;
+  d.creator_pid = static_cast<int32_t>(getpid());
   const std::vector<uint8_t> payload = export_payload();
-  std::memcpy(buf.data() + kHeaderBytes, payload.data(), payload.size());
-  return buf;
+  EPDRT_ASSERT(payload.size() <= d.payload.size(), "backend payload too large");
+  std::copy(payload.begin(), payload.end(), d.payload.begin());
+  return d.serialize();
 }
 
 std::shared_ptr<Region> Region::create(uint64_t nbytes, Device device) {
@@ -69,25 +112,11 @@ std::shared_ptr<Region> Region::create(uint64_t nbytes, Device device) {
   throw InvalidArgument(detail::concat("unknown device type ", static_cast<int>(device.type)));
 }
 
-std::shared_ptr<Region> Region::open(const uint8_t* descriptor, size_t size) {
-  EPDRT_ASSERT(size == kDescriptorBytes, "a region descriptor has ", kDescriptorBytes,
-               " bytes, got ", size);
-  EPDRT_ASSERT(std::memcmp(descriptor, kMagic, sizeof(kMagic)) == 0,
-               "not a region descriptor (bad magic)");
-  const auto type = get<int32_t>(descriptor, 8);
-  const auto index = get<int32_t>(descriptor, 12);
-  const auto nbytes = get<uint64_t>(descriptor, 16);
-  const auto id = get<uint64_t>(descriptor, 24);
-  const auto pid = get<int32_t>(descriptor, 32);
-  EPDRT_ASSERT(nbytes > 0 && pid > 0, "corrupt region descriptor");
-  const uint8_t* payload = descriptor + kHeaderBytes;
-  if (type == static_cast<int32_t>(DeviceType::kCpu)) {
-    return open_host_region(nbytes, id, pid, payload);
-  }
-  if (type == static_cast<int32_t>(DeviceType::kCuda)) {
-    return open_cuda_region(nbytes, index, id, pid, payload);
-  }
-  throw InvalidArgument(detail::concat("region descriptor names unknown device type ", type));
+std::shared_ptr<Region> Region::open(const uint8_t* descriptor, size_t size,
+                                     std::optional<int32_t> consumer_device) {
+  const RegionDescriptor d = RegionDescriptor::parse(descriptor, size);
+  if (d.device.type == DeviceType::kCuda) return open_cuda_region(d, consumer_device);
+  return open_host_region(d);
 }
 
 }  // namespace epdrt

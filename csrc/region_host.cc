@@ -30,7 +30,7 @@ struct HostPayload {
 class HostRegion final : public Region {
  public:
   HostRegion(uint64_t nbytes, uint64_t id, bool owner, int fd, void* data)
-      : Region(nbytes, Device{DeviceType::kCpu, 0}, id, owner), fd_(fd) {
+      : Region(nbytes, Device{}, Device{}, DeviceUuid{}, id, owner), fd_(fd) {
     data_ = data;
   }
 
@@ -86,10 +86,13 @@ std::shared_ptr<Region> create_host_region(uint64_t nbytes, uint64_t id) {
   return std::make_shared<HostRegion>(nbytes, id, /*owner=*/true, fd, data);
 }
 
-std::shared_ptr<Region> open_host_region(uint64_t nbytes, uint64_t id, int32_t creator_pid,
-                                         const uint8_t* payload) {
+std::shared_ptr<Region> open_host_region(const RegionDescriptor& descriptor) {
+  const uint64_t nbytes = descriptor.nbytes;
+  const uint64_t id = descriptor.id;
+  const int32_t creator_pid = descriptor.creator_pid;
+  static_assert(sizeof(HostPayload) <= kRegionPayloadBytes, "host payload fits the descriptor");
   HostPayload p;
-  std::memcpy(&p, payload, sizeof(p));
+  std::memcpy(&p, descriptor.payload.data(), sizeof(p));
   const std::string path = detail::concat("/proc/", creator_pid, "/fd/", p.fd);
   const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) {

@@ -4,12 +4,48 @@
 from __future__ import annotations
 
 import math
+import uuid
+from dataclasses import dataclass
 
 import torch
 
 from epdrt import _core
-from epdrt.device import Device, as_device, require_cuda
-from epdrt.errors import InvalidArgument
+from epdrt.device import CUDA_TYPE, Device, as_device, require_cuda
+from epdrt.errors import EpdrtError, InvalidArgument
+
+#: Bytes of an exported region descriptor.
+DESCRIPTOR_BYTES: int = _core.REGION_DESCRIPTOR_BYTES
+
+
+def _descriptor_bytes(descriptor: bytes | bytearray | memoryview) -> bytes:
+    if not isinstance(descriptor, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"a region descriptor is bytes, not {type(descriptor).__name__}")
+    return bytes(descriptor)
+
+
+def _consumer_device(device: str | int | torch.device | Device | None) -> int:
+    """CUDA ordinal a CUDA region is opened for: ``device``, or torch's current device."""
+    dev = Device(CUDA_TYPE) if device is None else as_device(device)
+    if not dev.is_cuda:
+        raise InvalidArgument(f"a CUDA region is opened on a CUDA device, not {dev}")
+    require_cuda(dev)
+    return torch.cuda.current_device() if device is None else dev.index
+
+
+@dataclass(frozen=True)
+class RegionDescriptor:
+    """The fields of an exported region descriptor (:meth:`Region.describe`).
+
+    ``device`` is where the memory lives, numbered as in the creator's process; its
+    ``device_uuid`` (``cudaDeviceProp::uuid``, the nil UUID for the CPU) names that device in
+    every process of the host, whatever their ``CUDA_VISIBLE_DEVICES``.
+    """
+
+    device: Device
+    device_uuid: uuid.UUID
+    nbytes: int
+    id: int
+    creator_pid: int
 
 
 class _CudaArrayView:
@@ -30,8 +66,12 @@ class Region:
 
     CPU regions are anonymous shared memory (memfd): nothing appears in /dev/shm and nothing
     leaks when a process is killed. CUDA regions are one ``cudaMalloc`` exported as a CUDA IPC
-    handle. ``export()`` gives a 104-byte descriptor; ``Region.open(descriptor)`` in another
+    handle. ``export()`` gives a 120-byte descriptor; ``Region.open(descriptor)`` in another
     process maps the same memory without copying (the creator must still be alive then).
+
+    A CUDA region knows two devices, both numbered as in this process: ``device``, where its
+    memory lives, and ``opened_on``, the device whose CUDA context maps it here (views and
+    copies run there). They differ only for a region opened from a peer on another GPU.
 
     Ownership: the memory lives until this object and every tensor view of it are gone.
     ``close()`` stops new use (views, exports, transfers) and lets peers no longer open it.
@@ -50,11 +90,44 @@ class Region:
         return cls(_core.RegionHandle.create(nbytes, dev.type, dev.index))
 
     @classmethod
-    def open(cls, descriptor: bytes) -> Region:
-        """Maps the region a peer exported. Raises RegionError if its creator is gone."""
-        if not isinstance(descriptor, (bytes, bytearray, memoryview)):
-            raise InvalidArgument(f"a region descriptor is bytes, not {type(descriptor).__name__}")
-        return cls(_core.RegionHandle.open(bytes(descriptor)))
+    def open(
+        cls,
+        descriptor: bytes | bytearray | memoryview,
+        device: str | int | torch.device | Device | None = None,
+    ) -> Region:
+        """Maps the region a peer exported, without copying.
+
+        Args:
+            descriptor: what the creator's :meth:`export` returned.
+            device: for a CUDA region, the CUDA device of this process that will use it (None:
+                torch's current device). The region is mapped on it when it can reach the
+                memory (it holds it, or has peer access to the device that does), so no CUDA
+                context is made on the owner's GPU; otherwise on the owner's device. Ignored for
+                CPU regions, and when the creator opens its own region (the live region is
+                returned).
+
+        Raises:
+            InvalidArgument: a malformed descriptor, or ``device`` is not a CUDA device.
+            RegionError: the creator is gone or closed the region, or the GPU that holds it is
+                not visible in this process.
+        """
+        raw = _descriptor_bytes(descriptor)
+        consumer = None
+        if _core.RegionHandle.parse(raw)["device_type"] == CUDA_TYPE:
+            consumer = _consumer_device(device)
+        return cls(_core.RegionHandle.open(raw, consumer))
+
+    @staticmethod
+    def describe(descriptor: bytes | bytearray | memoryview) -> RegionDescriptor:
+        """The fields of a descriptor; opens nothing. InvalidArgument unless well-formed."""
+        fields = _core.RegionHandle.parse(_descriptor_bytes(descriptor))
+        return RegionDescriptor(
+            device=Device(fields["device_type"], fields["device_index"]),
+            device_uuid=uuid.UUID(bytes=fields["device_uuid"]),
+            nbytes=fields["nbytes"],
+            id=fields["id"],
+            creator_pid=fields["creator_pid"],
+        )
 
     def export(self) -> bytes:
         """A descriptor any process on this host can pass to :meth:`open`."""
@@ -70,7 +143,18 @@ class Region:
 
     @property
     def device(self) -> Device:
+        """Where the memory lives (CUDA ordinal as numbered in this process)."""
         return Device(self._handle.device_type, self._handle.device_index)
+
+    @property
+    def opened_on(self) -> Device:
+        """The device whose context maps the memory here; ``device`` unless opened elsewhere."""
+        return Device(self._handle.device_type, self._handle.opened_on_index)
+
+    @property
+    def device_uuid(self) -> uuid.UUID:
+        """UUID of ``device`` (``cudaDeviceProp::uuid``); the nil UUID for the CPU."""
+        return uuid.UUID(bytes=self._handle.device_uuid)
 
     @property
     def data_ptr(self) -> int:
@@ -119,8 +203,12 @@ class Region:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype, device=self.device.torch)
         if self.device.is_cuda:
-            view = _CudaArrayView(self._handle, self.data_ptr + offset, nbytes)
-            raw = torch.as_tensor(view, device=self.device.torch)
+            ptr = self.data_ptr + offset
+            raw = torch.as_tensor(
+                _CudaArrayView(self._handle, ptr, nbytes), device=self.opened_on.torch
+            )
+            if raw.data_ptr() != ptr:  # torch copied instead of viewing: never hand that out
+                raise EpdrtError(f"torch made a copy instead of a view of {self!r}")
         else:
             raw = torch.frombuffer(self._handle, dtype=torch.uint8, count=nbytes, offset=offset)
         return raw.view(dtype).view(shape)
@@ -128,4 +216,7 @@ class Region:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         role = "owner" if self.is_owner else "peer"
-        return f"Region(nbytes={self.nbytes}, device={self.device}, {role}, {state})"
+        where = f"device={self.device}"
+        if self.opened_on != self.device:
+            where += f", opened_on={self.opened_on}"
+        return f"Region(nbytes={self.nbytes}, {where}, {role}, {state})"

@@ -145,6 +145,7 @@ static void test_region(void) {
   CHECK(epdrt_region_nbytes(region) == 1 << 16);
   unsigned char desc[EPDRT_REGION_DESCRIPTOR_BYTES];
   CHECK(epdrt_region_export(region, desc) == EPDRT_OK);
+  CHECK(EPDRT_REGION_DESCRIPTOR_BYTES == 120 && memcmp(desc, "EPDRTRG2", 8) == 0);
 
   epdrt_region* peer = NULL;
   CHECK(epdrt_region_open(desc, sizeof(desc), &peer) == EPDRT_OK);

@@ -70,10 +70,14 @@ EPDRT_API epdrt_status epdrt_block_pool_stats_get(const epdrt_block_pool* pool,
 /* ---- memory regions: one arena, shareable with other processes by a descriptor ---- */
 typedef struct epdrt_region epdrt_region;
 
-#define EPDRT_REGION_DESCRIPTOR_BYTES 104
+/* Descriptor format "EPDRTRG2": it names a CUDA region's device by UUID, so processes with
+ * different CUDA_VISIBLE_DEVICES agree on it. */
+#define EPDRT_REGION_DESCRIPTOR_BYTES 120
 
 EPDRT_API epdrt_status epdrt_region_create(uint64_t nbytes, epdrt_device_type type,
                                            int32_t device_index, epdrt_region** out);
+/* Maps a peer's region. A CUDA region is mapped on the calling thread's current device when it
+ * can reach the memory (the same device or peer access), else on the device that holds it. */
 EPDRT_API epdrt_status epdrt_region_open(const void* descriptor, size_t size, epdrt_region** out);
 /* Writes EPDRT_REGION_DESCRIPTOR_BYTES bytes to out (room for that many). */
 EPDRT_API epdrt_status epdrt_region_export(const epdrt_region* region, void* out);
