@@ -62,24 +62,37 @@ void check_op(const PlannedOp& op) {
 
 // Checks every op, orders them by destination (region id, offset), rejects overlapping writes
 // and reads of written bytes, and merges ops that continue each other in source and destination.
-// Regions are compared by id(), which every mapping of the same memory shares.
-std::vector<CopyOp> plan(std::vector<PlannedOp>& ops, bool* on_cuda, int32_t* device_index) {
+// Regions are compared by id(), which every mapping of the same memory shares. The devices are
+// those whose contexts map the sources and the destinations (Region::opened_on).
+std::vector<CopyOp> plan(std::vector<PlannedOp>& ops, bool* on_cuda, int32_t* src_index,
+                         int32_t* dst_index) {
   for (const PlannedOp& op : ops) check_op(op);
   ops.erase(
       std::remove_if(ops.begin(), ops.end(), [](const PlannedOp& op) { return op.nbytes == 0; }),
       ops.end());
   *on_cuda = false;
-  *device_index = 0;
+  *src_index = 0;
+  *dst_index = 0;
   if (ops.empty()) return {};
-  const Device first = ops.front().dst->device();
-  *on_cuda = first.type == DeviceType::kCuda;
-  *device_index = first.index;
+  const PlannedOp& first = ops.front();
+  const Device src_device = first.src->opened_on();
+  const Device dst_device = first.dst->opened_on();
+  const DeviceType type = dst_device.type;
   for (const PlannedOp& op : ops) {
-    const Device s = op.src->device();
-    const Device d = op.dst->device();
-    EPDRT_ASSERT(s.type == first.type && d.type == first.type, "transfer op ", op.index,
+    const Device s = op.src->opened_on();
+    const Device d = op.dst->opened_on();
+    EPDRT_ASSERT(s.type == type && d.type == type, "transfer op ", op.index,
                  ": a transfer copies CPU to CPU or CUDA to CUDA; mixing devices is not supported");
+    EPDRT_ASSERT(
+        type == DeviceType::kCpu || (s.index == src_device.index && d.index == dst_device.index),
+        "transfer op ", op.index, " copies cuda:", s.index, " -> cuda:", d.index, ", op ",
+        first.index, " cuda:", src_device.index, " -> cuda:", dst_device.index,
+        ": a CUDA transfer reads from one device and writes to one device (submit one "
+        "transfer per pair)");
   }
+  *on_cuda = type == DeviceType::kCuda;
+  *src_index = src_device.index;
+  *dst_index = dst_device.index;
   std::sort(ops.begin(), ops.end(), [](const PlannedOp& a, const PlannedOp& b) {
     const uint64_t ia = a.dst->id(), ib = b.dst->id();
     return ia != ib ? ia < ib : a.dst_offset < b.dst_offset;
@@ -170,6 +183,11 @@ void CUDART_CB signal_completion(void* fd) { signal_fd(*static_cast<const int*>(
 #endif
 
 }  // namespace
+
+CopyPath choose_copy_path(int32_t src_device, int32_t dst_device, bool can_access_peer) noexcept {
+  if (src_device == dst_device) return CopyPath::kSameDevice;
+  return can_access_peer ? CopyPath::kPeerAccess : CopyPath::kPeerMemcpy;
+}
 
 // ---- Transfer -----------------------------------------------------------------------------
 
@@ -309,7 +327,7 @@ std::shared_ptr<Transfer> TransferEngine::submit(const std::vector<TransferOp>& 
     const TransferOp& op = ops[i];
     planned[i] = PlannedOp{op.src.get(), op.src_offset, op.dst.get(), op.dst_offset, op.nbytes, i};
   }
-  t->runs_ = plan(planned, &t->on_cuda_, &t->device_index_);
+  t->runs_ = plan(planned, &t->on_cuda_, &t->src_device_, &t->dst_device_);
   // Keep each distinct region once.
   for (const TransferOp& op : ops) {
     for (const auto* r : {&op.src, &op.dst}) {
@@ -340,7 +358,7 @@ std::shared_ptr<Transfer> TransferEngine::submit_blocks(
                            i};
   }
   std::shared_ptr<Transfer> t(new Transfer());
-  t->runs_ = plan(planned, &t->on_cuda_, &t->device_index_);
+  t->runs_ = plan(planned, &t->on_cuda_, &t->src_device_, &t->dst_device_);
   t->regions_ = {src};
   if (dst != src) t->regions_.push_back(dst);
   t->num_ops_ = n;
@@ -453,16 +471,40 @@ void* TransferEngine::record_producer(void* stream) {
   return event;
 }
 
+CopyPath TransferEngine::resolve_copy_path(int32_t src, int32_t dst) {
+  const auto key = std::make_pair(src, dst);
+  const auto it = copy_paths_.find(key);
+  if (it != copy_paths_.end()) return it->second;
+  int can_access = 0;
+  if (src != dst) {
+    check_cuda(cudaDeviceCanAccessPeer(&can_access, dst, src), "cudaDeviceCanAccessPeer");
+  }
+  const CopyPath path = choose_copy_path(src, dst, can_access != 0);
+  if (path == CopyPath::kPeerAccess) {
+    // Peer access belongs to the process: another engine, a region opened with
+    // cudaIpcMemLazyEnablePeerAccess or torch may have enabled it already.
+    const cudaError_t err = cudaDeviceEnablePeerAccess(src, 0);
+    if (err == cudaErrorPeerAccessAlreadyEnabled) {
+      cudaGetLastError();
+    } else {
+      check_cuda(err, "cudaDeviceEnablePeerAccess");
+    }
+  }
+  copy_paths_.emplace(key, path);
+  return path;
+}
+
 void TransferEngine::start_cuda(const std::shared_ptr<Transfer>& t, uint64_t peer,
                                 std::optional<void*> after_stream) {
   std::lock_guard<std::mutex> lock(cuda_mu_);
   // Recorded before the copy device becomes current: a "current device" handle (0,
   // cudaStreamLegacy, cudaStreamPerThread) means the caller's device.
   void* producer_done = after_stream ? record_producer(*after_stream) : nullptr;
-  DeviceGuard guard(t->device_index_);
+  DeviceGuard guard(t->dst_device_);
   reap_cuda();
+  const CopyPath path = resolve_copy_path(t->src_device_, t->dst_device_);
   // One stream per (peer, device): a peer's transfers run in order, peers overlap.
-  const uint64_t key = peer * 31 + static_cast<uint64_t>(t->device_index_);
+  const uint64_t key = peer * 31 + static_cast<uint64_t>(t->dst_device_);
   auto it = streams_.find(key);
   if (it == streams_.end()) {
     cudaStream_t s = nullptr;
@@ -477,7 +519,14 @@ void TransferEngine::start_cuda(const std::shared_ptr<Transfer>& t, uint64_t pee
   bool launched = false;
   try {
     const size_t n = t->runs_.size();
-    if (n <= kMaxSingleCopies) {
+    if (path == CopyPath::kPeerMemcpy) {
+      for (const CopyOp& run : t->runs_) {
+        check_cuda(cudaMemcpyPeerAsync(run.dst, t->dst_device_, run.src, t->src_device_, run.nbytes,
+                                       stream),
+                   "cudaMemcpyPeerAsync");
+        launched = true;
+      }
+    } else if (n <= kMaxSingleCopies) {
       for (const CopyOp& run : t->runs_) {
         check_cuda(cudaMemcpyAsync(run.dst, run.src, run.nbytes, cudaMemcpyDefault, stream),
                    "cudaMemcpyAsync");

@@ -192,6 +192,22 @@ def test_bad_after_stream_is_rejected(engine, after_stream):
     assert dst.tensor(torch.uint8, (1024,)).count_nonzero() == 0
 
 
+@pytest.mark.parametrize(
+    ("src", "dst", "can_access_peer", "path"),
+    [
+        (0, 0, False, "same_device"),
+        (0, 0, True, "same_device"),
+        (3, 3, False, "same_device"),
+        (0, 1, True, "peer_access"),
+        (1, 0, True, "peer_access"),
+        (0, 1, False, "peer_memcpy"),
+        (2, 0, False, "peer_memcpy"),
+    ],
+)
+def test_copy_path_between_cuda_devices(src, dst, can_access_peer, path):
+    assert _core.choose_copy_path(src, dst, can_access_peer) == path
+
+
 def test_empty_batches_complete_at_once(engine):
     src, dst = Region.create(64), Region.create(64)
     for t in (engine.submit([]), engine.submit([(src, 0, dst, 0, 0)])):
@@ -334,3 +350,35 @@ def test_cuda_copies_wait_for_the_producer_stream(producer, num_blocks):
     t.wait(TIMEOUT_S)
     assert t.num_runs == num_blocks
     assert torch.equal(dst.tensor(torch.uint8, (num_blocks, block)).cpu(), want)
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize(("src_device", "dst_device"), [("cuda:0", "cuda:1"), ("cuda:1", "cuda:0")])
+@pytest.mark.parametrize("num_blocks", [1, 64])  # one copy; the kernel (or one copy per run)
+def test_cuda_copies_between_devices(src_device, dst_device, num_blocks):
+    engine = TransferEngine()
+    block = 4096
+    n = num_blocks * block
+    src, dst = Region.create(n, src_device), Region.create(n, dst_device)
+    gen = torch.Generator().manual_seed(SEED)
+    data = torch.randint(0, 256, (num_blocks, block), dtype=torch.uint8, generator=gen)
+    src.tensor(torch.uint8, (num_blocks, block)).copy_(data.to(src_device))
+    dst.tensor(torch.uint8, (n,)).zero_()
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+    offsets = torch.arange(num_blocks) * block
+    engine.submit_blocks(src, dst, offsets, offsets.flip(0), block).wait(TIMEOUT_S)
+    assert torch.equal(dst.tensor(torch.uint8, (num_blocks, block)).cpu(), data.flip(0))
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_a_cuda_transfer_reads_from_one_device():
+    engine = TransferEngine()
+    a, b, c = (Region.create(4096, d) for d in ("cuda:0", "cuda:0", "cuda:1"))
+    with pytest.raises(InvalidArgument, match="one device"):
+        engine.submit([(a, 0, b, 0, 64), (c, 0, b, 64, 64)])

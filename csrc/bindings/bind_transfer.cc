@@ -69,6 +69,18 @@ std::optional<void*> stream_handle(std::optional<uintptr_t> handle) {
   return reinterpret_cast<void*>(*handle);
 }
 
+const char* copy_path_name(CopyPath p) {
+  switch (p) {
+    case CopyPath::kSameDevice:
+      return "same_device";
+    case CopyPath::kPeerAccess:
+      return "peer_access";
+    case CopyPath::kPeerMemcpy:
+      return "peer_memcpy";
+  }
+  return "unknown";
+}
+
 const char* state_name(TransferState s) {
   switch (s) {
     case TransferState::kPending:
@@ -93,6 +105,16 @@ void bind_transfer(py::module_& m) {
       PyErr_SetString(errors.attr("TransferError").ptr(), e.what());
     }
   });
+
+  m.def(
+      "choose_copy_path",
+      [](int32_t src_device, int32_t dst_device, bool can_access_peer) {
+        return copy_path_name(choose_copy_path(src_device, dst_device, can_access_peer));
+      },
+      py::arg("src_device"), py::arg("dst_device"), py::arg("can_access_peer"),
+      "How the engine copies between CUDA devices src_device -> dst_device (ordinals), given\n"
+      "cudaDeviceCanAccessPeer(dst_device, src_device): 'same_device', 'peer_access' or\n"
+      "'peer_memcpy'.");
 
   py::class_<Transfer, std::shared_ptr<Transfer>>(m, "TransferHandle", R"doc(
 One submitted batch of copies (see TransferEngine.submit). Thread-safe.

@@ -14,6 +14,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "epdrt/block_copy.h"
@@ -32,6 +33,22 @@ struct TransferOp {
 };
 
 enum class TransferState : int32_t { kPending = 0, kDone = 1, kFailed = 2 };
+
+// How a CUDA transfer moves bytes from the device that maps its sources to the device that maps
+// its destinations (Region::opened_on(); the copies run on a stream of the destination's).
+enum class CopyPath : int32_t {
+  // One device: cudaMemcpyAsync for a few runs, the block-copy kernel for many.
+  kSameDevice = 0,
+  // The destination's device reaches the source's by peer access (enabled once per pair of
+  // devices): the same copies as kSameDevice, launched on the destination's device.
+  kPeerAccess = 1,
+  // No peer access: one cudaMemcpyPeerAsync per run (the driver stages it through the host).
+  kPeerMemcpy = 2,
+};
+
+// The path for a copy from src_device to dst_device (CUDA ordinals); can_access_peer is
+// cudaDeviceCanAccessPeer(dst_device, src_device).
+CopyPath choose_copy_path(int32_t src_device, int32_t dst_device, bool can_access_peer) noexcept;
 
 class TransferEngine;
 
@@ -75,7 +92,8 @@ class Transfer {
   uint64_t nbytes_ = 0;
   size_t num_ops_ = 0;
   bool on_cuda_ = false;
-  int32_t device_index_ = 0;
+  int32_t src_device_ = 0;  // CUDA: the device mapping every source (Region::opened_on)
+  int32_t dst_device_ = 0;  // CUDA: the device mapping every destination; the copies run there
   int notify_fd_ = -1;     // the engine's completion eventfd, signalled when this transfer ends
   void* event_ = nullptr;  // cudaEvent_t recorded after the copies (CUDA only)
   void* pinned_ops_ = nullptr;  // pinned copy of runs_ uploaded for the block-copy kernel
@@ -84,13 +102,16 @@ class Transfer {
 
 // Runs copies between regions. Submitting validates every op first and rejects the whole batch
 // (InvalidArgument, nothing copied) when an op is out of bounds, uses a closed region, mixes CPU
-// and CUDA regions, or when destination ranges overlap each other or a source range.
+// and CUDA regions, reads from or writes to more than one CUDA device (one transfer per device
+// pair), or when destination ranges overlap each other or a source range.
 //
 // CPU: adjacent ops are coalesced into runs, which are split into chunks of about the same size
-// and copied by num_threads worker threads; submit() only enqueues. CUDA: one stream per peer key;
-// a batch becomes a few cudaMemcpyAsync calls, or one batched launch when it has many runs,
-// followed by an event that completes the Transfer. Transfers are independent: no ordering is
-// promised between two transfers on CPU; on CUDA, transfers of the same peer run in order.
+// and copied by num_threads worker threads; submit() only enqueues. CUDA: one stream per peer key
+// on the destination's device; by the CopyPath of the device pair, a batch becomes a few
+// cudaMemcpyAsync calls or one batched launch when it has many runs (same device, or peer
+// access), or one cudaMemcpyPeerAsync per run (no peer access); then an event completes it.
+// Transfers are independent: no ordering is promised between two transfers on CPU; on CUDA,
+// transfers of the same peer run in order.
 class TransferEngine {
  public:
   // num_threads <= 0 picks min(4, hardware threads).
@@ -154,6 +175,9 @@ class TransferEngine {
 
   void* acquire_pinned(size_t bytes, size_t* capacity);
   void reap_cuda();  // with cuda_mu_ held: drops finished transfers, recycles their pinned arrays
+  // With cuda_mu_ held and dst current: the path from src to dst, enabling peer access the
+  // first time a pair needs it.
+  CopyPath resolve_copy_path(int32_t src, int32_t dst);
   // With cuda_mu_ held: records the engine's event of the stream's device on `stream` and
   // returns it (a cudaEvent_t), for the copy stream to wait on.
   void* record_producer(void* stream);
@@ -166,6 +190,7 @@ class TransferEngine {
   // enough: each is recorded and waited on under cuda_mu_, and cudaStreamWaitEvent waits for
   // the record made before it, whatever is recorded later.
   std::unordered_map<int, void*> producer_events_;
+  std::map<std::pair<int32_t, int32_t>, CopyPath> copy_paths_;  // (src, dst) device -> path
 };
 
 }  // namespace epdrt
