@@ -201,7 +201,7 @@ class Region:
                 f" the region has {self.nbytes}"
             )
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype, device=self.device.torch)
+            return torch.empty(shape, dtype=dtype, device=self.opened_on.torch)
         if self.device.is_cuda:
             ptr = self.data_ptr + offset
             raw = torch.as_tensor(
