@@ -61,7 +61,7 @@ class PagedKVCache:
         elif region.nbytes < nbytes:
             raise InvalidArgument(f"the region has {region.nbytes} bytes; the cache needs {nbytes}")
         self.region = region
-        self.device = region.device.torch
+        self.device = region.opened_on.torch  # where this process computes on it
         #: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
         self.storage = region.tensor(dtype, shape)
         self.pool = BlockPool(num_blocks)

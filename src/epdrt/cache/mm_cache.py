@@ -80,7 +80,7 @@ class MMTokenCache:
         elif region.nbytes < nbytes:
             raise InvalidArgument(f"the region has {region.nbytes} bytes; the cache needs {nbytes}")
         self.region = region
-        self.device = region.device.torch
+        self.device = region.opened_on.torch  # where this process computes on it
         #: [num_blocks, block_size, hidden_size]
         self.storage = region.tensor(dtype, shape)
         self.pool = BlockPool(num_blocks)
