@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from epdrt.bench._speed_probe import SpeedProbe
+from epdrt.bench.transfer import link_for_profile
 from epdrt.benchmarking import Record, model_dir_or_tiny, process_cpu_seconds
 
 HELP = "planner simulator vs real epd/pd/aggregated runs: TTFT p50/p90, TPOT, throughput"
@@ -489,12 +490,19 @@ def _repeat(
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as each runtime worker
         try:
+            if args.transfer:
+                link, note = (
+                    load_transfer_records(args.transfer, "ipc"),
+                    f"ipc records of {args.transfer}",
+                )
+            else:
+                link, note = link_for_profile(device, lambda m: say(f"profile: {m}"))
             profile = profile_model(
                 model_dir,
                 device=device,
                 dtype=args.dtype,
-                transfer=load_transfer_records(args.transfer, "ipc") if args.transfer else None,
-                transfer_note=f"ipc records of {args.transfer}" if args.transfer else "",
+                transfer=link,
+                transfer_note=note,
                 quick=args.quick_profile,
                 progress=lambda m: say(f"profile: {m}"),
             )

@@ -620,3 +620,31 @@ def run(args: argparse.Namespace) -> list[Record]:
         _plot(results, Path(plot), records[0].device, limit.name)
         print(f"[transfer] plot: {plot}", file=sys.stderr)
     return records
+
+
+def quick_ipc_link(device: str) -> Any:
+    """The cost of one transfer between two workers as a ``TransferProfile`` (latency + bytes
+    / bandwidth): this benchmark's quick ``ipc`` cases between two processes, one engine
+    thread each, as the runtime hands MM tokens and KV over. Its table goes to stderr."""
+    import contextlib
+    from dataclasses import asdict
+
+    from epdrt.planner.profiler import transfer_from_records
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--quick", "--transports", "ipc", "--threads", "1", "--device", device]
+    with contextlib.redirect_stdout(sys.stderr):
+        records = run(parser.parse_args(argv))
+    return transfer_from_records([asdict(r) for r in records], transport="ipc")
+
+
+def link_for_profile(device: str, progress: Callable[[str], None]) -> tuple[Any, str]:
+    """``quick_ipc_link`` and a note for the profile, or (None, "") when it cannot run here
+    (the profiler then times the runtime's in-process block copy)."""
+    try:
+        link = quick_ipc_link(device)
+    except Exception as exc:  # the benchmark is optional: the profile falls back
+        progress(f"transfer benchmark unavailable ({exc}); timing the block copy instead")
+        return None, ""
+    return link, "the transfer benchmark's quick ipc cases (between two processes), run here"

@@ -3,7 +3,7 @@
 
 Each operation has a dispatcher here that checks its arguments (``InvalidArgument`` before any
 launch) and picks an implementation: Triton on CUDA tensors (the CUDA kernel of the C++ core
-for ``block_copy``), the pure-torch reference (``epdrt.testing.refs``) or host memcpy on CPU.
+for ``block_copy``), the pure-torch reference (``epdrt.kernels.reference``) or host memcpy on CPU.
 ``backend="triton"`` forces the Triton code, which runs on CPU tensors under
 ``TRITON_INTERPRET=1``. Triton is imported on first use.
 """

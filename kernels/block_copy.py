@@ -15,7 +15,7 @@ import torch
 from epdrt import _core
 from epdrt.errors import CudaUnavailable, InvalidArgument
 from epdrt.region import Region
-from epdrt.testing import refs
+from epdrt.kernels import reference as refs
 
 from . import _common as c
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from epdrt.errors import InvalidArgument
-from epdrt.testing import refs
+from epdrt.kernels import reference as refs
 
 from . import _common as c
 

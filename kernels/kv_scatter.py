@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from epdrt.testing import refs
+from epdrt.kernels import reference as refs
 
 from . import _common as c
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from epdrt.errors import InvalidArgument
-from epdrt.testing import refs
+from epdrt.kernels import reference as refs
 
 from . import _common as c
 

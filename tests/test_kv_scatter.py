@@ -12,7 +12,7 @@ from kernel_utils import CPU_TRITON, DEVICES, bits_equal, random_bits
 
 from epdrt import InvalidArgument, PagedKVCache
 from epdrt.kernels import kv_scatter
-from epdrt.testing import refs
+from epdrt.kernels import reference as refs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

@@ -9,7 +9,7 @@ from kernel_utils import CPU_TRITON, DEVICES, bits_equal, random_bits
 
 from epdrt import InvalidArgument, MMTokenCache
 from epdrt.kernels import assemble_inputs_embeds, mm_embed, mm_source_rows
-from epdrt.testing import refs
+from epdrt.kernels import reference as refs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

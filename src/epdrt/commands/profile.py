@@ -63,9 +63,15 @@ def _run(args: argparse.Namespace) -> int:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     try:
-        transfer = None
         if args.transfer:
             transfer = load_transfer_records(args.transfer, args.transport)
+            note = f"{args.transport} records of {args.transfer}"
+        else:
+            from epdrt.bench.transfer import link_for_profile
+
+            transfer, note = link_for_profile(
+                "cuda" if device.startswith("cuda") else "cpu", progress
+            )
         profile = profile_model(
             args.model,
             device=device,
@@ -73,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
             name=args.name,
             quick=args.quick,
             transfer=transfer,
-            transfer_note=f"{args.transport} records of {args.transfer}" if args.transfer else "",
+            transfer_note=note,
             overheads=not args.no_overheads,
             progress=progress,
         )

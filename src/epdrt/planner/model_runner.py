@@ -16,7 +16,6 @@ and KV with (``measure_block_copy``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import math
@@ -541,37 +540,6 @@ def measure_block_copy(runner: ModelStageRunner, repeats: int = 20) -> TransferP
     return fit_transfer(sizes, secs)
 
 
-def measure_transfer(
-    runner: ModelStageRunner, progress: Callable[[str], None] | None = None
-) -> tuple[TransferProfile, str]:
-    """The cost of one transfer between two workers, from the transfer benchmark's quick
-    cases (``epdrt bench transfer --quick --transports ipc``: the transfer engine the runtime
-    hands MM tokens and KV over with, between two processes, one engine thread per worker);
-    the runtime's in-process block copy when the benchmark cannot run. Returns the fit and
-    where it came from."""
-    import argparse
-    from dataclasses import asdict
-
-    from epdrt.planner.profiler import transfer_from_records
-
-    try:
-        from epdrt.bench import transfer as bench_transfer
-
-        parser = argparse.ArgumentParser()
-        bench_transfer.add_arguments(parser)
-        device = "cuda" if runner.device.type == "cuda" else "cpu"
-        argv = ["--quick", "--transports", "ipc", "--threads", "1", "--device", device]
-        with contextlib.redirect_stdout(sys.stderr):  # its table is not this command's output
-            records = bench_transfer.run(parser.parse_args(argv))
-        fit = transfer_from_records([asdict(r) for r in records], transport="ipc")
-        return fit, "the transfer benchmark's quick ipc cases (between two processes), run here"
-    except Exception as exc:  # the benchmark is optional: fall back to the block copy
-        if progress:
-            progress(f"transfer benchmark unavailable ({exc}); timing the block copy instead")
-        note = "the runtime's cache-to-cache block copy in one process (index_copy_), run here"
-        return measure_block_copy(runner), note
-
-
 def profile_model(
     model_dir: str | os.PathLike[str],
     *,
@@ -588,7 +556,8 @@ def profile_model(
 
     Args:
         transfer: the link's cost (from the transfer benchmark's records); default: the
-            transfer benchmark's quick cases, run here (see measure_transfer).
+            runtime's block copy in this process (``epdrt.bench.transfer.quick_ipc_link``
+            measures the link between two processes; the CLI passes it).
         overheads: also measure the runtime's fixed costs (router preprocessing, a control
             message between processes, the wake-up cost after idling).
 
@@ -607,7 +576,8 @@ def profile_model(
         )
     notes = []
     if transfer is None:
-        transfer, note = measure_transfer(runner, progress)
+        transfer = measure_block_copy(runner)
+        note = "the runtime's cache-to-cache block copy in one process (index_copy_), run here"
         notes.append(f"transfer: {note}")
         if progress:
             progress(

@@ -1,2 +1,2 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Reference implementations shared by tests and benchmarks (the executable spec)."""
+"""Executable specs shared by tests and benchmarks: the pure-Python block pool."""

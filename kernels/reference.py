@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Pure-torch references of the kernels in ``epdrt.kernels``: the executable spec.
+"""Pure-torch references of the kernels in ``epdrt.kernels``: the executable spec, and the
+path the kernels take on a CPU.
 
 Same names and arguments as the kernels, minus the checks and backend options. Tests compare
 the kernels with these bit for bit; benchmarks time them as the CPU path. Shapes: ``H`` KV heads,
