@@ -57,6 +57,7 @@ from epdrt.bench._capacity_probe import (
     module_bytes,
 )
 from epdrt.benchmarking import Record
+from epdrt.cache.sizing import blocks_for
 
 HELP = "memory per device, epd vs pd vs aggregated: encoder peak, encoder batch, images, KV"
 
@@ -274,7 +275,7 @@ class Probe:
         )  # fmt: skip
 
     def kv_blocks(self, tokens: int) -> int:
-        return -(-tokens // self.s.block_size)
+        return blocks_for(tokens, self.s.block_size)
 
     def activation(self, stages: tuple[str, ...], images: int, prompt: int, context: int) -> float:
         """Peak activations of a device whose stages take turns: the largest of its stages'."""

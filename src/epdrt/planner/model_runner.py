@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from epdrt.cache import MMTokenCache, PagedKVCache
+from epdrt.cache import PagedKVCache, sizing
 from epdrt.errors import InvalidArgument
 from epdrt.host_memory import keep_freed_host_memory
 from epdrt.models import DecodeInput, ImageInput, PreparedRequest, load_adapter
@@ -115,11 +115,8 @@ class ModelStageRunner:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 kv_cache_tokens = min(int(0.4 * free // s.kv_bytes_per_token()), 1 << 20)
-        self.mm = MMTokenCache(s.hidden_size, block_size, 4096, self.dtype, self.device)
-        self.kv = PagedKVCache(
-            s.num_layers, s.num_kv_heads, s.head_dim, block_size,
-            -(-kv_cache_tokens // block_size), self.dtype, self.device,
-        )  # fmt: skip
+        self.mm = sizing.mm_cache(s, 4096 * block_size, block_size, self.dtype, self.device)
+        self.kv = sizing.kv_cache(s, kv_cache_tokens, block_size, self.dtype, self.device)
         self._images: dict[tuple[int, int], list[ImageInput]] = {}
         self._tpi: dict[int, int] = {}
         self._prompts: dict[int, PreparedRequest] = {}

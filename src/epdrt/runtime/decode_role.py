@@ -8,7 +8,6 @@ decodes up to ``decode_max_batch`` sequences together; they join and leave indep
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from epdrt.cache.sizing import blocks_for
 from epdrt.runtime import messages as m
 from epdrt.runtime.stage_model import DecodeInput
 
@@ -57,7 +57,7 @@ class DecodeRole:
 
     # ---- admission -------------------------------------------------------------------------
     def _life_blocks(self, num_tokens: int, max_new_tokens: int) -> int:
-        return math.ceil((num_tokens + max_new_tokens) / self.kv.block_size)
+        return blocks_for(num_tokens + max_new_tokens, self.kv.block_size)
 
     def _try_admit(self, req_id: str, num_tokens: int, max_new_tokens: int) -> bool:
         need = self._life_blocks(num_tokens, max_new_tokens)

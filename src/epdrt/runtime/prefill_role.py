@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from epdrt.cache.sizing import blocks_for
 from epdrt.device import wait_for_producer
 from epdrt.errors import InvalidArgument, PoolExhausted
 from epdrt.kernels import assemble_inputs_embeds
@@ -134,7 +135,7 @@ class PrefillRole:
         """KV blocks the request's prompt takes here until decode has it (0: decode is local)."""
         if self.w.decode is not None and req.msg.decoder == self.w.name:
             return 0
-        return -(-len(req.msg.input_ids) // self.kv.block_size)
+        return blocks_for(len(req.msg.input_ids), self.kv.block_size)
 
     def _admit(self) -> bool:
         admitted_any = False

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from epdrt.cache.sizing import blocks_for
 from epdrt.models import load_adapter
 from epdrt.models.errors import RequestError as ModelRequestError
 from epdrt.models.types import DecodeInput, ImageInput, ImageLimits, ModelSpec, PreparedRequest
@@ -86,8 +87,8 @@ class Preprocessor:
         forever: its distinct images' MM tokens, and its prompt plus output KV."""
         cfg = self.config
         sizes = {im.content_key: im.num_tokens for im in prepared.images}
-        mm_blocks = sum(-(-n // cfg.mm_block_size) for n in sizes.values())
-        mm_capacity = -(-cfg.mm_cache_tokens // cfg.mm_block_size)
+        mm_blocks = sum(blocks_for(n, cfg.mm_block_size) for n in sizes.values())
+        mm_capacity = blocks_for(cfg.mm_cache_tokens, cfg.mm_block_size)
         if mm_blocks > mm_capacity:
             raise RequestError(
                 f"the request's images need {sum(sizes.values())} multimodal tokens"
@@ -95,8 +96,8 @@ class Preprocessor:
                 f" {mm_capacity * cfg.mm_block_size} tokens"
             )
         kv_tokens = prepared.num_tokens + max_new_tokens
-        kv_capacity = -(-cfg.kv_cache_tokens // cfg.kv_block_size) * cfg.kv_block_size
-        if -(-kv_tokens // cfg.kv_block_size) * cfg.kv_block_size > kv_capacity:
+        kv_capacity = blocks_for(cfg.kv_cache_tokens, cfg.kv_block_size) * cfg.kv_block_size
+        if blocks_for(kv_tokens, cfg.kv_block_size) * cfg.kv_block_size > kv_capacity:
             raise RequestError(
                 f"the request needs KV for {kv_tokens} tokens (prompt + max_new_tokens), more"
                 f" than the whole KV cache of {kv_capacity} tokens"

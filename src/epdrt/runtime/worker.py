@@ -22,7 +22,7 @@ import msgspec
 import numpy as np
 import torch
 
-from epdrt.cache import MMTokenCache, PagedKVCache
+from epdrt.cache import MMTokenCache, PagedKVCache, sizing
 from epdrt.device import producer_stream
 from epdrt.errors import TransferError
 from epdrt.host_memory import keep_freed_host_memory
@@ -74,21 +74,12 @@ class Worker:
         self.channel = Channel(spec.endpoint)
         self.channel.connect("cluster", spec.cluster_endpoint)
         self.model = StageModel.load(spec.model_dir, roles, self.device, self.config.dtype)
-        s = self.model.spec
-        dtype = self.model.dtype
         self.mm: MMTokenCache | None = None
         self.kv: PagedKVCache | None = None
         if roles & {"encode", "prefill"}:
-            cfg = self.config
-            num_blocks = -(-cfg.mm_cache_tokens // cfg.mm_block_size)
-            self.mm = MMTokenCache(s.hidden_size, cfg.mm_block_size, num_blocks, dtype, self.device)
+            self.mm = self._mm_cache()
         if roles & {"prefill", "decode"}:
-            cfg = self.config
-            num_blocks = -(-cfg.kv_cache_tokens // cfg.kv_block_size)
-            self.kv = PagedKVCache(
-                s.num_layers, s.num_kv_heads, s.head_dim, cfg.kv_block_size, num_blocks, dtype,
-                self.device,
-            )  # fmt: skip
+            self.kv = self._kv_cache()
         # Cache-to-cache copies between this worker's regions and its peers' (mapped over IPC:
         # MM pages pushed to a prefill, KV pulled from one) run on this engine, off the main
         # loop; ``outbox`` holds each until it completes. The loop's poll also wakes
@@ -115,27 +106,34 @@ class Worker:
         # planner's simulator models.
         self.roles = [r for r in (self.encode, self.prefill, self.decode) if r is not None]
 
-    # ---- peers -----------------------------------------------------------------------------
+    # ---- caches ----------------------------------------------------------------------------
+    def _mm_cache(self, region: Region | None = None) -> MMTokenCache:
+        """An MM-token cache of the configured size: this worker's (a new region) or a
+        peer's (``region``, opened here); every worker's has the same layout."""
+        cfg = self.config
+        return sizing.mm_cache(
+            self.model.spec, cfg.mm_cache_tokens, cfg.mm_block_size, self.model.dtype,
+            self.device, region=region,
+        )  # fmt: skip
+
+    def _kv_cache(self, region: Region | None = None) -> PagedKVCache:
+        """A KV cache of the configured size, as ``_mm_cache``."""
+        cfg = self.config
+        return sizing.kv_cache(
+            self.model.spec, cfg.kv_cache_tokens, cfg.kv_block_size, self.model.dtype,
+            self.device, region=region,
+        )  # fmt: skip
+
     def peer_mm_cache(self, name: str) -> MMTokenCache:
         """The MM cache of worker ``name``, mapped into this process on first use."""
         if name not in self.peer_mm:
-            cfg, s = self.config, self.model.spec
-            num_blocks = -(-cfg.mm_cache_tokens // cfg.mm_block_size)
-            region = Region.open(self._mm_descs[name])
-            self.peer_mm[name] = MMTokenCache(
-                s.hidden_size, cfg.mm_block_size, num_blocks, self.model.dtype, region=region
-            )
+            self.peer_mm[name] = self._mm_cache(Region.open(self._mm_descs[name]))
         return self.peer_mm[name]
 
     def peer_kv_cache(self, name: str) -> PagedKVCache:
         """The KV cache of worker ``name``, mapped into this process on first use."""
         if name not in self.peer_kv:
-            cfg, s = self.config, self.model.spec
-            num_blocks = -(-cfg.kv_cache_tokens // cfg.kv_block_size)
-            self.peer_kv[name] = PagedKVCache(
-                s.num_layers, s.num_kv_heads, s.head_dim, cfg.kv_block_size, num_blocks,
-                self.model.dtype, region=Region.open(self._kv_descs[name]),
-            )  # fmt: skip
+            self.peer_kv[name] = self._kv_cache(Region.open(self._kv_descs[name]))
         return self.peer_kv[name]
 
     def copy_blocks(
