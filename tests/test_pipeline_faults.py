@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Bad input and dying workers: the request fails with a clear reason, the rest go on, and
-nothing is left behind (processes, /dev/shm)."""
+nothing is left behind (processes, their memory regions)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from leaks import holders, region_inodes
 from model_utils import make_image, png_bytes
 
 from epdrt.runtime import EPDCluster, EPDConfig, Request
-
-
-def _shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 def _gone(pids: list[int], timeout_s: float = 10.0) -> bool:
@@ -64,11 +61,13 @@ def test_bad_requests_fail_alone(tiny_model_dir, tmp_path):
 
 
 def test_killed_worker_fails_its_requests(tiny_model_dir):
-    shm_before = _shm()
+    own = region_inodes()
     config = EPDConfig(mode="epd", num_decode=2, request_timeout_s=60)
     ph = "<image>"
     with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
         pids = list(cluster.worker_pids().values())
+        regions = set().union(*(region_inodes(pid) for pid in pids))
+        assert len(regions) >= 4  # e0's MM cache, p0's MM and KV caches, d0's and d1's KV
         warm = cluster.generate([Request(f"{ph} warm", [make_image(40, 30, 9)], 2)])[0]
         assert warm.error is None
         longest = cluster.pre.spec.max_context - 40  # the prompts take < 40 tokens
@@ -89,11 +88,11 @@ def test_killed_worker_fails_its_requests(tiny_model_dir):
         after = cluster.generate([Request(f"{ph} after", [make_image(40, 30, 20)], 3)])[0]
         assert after.error is None and len(after.token_ids) == 3
     assert _gone(pids)
-    assert _shm() <= shm_before
+    assert holders(regions) == set()  # no process keeps a worker's cache memory
+    assert region_inodes() == own
 
 
 def test_ctrl_c_shuts_down_cleanly(tiny_model_dir, tmp_path):
-    shm_before = _shm()
     pid_file = tmp_path / "pids"
     # A runner started in the background (no job control) passes SIGINT on as ignored, and
     # Python then installs no KeyboardInterrupt handler: the script restores it first.
@@ -112,13 +111,15 @@ def test_ctrl_c_shuts_down_cleanly(tiny_model_dir, tmp_path):
             assert proc.poll() is None, "the cluster script exited early"
             time.sleep(0.2)
         pids = [int(p) for p in Path(pid_file).read_text().split()]
+        regions = set().union(*(region_inodes(pid) for pid in pids))
+        assert regions
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert _gone(pids)
-    assert _shm() <= shm_before
+    assert holders(regions) == set()
 
 
 @pytest.mark.parametrize("victim", ["e0", "p0"])

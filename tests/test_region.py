@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Region: views, export/open across processes, closing, and nothing left behind in /dev/shm."""
+"""Region: views, export/open across processes, closing, and no region left behind."""
 
+import gc
 import os
 import signal
 import struct
@@ -11,6 +12,7 @@ import uuid
 
 import pytest
 import torch
+from leaks import holders, region_inodes
 
 from epdrt import CudaUnavailable, InvalidArgument, Region, RegionError, _core
 from epdrt.device import Device
@@ -18,10 +20,6 @@ from epdrt.region import DESCRIPTOR_BYTES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]
 TIMEOUT_S = 60
-
-
-def shm_entries() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -198,7 +196,6 @@ def test_a_child_process_writes_into_our_region():
 
 
 def test_killed_creator_leaks_nothing_and_peers_keep_their_mapping():
-    before = shm_entries()
     child = subprocess.Popen(
         [
             sys.executable,
@@ -219,6 +216,7 @@ def test_killed_creator_leaks_nothing_and_peers_keep_their_mapping():
     )
     try:
         desc = bytes.fromhex(child.stdout.readline().strip())
+        before_peer = region_inodes()
         peer = Region.open(desc)
     finally:
         child.send_signal(signal.SIGKILL)
@@ -227,21 +225,30 @@ def test_killed_creator_leaks_nothing_and_peers_keep_their_mapping():
     assert peer.tensor(torch.int64, (4,)).tolist() == [7, 8, 9, 10]
     with pytest.raises(RegionError):
         Region.open(desc)  # the creator is gone: nobody can open it any more
-    assert shm_entries() == before
+    (inode,) = region_inodes() - before_peer
+    assert holders({inode}) == {os.getpid()}  # only the peer's mapping keeps it
+    del peer
+    gc.collect()
+    assert holders({inode}) == set()  # the last mapping gone: the kernel frees it
 
 
-def test_processes_that_exit_leave_nothing_in_dev_shm():
-    before = shm_entries()
+def test_processes_that_exit_leave_no_region_behind():
+    """Nothing of a process's regions and caches outlives it (they are memfds: /dev/shm
+    would never show them, so look for their inodes in every process)."""
     result = run_python(
         """
         from epdrt import MMTokenCache, PagedKVCache, Region
         regions = [Region.create(1 << 22) for _ in range(4)]
         kv = PagedKVCache(2, 2, 8, 16, 32)
         mm = MMTokenCache(32, 16, 32)
+        with open("/proc/self/maps") as f:
+            print(" ".join({l.split()[4] for l in f if "memfd:epdrt-region" in l}))
         """
     )
     assert result.returncode == 0, result.stderr
-    assert shm_entries() == before
+    inodes = set(result.stdout.split())
+    assert len(inodes) == 6
+    assert holders(inodes) == set()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")

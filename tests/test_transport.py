@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from leaks import holders, region_inodes
 
 from epdrt import InvalidArgument, Region, TransferError
 from epdrt.transfer import TransferAgent, nixl_available
@@ -252,25 +253,14 @@ def test_local_transport_is_refused_across_processes():
         agent.close()
 
 
-def shm_entries() -> set[str]:
-    return set(os.listdir("/dev/shm"))
-
-
-def mapped_regions() -> set[str]:
-    """Inodes of the memfd regions mapped into this process."""
-    with open("/proc/self/maps") as f:
-        return {line.split()[4] for line in f if "memfd:epdrt-region" in line}
-
-
 def test_peer_killed_mid_transfer_is_reported_and_leaks_nothing():
     big = 32 << 20
-    before = shm_entries()
     agent = TransferAgent(timeout=TIMEOUT_S)
     agent.register("buf", Region.create(big))
-    own = mapped_regions()
+    own = region_inodes()
     proc, peer = spawn(agent, region_bytes=big, transport="ipc", timeout=TIMEOUT_S)
     try:
-        child = mapped_regions() - own
+        child = region_inodes() - own
         assert len(child) == 1  # the child's region, mapped here
         # Both directions busy: the child writes 32 MiB copies into our region without pause,
         # we have four 32 MiB copies into its region in flight when it is killed.
@@ -293,15 +283,15 @@ def test_peer_killed_mid_transfer_is_reported_and_leaks_nothing():
         assert proc.wait(TIMEOUT_S) == -signal.SIGKILL
         deadline = time.monotonic() + 5  # the engine drops the mapping once its copies end
         # (Only the child's mapping is checked: regions of earlier tests may be collected now.)
-        while child & mapped_regions() and time.monotonic() < deadline:
+        while child & region_inodes() and time.monotonic() < deadline:
             agent.poll(0.01)
-        assert not child & mapped_regions()
+        assert not child & region_inodes()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(TIMEOUT_S)
         agent.close()
-    assert shm_entries() == before
+    assert holders(child) == set()  # the killed peer's region is gone from every process
 
 
 @pytest.mark.gpu
