@@ -73,6 +73,11 @@ QUANTITIES = {
     "kv_tokens_prefill": ("KV capacity on the prefill device", "tokens", True),
     "kv_tokens_decode": ("KV capacity on the decode device", "tokens", True),
 }
+#: Devices of each deployment as this benchmark lays it out (one per stage group: epd's E, P
+#: and D; pd's E+P and D; aggregated's one), for the comparisons per GPU of the deployment.
+DEPLOYMENT_GPUS = {"epd": 3, "pd": 2, "aggregated": 1}
+#: Quantities that add up over a deployment's devices of that role (one device of each here).
+PER_GPU = ("kv_tokens_decode", "max_encoder_batch")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -830,6 +835,23 @@ def _records(
                     extra=extra,
                 )
             )
+            if quantity in PER_GPU:
+                # The same capacity spread over every GPU the deployment takes: a device of
+                # its own for each stage is bought with GPUs the baseline does not use.
+                gpus, base_gpus = DEPLOYMENT_GPUS[mode], DEPLOYMENT_GPUS[base]
+                value, base_value = r.value / gpus, b.value / base_gpus
+                records.append(
+                    Record(
+                        bench="capacity",
+                        case=f"{label}, per GPU of the deployment: {mode} vs {base}",
+                        metric=f"{unit} per GPU",
+                        value=float(value),
+                        baseline=f"{base} ({base_gpus} GPU), same model and budget",
+                        baseline_value=float(base_value),
+                        ratio=float(value / base_value) if base_value > 0 else 0.0,
+                        extra={**extra, "gpus": gpus, "baseline_gpus": base_gpus},
+                    )
+                )
     return records
 
 

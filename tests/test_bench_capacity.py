@@ -54,6 +54,7 @@ def _by(records: list[Record], quantity: str, mode: str, base: str) -> Record:
         r
         for r in records
         if r.extra["quantity"] == quantity
+        and "per GPU" not in r.metric
         and r.extra["deployment"] == mode
         and r.extra["baseline_deployment"] == base
     ]
@@ -74,9 +75,19 @@ def test_records_are_well_formed(full_run: tuple[list[Record], Path]) -> None:
     records, png = full_run
     quantities = set(capacity.QUANTITIES)
     assert {r.extra["quantity"] for r in records} == quantities
-    # Every quantity: epd vs aggregated, epd vs pd, pd vs aggregated.
-    assert len(records) == 3 * len(quantities)
-    for r in records:
+    # Every quantity: epd vs aggregated, epd vs pd, pd vs aggregated; the quantities that add
+    # up over devices once more per GPU of the deployment.
+    per_device = [r for r in records if "per GPU" not in r.metric]
+    per_gpu = [r for r in records if "per GPU" in r.metric]
+    assert len(per_device) == 3 * len(quantities)
+    assert len(per_gpu) == 3 * len(capacity.PER_GPU)
+    for r in per_gpu:
+        q, d = r.extra["quantity"], r.extra["deployment"]
+        same = _by(records, q, d, r.extra["baseline_deployment"])
+        assert r.value * r.extra["gpus"] == pytest.approx(same.value)
+        assert r.baseline_value * r.extra["baseline_gpus"] == pytest.approx(same.baseline_value)
+        assert r.ratio == pytest.approx(r.value / r.baseline_value)
+    for r in per_device:
         row = json.loads(r.to_json())
         assert all(k in row for k in KEYS)
         assert row["bench"] == "capacity" and row["device"] == "cpu"
