@@ -26,7 +26,8 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     num_encode: int = 1
     num_prefill: int = 1
     num_decode: int = 1
-    #: "auto": one GPU per worker when enough GPUs are visible, else CPU; or one device string
+    #: "auto": one GPU per worker when enough GPUs are visible, fewer shared round robin
+    #: (worker i on cuda:{i % n}), the CPU without any; or one device string
     #: per worker, in worker order (encoders, prefills, decoders).
     devices: Literal["auto"] | list[str] = "auto"
     #: CPU threads per worker on CPU hosts (torch intra-op threads).
