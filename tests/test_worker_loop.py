@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from epdrt.runtime import messages as m
+from epdrt.runtime.wire import WireError
 from epdrt.runtime.worker import (
     COPY_WAIT_S,
     IDLE_POLL_S,
@@ -241,3 +242,37 @@ def test_a_copy_ending_wakes_the_channels_poll():
             assert channel.recv(0.0) is None  # the fd was reset: nothing pending
         finally:
             channel.close()
+
+
+class GarbledChannel(ScriptedChannel):
+    """Its first recv() meets a frame set that does not decode (Channel.recv raises)."""
+
+    def recv(self, timeout_s: float):
+        if not self.timeouts:
+            self.timeouts.append(timeout_s)
+            raise WireError("malformed control message: truncated")
+        return super().recv(timeout_s)
+
+
+class MalformedRole(RecordingRole):
+    """Takes Notes tagged "bad" but finds their tensor frames malformed."""
+
+    def handle(self, msg: object, frames: list) -> bool:
+        if isinstance(msg, Note) and msg.tag == "bad":
+            raise WireError("tensor frame has 3 bytes, needs 16")
+        return super().handle(msg, frames)
+
+
+def test_malformed_and_unknown_messages_are_counted_and_dropped():
+    log: list = []
+    channel = GarbledChannel(
+        m.KVPulled("r0"),  # no role here takes it
+        Note("encode", "bad"),
+        Note("encode", "good"),
+        m.Shutdown(),
+    )
+    worker, sent = make_worker(channel, [MalformedRole("encode", log)])
+    worker.run()
+    assert ("encode", "got", "good") in log
+    assert worker.counters["messages_dropped"] == 3
+    assert [type(msg) for _, msg in sent] == [m.Hello, m.Stats]

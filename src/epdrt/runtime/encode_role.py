@@ -60,8 +60,9 @@ class EncodeRole:
         from epdrt.runtime.worker import named_tensors
 
         if isinstance(msg, m.EncodeImages):
-            for item in msg.items:
-                tensors = named_tensors(item.tensors, frames)
+            # All frames are decoded first: a malformed message changes nothing.
+            inputs = [named_tensors(item.tensors, frames) for item in msg.items]
+            for item, tensors in zip(msg.items, inputs):
                 self._claim(msg.req_id, item.key, item.num_tokens, tensors)
             return True
         if isinstance(msg, m.FetchMM):
