@@ -63,8 +63,9 @@ class FakeWorker:
     """What the roles use of a Worker. ``outbox``: messages sent, (peer, msg); ``copies``:
     copies in flight; ``failed``: (request, error) reported to the cluster."""
 
-    def __init__(self, name: str, roles: set[str], *, mm_blocks: int = 16, kv_blocks: int = 64,
-                 **config: object) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, roles: set[str], *, mm_blocks: int = 16, kv_blocks: int = 64, **config
+    ) -> None:
         self.name = name
         self.device = torch.device("cpu")
         self.config = SimpleNamespace(

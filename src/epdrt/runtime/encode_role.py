@@ -160,10 +160,11 @@ class EncodeRole:
             if c.state is Claim.WANTED:
                 self._preempt(taken + need)
             if self.mm.num_free_blocks - taken < need:
-                self.w.count("encode_cache_waits")
                 break
             taken += need
             batch.append(c)
+        if todo and not batch:
+            self.w.count("encode_cache_waits")
         return batch
 
     def _preempt(self, blocks: int) -> None:
