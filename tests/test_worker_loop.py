@@ -11,13 +11,14 @@ from types import SimpleNamespace
 import pytest
 
 from epdrt.runtime import messages as m
-from epdrt.runtime.wire import WireError
+from epdrt.runtime.wire import TensorMeta, WireError
 from epdrt.runtime.worker import (
     COPY_WAIT_S,
     IDLE_POLL_S,
     MAX_MESSAGES_PER_STEP,
     PendingCopy,
     Worker,
+    named_tensors,
 )
 
 
@@ -276,3 +277,11 @@ def test_malformed_and_unknown_messages_are_counted_and_dropped():
     assert ("encode", "got", "good") in log
     assert worker.counters["messages_dropped"] == 3
     assert [type(msg) for _, msg in sent] == [m.Hello, m.Stats]
+
+
+def test_a_missing_tensor_frame_is_a_wire_error():
+    entry = m.NamedTensor("pixel_values", TensorMeta("float32", (2, 3)))
+    with pytest.raises(WireError, match="no tensor frame for 'pixel_values'"):
+        named_tensors([entry], [])
+    with pytest.raises(WireError, match="24"):
+        named_tensors([entry], [b"short"])

@@ -42,6 +42,9 @@ class _Want:
 
 @dataclass
 class _Request:
+    """A request here: its message, model extras, one want per distinct image, and the
+    encode seconds its images cost (reported with its first token)."""
+
     msg: m.PrefillRequest
     extras: dict[str, torch.Tensor]
     wants: dict[bytes, _Want]  # unique images of the request

@@ -46,9 +46,15 @@ COPY_WAIT_S = 0.005
 
 
 def named_tensors(entries: list[m.NamedTensor], frames: list[bytes]) -> dict[str, torch.Tensor]:
-    """Decodes ``entries`` from the next ``len(entries)`` frames (consumed from the front)."""
+    """Decodes ``entries`` from the next ``len(entries)`` frames (consumed from the front).
+
+    Raises:
+        WireError: a frame is missing or does not match its entry.
+    """
     out = {}
     for entry in entries:
+        if not frames:
+            raise WireError(f"no tensor frame for {entry.name!r}")
         out[entry.name] = tensor_from_frame(entry.meta, frames.pop(0))
     return out
 
