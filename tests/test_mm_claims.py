@@ -164,7 +164,7 @@ def test_a_fetch_without_blocks_only_releases_the_claim(before):
     if before in ("ready", "unheld"):
         e0.step()
     if before == "unheld":
-        e0.encode._preempt(e0.mm.num_blocks)
+        e0.encode._preempt(e0.mm.num_blocks, None)
         assert state(e0, "r") is Claim.UNHELD
     if before != "early":
         e0.dispatch(fetch(p0, "r", blocks=()))
@@ -184,36 +184,56 @@ def test_a_queued_claim_fetched_becomes_wanted_and_is_encoded_first():
     assert [c.key for c in e0.encode._batch()] == [b.key, A.key]
 
 
-def test_a_wanted_image_takes_the_holds_of_claims_not_fetched_yet():
-    """The encoder's cache (2 images) holds r1's and r2's images, not fetched; r3's image is
-    fetched: the youngest hold goes, r3's image is encoded and sent. r2's image was evicted:
-    its fetch encodes it again."""
+def hits_behind(e: FakeWorker, first: m.ImageSlot, *hits: m.ImageSlot) -> None:
+    """Claims ``first`` (for r1, not cached), then the cached ``hits`` (r2, r3, ...): their
+    holds fill the cache out of FIFO order."""
+    for slot in hits:
+        e.mm.put(slot.key, image_tokens(slot.key, N))
+    e.dispatch(encode_msg("r1", first))
+    for i, slot in enumerate(hits, 2):
+        e.dispatch(encode_msg(f"r{i}", slot))
+
+
+def test_a_wanted_image_takes_the_holds_of_younger_claims_not_fetched_yet():
+    """The encoder's cache (2 images) holds r2's and r3's images, hits not fetched yet; r1's
+    image is fetched: the youngest hold goes, r1's image is encoded and sent. r3's image was
+    evicted: its fetch encodes it again."""
     e0, p0 = encoder(mm_blocks=4)
     b, c = image(2, N, 0, "e0"), image(3, N, 0, "e0")
-    e0.dispatch(encode_msg("r1", A))
-    e0.dispatch(encode_msg("r2", b))
+    hits_behind(e0, A, b, c)
     e0.step()
-    e0.dispatch(encode_msg("r3", c))
+    assert state(e0, "r1") is Claim.QUEUED  # no room: encoded ahead only into free room
+    assert e0.counters["encode_cache_waits"] == 1
+    e0.dispatch(fetch(p0, "r1"))
     e0.step()
-    assert state(e0, "r3", c) is Claim.QUEUED  # no room: encoded ahead only into free room
+    assert state(e0, "r3", c) is Claim.UNHELD and state(e0, "r2", b) is Claim.READY
+    assert state(e0, "r1") is Claim.SENDING and c.key not in e0.mm
+    e0.finish_copy()
     e0.dispatch(fetch(p0, "r3", c))
-    e0.step()
-    assert state(e0, "r2", b) is Claim.UNHELD and state(e0, "r1") is Claim.READY
-    assert state(e0, "r3", c) is Claim.SENDING and b.key not in e0.mm
-    e0.finish_copy()
-    e0.dispatch(fetch(p0, "r2", b))
-    assert state(e0, "r2", b) is Claim.WANTED  # UNHELD --fetch (evicted)--> WANTED
+    assert state(e0, "r3", c) is Claim.WANTED  # UNHELD --fetch (evicted)--> WANTED
     e0.step()
     e0.finish_copy()
-    assert answers(e0) == [("r3", None), ("r2", None)]
-    assert e0.model.calls["encode"] == 3 and e0.counters["mm_holds_preempted"] == 1
+    assert answers(e0) == [("r1", None), ("r3", None)]
+    assert e0.model.calls["encode"] == 2 and e0.counters["mm_holds_preempted"] == 1
+
+
+def test_a_wanted_image_never_takes_an_older_claims_hold():
+    e0, p0 = encoder(mm_blocks=4)
+    b, c = image(2, N, 0, "e0"), image(3, N, 0, "e0")
+    hits_behind(e0, c, A, b)  # r1: c (queued), r2: A, r3: b (held)
+    e0.dispatch(fetch(p0, "r1", c, blocks=()))  # r1 needs c no more
+    e0.dispatch(encode_msg("r4", image(4, N, 0, "e0")))
+    e0.dispatch(fetch(p0, "r4", image(4, N, 0, "e0")))
+    e0.step()
+    assert state(e0, "r4", image(4, N, 0, "e0")) is Claim.WANTED  # waits: no younger hold
+    assert state(e0, "r2") is Claim.READY and "mm_holds_preempted" not in e0.counters
 
 
 def test_an_unheld_claim_still_cached_is_sent_without_encoding():
     e0, p0 = encoder()
     e0.dispatch(encode_msg("r", A))
     e0.step()
-    e0.encode._preempt(e0.mm.num_blocks)
+    e0.encode._preempt(e0.mm.num_blocks, None)
     e0.dispatch(fetch(p0, "r"))
     assert state(e0, "r") is Claim.SENDING and e0.model.calls["encode"] == 1
 
@@ -228,7 +248,7 @@ def test_abort_in_each_claim_state(before):
     if before in ("ready", "unheld", "sending"):
         e0.step()
     if before == "unheld":
-        e0.encode._preempt(e0.mm.num_blocks)
+        e0.encode._preempt(e0.mm.num_blocks, None)
     if before in ("wanted", "sending"):
         e0.dispatch(fetch(p0, "r"))
     assert state(e0, "r").value == before
@@ -254,22 +274,49 @@ def test_local_hand_over_from_ready_and_unheld_and_re_encode_when_evicted():
     ep.dispatch(encode_msg("r1", A))
     ep.dispatch(encode_msg("r2", b))
     ep.step()
-    assert ep.encode.claim_ready("r2", b.key) is None  # still queued
-    assert ep.encode.claim_ready("r1", A.key) is not None  # READY --hand over-->
+    assert ep.encode.hand_over("r2", [b.key]) is None  # still queued
+    assert ep.encode.hand_over("r1", [A.key]) is not None  # READY --hand over-->
     assert state(ep, "r1") is Claim.DONE and ep.mm.hold_count(A.key) == 1  # the caller's
     ep.mm.release(A.key)
     ep.step()
-    ep.encode._preempt(ep.mm.num_blocks)
+    ep.encode._preempt(ep.mm.num_blocks, None)
     assert state(ep, "r2", b) is Claim.UNHELD
-    assert ep.encode.claim_ready("r2", b.key) is not None  # UNHELD, cached --hand over-->
+    assert ep.encode.hand_over("r2", [b.key]) is not None  # UNHELD, cached --hand over-->
     ep.mm.release(b.key)
     ep.dispatch(encode_msg("r3", A))
     ep.step()
-    ep.encode._preempt(ep.mm.num_blocks)
+    ep.encode._preempt(ep.mm.num_blocks, None)
     ep.mm.put(b.key, image_tokens(b.key, N))  # evicts A
-    assert ep.encode.claim_ready("r3", A.key) is None and state(ep, "r3") is Claim.QUEUED
+    assert ep.encode.hand_over("r3", [A.key]) is None and state(ep, "r3") is Claim.QUEUED
     ep.step()
-    assert ep.encode.claim_ready("r3", A.key) is not None
+    assert ep.encode.hand_over("r3", [A.key]) is not None
+
+
+def test_a_local_request_takes_its_images_all_at_once():
+    ep = FakeWorker("ep0", {"encode"}, mm_blocks=4, encode_max_batch_images=1)
+    b = image(2, N, N, "ep0")
+    ep.dispatch(encode_msg("r", A, b))
+    ep.step()
+    assert state(ep, "r") is Claim.READY and state(ep, "r", b) is Claim.QUEUED
+    assert ep.encode.hand_over("r", [A.key, b.key]) is None
+    assert state(ep, "r") is Claim.READY and ep.mm.hold_count(A.key) == 1  # unchanged
+    ep.step()
+    spent = sum(c.encode_s for c in ep.encode.claims.values())
+    assert spent > 0 and ep.encode.hand_over("r", [A.key, b.key]) == pytest.approx(spent)
+    assert not ep.encode.claims and ep.mm.hold_count(A.key) == ep.mm.hold_count(b.key) == 1
+
+
+def test_with_a_local_prefill_the_oldest_requests_image_takes_younger_holds():
+    """pd: every request is admitted at once; r1's image cannot be encoded while r2's and
+    r3's (cache hits) hold the whole cache: it takes the youngest hold (r3's)."""
+    ep = FakeWorker("ep0", {"encode", "prefill"}, mm_blocks=4)
+    b, c = image(2, N, 0, "ep0"), image(3, N, 0, "ep0")
+    hits_behind(ep, A, b, c)
+    ep.encode.step()
+    assert [state(ep, r, s) for r, s in (("r1", A), ("r2", b), ("r3", c))] == [
+        Claim.READY, Claim.READY, Claim.UNHELD,
+    ]  # fmt: skip
+    assert c.key not in ep.mm
 
 
 # ---- prefill side ----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """No hold-and-wait between the MM caches: with a hot set of images as large as the caches,
-the encoder's cache fills with holds of hot images for requests the prefill has not admitted
-yet; an admitted request's own image must still be encoded (it takes those holds), so every
-request completes with the tokens of ``generate()`` and none times out."""
+an encoder's cache fills with holds of hot images for requests whose turn has not come (not
+admitted by the prefill in epd; waiting for their other image in pd). The oldest wanted image
+must still be encoded (it takes those holds), so every request completes with the tokens of
+``generate()`` and none times out."""
 
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ def _expected(adapter, requests: list[Request]) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("num_encode", [1, 2], ids=["1E1P", "2E1P"])
-def test_hot_images_in_full_caches_never_wedge_a_request(num_encode, tiny_model_dir, adapter):
+@pytest.mark.parametrize(
+    "mode, num_encode", [("epd", 1), ("epd", 2), ("pd", 1)], ids=["1E1P", "2E1P", "1EP"]
+)
+def test_hot_images_in_full_caches_never_wedge_a_request(mode, num_encode, tiny_model_dir, adapter):
     """As many hot images as all encoders' caches hold."""
     requests = _requests(adapter.spec.image_placeholder, SLOTS * num_encode)
     expected = _expected(adapter, requests)
     config = EPDConfig(
-        mode="epd", num_encode=num_encode, mm_cache_tokens=SLOTS * 16, mm_block_size=16,
+        mode=mode, num_encode=num_encode, mm_cache_tokens=SLOTS * 16, mm_block_size=16,
         request_timeout_s=TIMEOUT_S,
     )  # fmt: skip
     with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
@@ -54,6 +57,6 @@ def test_hot_images_in_full_caches_never_wedge_a_request(num_encode, tiny_model_
     assert {r.id: r.error for r in results} == {rid: None for rid in expected}
     assert {r.id: r.token_ids for r in results} == expected
     stats = cluster.worker_stats()
-    encoders = [f"e{i}" for i in range(num_encode)]
-    # The scenario happened: fetched images took holds of hot images fetched later.
+    encoders = [f"e{i}" for i in range(num_encode)] if mode == "epd" else ["ep0"]
+    # The scenario happened: wanted images took holds of hot images wanted later.
     assert sum(stats[e].get("mm_holds_preempted", 0) for e in encoders) > 0

@@ -4,8 +4,8 @@
 Each (request, image) pair the cluster sends is a *claim* (``mm_claims.Claim``): encoded (or
 found cached), the image is held for the claim until its prefill fetches it. Images already
 cached are not encoded again. Images a prefill has fetched (reserved blocks for) are encoded
-first and may take the holds of claims no prefill has fetched yet (youngest first), so a
-prefill never waits for room that later requests' images hold (no hold-and-wait between the
+first and may take the holds of younger claims no prefill has fetched yet (youngest first), so
+a prefill never waits for room that later requests' images hold (no hold-and-wait between the
 caches); such a claim looks its image up again when fetched and re-encodes it if evicted.
 """
 
@@ -111,17 +111,30 @@ class EncodeRole:
             c.advance(ClaimEvent.FETCH)  # to encode, before any image not fetched yet
 
     # ---- in-process use by a prefill role in the same worker -------------------------------
-    def claim_ready(self, req_id: str, key: bytes) -> float | None:
-        """Encode seconds if (req_id, key) is ready (the caller takes over its hold), else None."""
-        c = self.claims.get((req_id, key))
-        if c is None or c.state not in (Claim.READY, Claim.UNHELD):
+    def hand_over(self, req_id: str, keys: list[bytes]) -> float | None:
+        """Hands the holds of ``req_id``'s images ``keys`` to the caller once all are cached,
+        all at once (a request never holds some of its images while waiting for the others);
+        returns their encode seconds, or None (nothing changes, except that a claim whose
+        image was evicted is queued to be encoded again)."""
+        claims = [self.claims.get((req_id, key)) for key in keys]
+        ready = True
+        for c in claims:
+            if c is None or c.state not in (Claim.READY, Claim.UNHELD):
+                ready = False
+            elif c.state is Claim.UNHELD and c.key not in self.mm:
+                c.advance(ClaimEvent.EVICTED)
+                ready = False
+        if not ready:
             return None
-        if c.state is Claim.UNHELD and self.mm.lookup(key) is None:
-            c.advance(ClaimEvent.EVICTED)  # encode it again
-            return None
-        c.advance(ClaimEvent.HAND_OVER)
-        del self.claims[(req_id, key)]
-        return c.encode_s
+        seconds = 0.0
+        for c in claims:
+            assert c is not None
+            if c.state is Claim.UNHELD:
+                self.mm.lookup(c.key)
+            c.advance(ClaimEvent.HAND_OVER)
+            del self.claims[(req_id, c.key)]
+            seconds += c.encode_s
+        return seconds
 
     # ---- work ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -142,9 +155,12 @@ class EncodeRole:
         """One claim per image to encode: fetched images first, then the others oldest first,
         up to ``encode_max_batch_images`` and only as many as the cache can take now.
 
-        NOTE: a fetched image takes the room it needs from the holds of claims not fetched
-        yet; the rest waits for copies in flight to end. An image not fetched yet is encoded
-        ahead only into room no claim holds (back-pressure).
+        NOTE: a fetched image takes the room it needs from the holds of younger claims not
+        fetched yet; the rest waits for copies in flight to end. An image not fetched yet is
+        encoded ahead only into room no claim holds (back-pressure). With a prefill role in
+        this worker every request is admitted at once and every image is wanted: each may take
+        room from younger claims' holds, and the prefill takes a request's holds over only
+        when all its images are cached (``hand_over``).
         """
         todo: dict[bytes, _Claim] = {}
         for state in (Claim.WANTED, Claim.QUEUED):
@@ -157,8 +173,8 @@ class EncodeRole:
             if len(batch) == self.w.config.encode_max_batch_images:
                 break
             need = self.mm.blocks_for(c.num_tokens)
-            if c.state is Claim.WANTED:
-                self._preempt(taken + need)
+            if c.state is Claim.WANTED or self.w.prefill is not None:
+                self._preempt(taken + need, c)
             if self.mm.num_free_blocks - taken < need:
                 break
             taken += need
@@ -167,10 +183,15 @@ class EncodeRole:
             self.w.count("encode_cache_waits")
         return batch
 
-    def _preempt(self, blocks: int) -> None:
-        """Gives up holds of claims not fetched yet, youngest first, until ``blocks`` are free."""
+    def _preempt(self, blocks: int, wanted: _Claim) -> None:
+        """Gives up holds of claims younger than ``wanted`` and not fetched yet, youngest
+        first, until ``blocks`` are free.
+
+        NOTE: only younger ones: the oldest wanted image can always get room, and an older
+        request's image, likely fetched sooner, is not evicted for a younger one's.
+        """
         for c in reversed(list(self.claims.values())):
-            if self.mm.num_free_blocks >= blocks:
+            if self.mm.num_free_blocks >= blocks or c is wanted:
                 return
             if c.state is Claim.READY:
                 c.advance(ClaimEvent.PREEMPT)

@@ -222,17 +222,20 @@ class PrefillRole:
             raise
 
     def _poll_local_encoder(self) -> bool:
+        """Takes over the holds of admitted requests' local images, a request's all at once."""
         if self.w.encode is None:
             return False
         progressed = False
         for req in self.admitted.values():
-            for key, want in req.wants.items():
-                if want.state is Want.LOCAL:
-                    seconds = self.w.encode.claim_ready(req.msg.req_id, key)
-                    if seconds is not None:  # the encoder's hold becomes this request's
-                        want.advance(WantEvent.HANDED_OVER)
-                        req.encode_s += seconds
-                        progressed = True
+            local = [w for w in req.wants.values() if w.state is Want.LOCAL]
+            if not local:
+                continue
+            seconds = self.w.encode.hand_over(req.msg.req_id, [w.slot.key for w in local])
+            if seconds is not None:  # the encoder's holds become this request's
+                for want in local:
+                    want.advance(WantEvent.HANDED_OVER)
+                req.encode_s += seconds
+                progressed = True
         return progressed
 
     def _expire_orphans(self) -> None:
