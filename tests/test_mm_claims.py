@@ -220,12 +220,13 @@ def test_a_wanted_image_takes_the_holds_of_younger_claims_not_fetched_yet():
 def test_a_wanted_image_never_takes_an_older_claims_hold():
     e0, p0 = encoder(mm_blocks=4)
     b, c = image(2, N, 0, "e0"), image(3, N, 0, "e0")
+    d = image(4, N, 0, "e0")
     hits_behind(e0, c, A, b)  # r1: c (queued), r2: A, r3: b (held)
     e0.dispatch(fetch(p0, "r1", c, blocks=()))  # r1 needs c no more
-    e0.dispatch(encode_msg("r4", image(4, N, 0, "e0")))
-    e0.dispatch(fetch(p0, "r4", image(4, N, 0, "e0")))
+    e0.dispatch(encode_msg("r4", d))
+    e0.dispatch(fetch(p0, "r4", d))
     e0.step()
-    assert state(e0, "r4", image(4, N, 0, "e0")) is Claim.WANTED  # waits: no younger hold
+    assert state(e0, "r4", d) is Claim.WANTED  # waits: no younger hold
     assert state(e0, "r2") is Claim.READY and "mm_holds_preempted" not in e0.counters
 
 

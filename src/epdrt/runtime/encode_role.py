@@ -183,9 +183,9 @@ class EncodeRole:
             self.w.count("encode_cache_waits")
         return batch
 
-    def _preempt(self, blocks: int, wanted: _Claim) -> None:
-        """Gives up holds of claims younger than ``wanted`` and not fetched yet, youngest
-        first, until ``blocks`` are free.
+    def _preempt(self, blocks: int, wanted: _Claim | None) -> None:
+        """Gives up holds of claims younger than ``wanted`` (None: of any claim) and not
+        fetched yet, youngest first, until ``blocks`` are free.
 
         NOTE: only younger ones: the oldest wanted image can always get room, and an older
         request's image, likely fetched sooner, is not evicted for a younger one's.
