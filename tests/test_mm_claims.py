@@ -230,6 +230,24 @@ def test_a_wanted_image_never_takes_an_older_claims_hold():
     assert state(e0, "r2") is Claim.READY and "mm_holds_preempted" not in e0.counters
 
 
+@pytest.mark.parametrize("before", ["early", "wanted", "sending"])
+def test_a_second_fetch_is_illegal_and_changes_nothing(before):
+    e0, p0 = encoder()
+    if before == "early":
+        e0.dispatch(fetch(p0, "r"))
+    else:
+        e0.dispatch(encode_msg("r", A))
+        if before == "sending":
+            e0.step()
+        e0.dispatch(fetch(p0, "r"))
+    first = e0.encode.claims[("r", A.key)].fetch
+    for blocks in ([5, 6], []):
+        with pytest.raises(IllegalTransition):
+            e0.encode.handle(m.FetchMM("r", A.key, "p0", blocks), [])
+    c = e0.encode.claims[("r", A.key)]
+    assert c.state.value == before and c.fetch is first and answers(e0) == []
+
+
 def test_an_unheld_claim_still_cached_is_sent_without_encoding():
     e0, p0 = encoder()
     e0.dispatch(encode_msg("r", A))

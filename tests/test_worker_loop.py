@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from epdrt.runtime import messages as m
+from epdrt.runtime.mm_claims import IllegalTransition
 from epdrt.runtime.wire import TensorMeta, WireError
 from epdrt.runtime.worker import (
     COPY_WAIT_S,
@@ -261,6 +262,8 @@ class MalformedRole(RecordingRole):
     def handle(self, msg: object, frames: list) -> bool:
         if isinstance(msg, Note) and msg.tag == "bad":
             raise WireError("tensor frame has 3 bytes, needs 16")
+        if isinstance(msg, Note) and msg.tag == "again":
+            raise IllegalTransition("fetch in state sending")
         return super().handle(msg, frames)
 
 
@@ -269,13 +272,14 @@ def test_malformed_and_unknown_messages_are_counted_and_dropped():
     channel = GarbledChannel(
         m.KVPulled("r0"),  # no role here takes it
         Note("encode", "bad"),
+        Note("encode", "again"),  # a message the protocol does not allow now
         Note("encode", "good"),
         m.Shutdown(),
     )
     worker, sent = make_worker(channel, [MalformedRole("encode", log)])
     worker.run()
     assert ("encode", "got", "good") in log
-    assert worker.counters["messages_dropped"] == 3
+    assert worker.counters["messages_dropped"] == 4
     assert [type(msg) for _, msg in sent] == [m.Hello, m.Stats]
 
 

@@ -94,21 +94,27 @@ class EncodeRole:
                 self._reply(fetch, 0.0, "the request was aborted")
                 return
             c = self.claims[(fetch.req_id, fetch.key)] = _Claim(fetch.req_id, fetch.key)
-        c.fetch = fetch
-        if c.state is Claim.NEW:  # the claim is still on its way from the cluster
+        # Each branch advances before it changes anything: a fetch the claim's state does not
+        # allow (a second one) raises IllegalTransition and leaves the claim as it was.
+        before = c.state
+        if before in (Claim.NEW, Claim.EARLY):  # the claim is still on its way (EARLY)
             c.advance(ClaimEvent.FETCH)
-            return
-        if not fetch.blocks:  # the prefill has the image already
-            if c.state is Claim.READY:
-                self.mm.release(c.key)
+            c.fetch = fetch
+        elif not fetch.blocks:  # the prefill has the image already
             c.advance(ClaimEvent.RELEASE)
+            c.fetch = fetch
+            if before is Claim.READY:
+                self.mm.release(c.key)
             self._answer(c, None)
-            return
-        if c.state is Claim.READY or (c.state is Claim.UNHELD and self.mm.lookup(c.key)):
+        elif before is Claim.READY or (before is Claim.UNHELD and c.key in self.mm):
             c.advance(ClaimEvent.FETCH_CACHED)
+            c.fetch = fetch
+            if before is Claim.UNHELD:
+                self.mm.lookup(c.key)
             self._send(c)
         else:
             c.advance(ClaimEvent.FETCH)  # to encode, before any image not fetched yet
+            c.fetch = fetch
 
     # ---- in-process use by a prefill role in the same worker -------------------------------
     def hand_over(self, req_id: str, keys: list[bytes]) -> float | None:

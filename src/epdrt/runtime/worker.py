@@ -31,6 +31,7 @@ from epdrt.runtime import messages as m
 from epdrt.runtime.channel import Channel
 from epdrt.runtime.config import WorkerSpec
 from epdrt.runtime.integrity import content_digest
+from epdrt.runtime.mm_claims import IllegalTransition
 from epdrt.runtime.stage_model import StageModel
 from epdrt.runtime.wire import WireError, tensor_from_frame
 from epdrt.transfer.engine import Transfer, TransferEngine
@@ -330,7 +331,7 @@ class Worker:
             for role in self.roles:
                 if role.handle(msg, frames):
                     return
-        except WireError as exc:  # its tensor frames do not match its entries
+        except (WireError, IllegalTransition) as exc:  # malformed, or not now (a duplicate)
             self._drop(exc)
             return
         self._drop(RuntimeError(f"no role here handles {type(msg).__name__}"))
