@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 from leaks import holders, region_inodes
-from model_utils import make_image, png_bytes
+from model_utils import make_image, png_bytes, reference_tokens
 
+from epdrt.models import load_adapter
 from epdrt.runtime import EPDCluster, EPDConfig, Request
+from epdrt.runtime import messages as m
 
 
 def _gone(pids: list[int], timeout_s: float = 10.0) -> bool:
@@ -134,3 +137,97 @@ def test_killed_stage_reports_reason(tiny_model_dir, victim):
         assert r.error is not None
         assert victim in r.error or "no live" in r.error
     assert _gone(pids)
+
+
+# Loaded by every worker process (PYTHONPATH): model calls that raise on demand. An encode
+# raises while its batch holds a key listed in the file "encode"; an embed (prefill, before
+# the LM runs) or a decode step raises once when the file named after it exists.
+FAULT_HOOK = """
+import os
+from epdrt.runtime.stage_model import StageModel
+
+DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fires(stage):
+    path = os.path.join(DIR, stage)
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _wrap(name, should_fail):
+    original = getattr(StageModel, name)
+
+    def call(self, arg):
+        if should_fail(arg):
+            raise RuntimeError(f"injected {name} fault")
+        return original(self, arg)
+
+    setattr(StageModel, name, call)
+
+
+def _bad_keys():
+    try:
+        with open(os.path.join(DIR, "encode")) as f:
+            return {bytes.fromhex(line) for line in f.read().split()}
+    except FileNotFoundError:
+        return set()
+
+
+_wrap("encode", lambda items: bool(_bad_keys() & {key for key, _, _ in items}))
+_wrap("embed", lambda ids: _fires("embed"))
+_wrap("decode", lambda inputs: _fires("decode"))
+"""
+
+
+def test_a_bad_step_fails_its_requests_and_the_workers_serve_on(tiny_model_dir, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    """A failing encode (one image of a batch), prefill and decode step, a message that does
+    not decode and one no role takes: the requests in the step fail naming the stage and the
+    exception, no worker exits, and later requests get generate()'s tokens."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    model = tiny_model_dir("llava")
+    adapter = load_adapter(model)
+    ph = adapter.spec.image_placeholder
+
+    def request(i: int) -> Request:
+        return Request(f"{ph} picture {i}", [make_image(40, 30, 300 + i)], 4)
+
+    def expected(r: Request) -> list[int]:
+        return reference_tokens(adapter, [adapter.prepare(r.prompt, r.images)], 4)[0]
+
+    bad_image = request(0).images[0]
+    (hook / "encode").write_text(adapter.preprocess_image(bad_image).content_key.hex())
+    config = EPDConfig(mode="epd", request_timeout_s=60)
+    with EPDCluster.launch(model, config) as cluster:
+        pids = cluster.worker_pids()
+        batch = [request(0), request(1), request(2)]  # one bad image among good ones
+        results = cluster.generate(batch)
+        assert "e0: encode step failed: RuntimeError: injected encode fault" in results[0].error
+        assert [r.token_ids for r in results[1:]] == [expected(r) for r in batch[1:]]
+        for stage, worker in (("embed", "p0: prefill"), ("decode", "d0: decode")):
+            (hook / stage).touch()
+            failed = cluster.generate([request(3)])[0]
+            assert failed.error == f"{worker} step failed: RuntimeError: injected {stage} fault"
+        push = zmq.Context.instance().socket(zmq.PUSH)  # a stranger on p0's endpoint
+        push.setsockopt(zmq.LINGER, 1000)
+        try:
+            push.connect(f"ipc://{cluster._run_dir}/p0.sock")
+            push.send_multipart([b"\xc1 not msgpack"])
+            push.send_multipart(m.CODEC.encode(m.Stats(worker="x", counters={})))
+        finally:
+            push.close()
+        later = [request(i) for i in (4, 5)]
+        results = cluster.generate(later)
+        assert [r.token_ids for r in results] == [expected(r) for r in later]
+        assert cluster.worker_pids() == pids
+        for pid in pids.values():
+            os.kill(pid, 0)  # alive (raises ProcessLookupError if not)
+    stats = cluster.worker_stats()
+    assert stats["p0"]["messages_dropped"] == 2

@@ -11,12 +11,15 @@ from types import SimpleNamespace
 import pytest
 
 from epdrt.runtime import messages as m
+from epdrt.runtime.mm_claims import IllegalTransition
+from epdrt.runtime.wire import TensorMeta, WireError
 from epdrt.runtime.worker import (
     COPY_WAIT_S,
     IDLE_POLL_S,
     MAX_MESSAGES_PER_STEP,
     PendingCopy,
     Worker,
+    named_tensors,
 )
 
 
@@ -241,3 +244,48 @@ def test_a_copy_ending_wakes_the_channels_poll():
             assert channel.recv(0.0) is None  # the fd was reset: nothing pending
         finally:
             channel.close()
+
+
+class GarbledChannel(ScriptedChannel):
+    """Its first recv() meets a frame set that does not decode (Channel.recv raises)."""
+
+    def recv(self, timeout_s: float):
+        if not self.timeouts:
+            self.timeouts.append(timeout_s)
+            raise WireError("malformed control message: truncated")
+        return super().recv(timeout_s)
+
+
+class MalformedRole(RecordingRole):
+    """Takes Notes tagged "bad" but finds their tensor frames malformed."""
+
+    def handle(self, msg: object, frames: list) -> bool:
+        if isinstance(msg, Note) and msg.tag == "bad":
+            raise WireError("tensor frame has 3 bytes, needs 16")
+        if isinstance(msg, Note) and msg.tag == "again":
+            raise IllegalTransition("fetch in state sending")
+        return super().handle(msg, frames)
+
+
+def test_malformed_and_unknown_messages_are_counted_and_dropped():
+    log: list = []
+    channel = GarbledChannel(
+        m.KVPulled("r0"),  # no role here takes it
+        Note("encode", "bad"),
+        Note("encode", "again"),  # a message the protocol does not allow now
+        Note("encode", "good"),
+        m.Shutdown(),
+    )
+    worker, sent = make_worker(channel, [MalformedRole("encode", log)])
+    worker.run()
+    assert ("encode", "got", "good") in log
+    assert worker.counters["messages_dropped"] == 4
+    assert [type(msg) for _, msg in sent] == [m.Hello, m.Stats]
+
+
+def test_a_missing_tensor_frame_is_a_wire_error():
+    entry = m.NamedTensor("pixel_values", TensorMeta("float32", (2, 3)))
+    with pytest.raises(WireError, match="no tensor frame for 'pixel_values'"):
+        named_tensors([entry], [])
+    with pytest.raises(WireError, match="24"):
+        named_tensors([entry], [b"short"])

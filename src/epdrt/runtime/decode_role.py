@@ -148,12 +148,17 @@ class DecodeRole:
     def _decode_step(self) -> None:
         start = time.perf_counter()
         batch = list(self.active.values())[: self.w.config.decode_max_batch]
-        inputs = []
-        for seq in batch:
-            k, v = self.kv.read(seq.req_id)  # [L, n, H, D] each
-            inputs.append(DecodeInput(seq.last_token, torch.stack([k, v], dim=1), seq.extras))
-        logits, new_kv = self.w.model.decode(inputs)  # [b, V], [L, 2, b, H, D]
-        tokens = torch.argmax(logits, dim=-1).tolist()
+        try:
+            inputs = []
+            for seq in batch:
+                k, v = self.kv.read(seq.req_id)  # [L, n, H, D] each
+                inputs.append(DecodeInput(seq.last_token, torch.stack([k, v], dim=1), seq.extras))
+            logits, new_kv = self.w.model.decode(inputs)  # [b, V], [L, 2, b, H, D]
+            tokens = torch.argmax(logits, dim=-1).tolist()
+        except Exception as exc:  # e.g. out of memory: these sequences fail, the worker goes on
+            for seq in batch:
+                self.w.fail(seq.req_id, f"decode step failed: {type(exc).__name__}: {exc}")
+            return
         events = []
         eos = self.w.model.spec.eos_token_ids
         for i, (seq, token) in enumerate(zip(batch, tokens)):

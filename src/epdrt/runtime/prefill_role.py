@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,25 +21,39 @@ from epdrt.device import wait_for_producer
 from epdrt.errors import InvalidArgument, PoolExhausted
 from epdrt.kernels import assemble_inputs_embeds
 from epdrt.runtime import messages as m
+from epdrt.runtime.mm_claims import WANT_TRANSITIONS, Want, WantEvent, advance
 
 if TYPE_CHECKING:
     from epdrt.runtime.worker import Worker
 
 
 @dataclass
+class _Want:
+    """One request's need for one image here (``mm_claims.Want``); ``expires``: the
+    monotonic second by which an orphan's MMReady must have come (its encoder is gone after)."""
+
+    req_id: str
+    slot: m.ImageSlot
+    state: Want = Want.NEW
+    expires: float = 0.0
+
+    def advance(self, event: WantEvent) -> None:
+        self.state = advance(WANT_TRANSITIONS, self.state, event)
+
+
+@dataclass
 class _Request:
+    """A request here: its message, model extras, one want per distinct image, and the
+    encode seconds its images cost (reported with its first token)."""
+
     msg: m.PrefillRequest
     extras: dict[str, torch.Tensor]
-    keys: dict[bytes, m.ImageSlot]  # unique images of the request
-    reserved: set[bytes] = field(default_factory=set)  # reserved here, committed on MMReady
-    held: set[bytes] = field(default_factory=set)  # cache entries this request holds
-    # images another request of this worker is receiving: held once that one commits them
-    awaiting: set[bytes] = field(default_factory=set)
+    wants: dict[bytes, _Want]  # unique images of the request
     encode_s: float = 0.0
 
     @property
     def ready(self) -> bool:
-        return len(self.held) == len(self.keys)
+        return all(w.state is Want.HELD for w in self.wants.values())
 
 
 class PrefillRole:
@@ -50,7 +64,8 @@ class PrefillRole:
         self.queue: deque[_Request] = deque()  # not yet admitted
         self.admitted: dict[str, _Request] = {}
         self.staged: set[str] = set()  # requests whose KV waits here for its decoder to pull
-        self.receiving: dict[bytes, str] = {}  # image key -> the request its blocks arrive for
+        # image key -> the want whose reservation it is (RESERVED, RECEIVING or ORPHAN)
+        self.receiving: dict[bytes, _Want] = {}
 
     # ---- messages --------------------------------------------------------------------------
     def handle(self, msg: object, frames: list[bytes]) -> bool:
@@ -58,8 +73,8 @@ class PrefillRole:
 
         if isinstance(msg, m.PrefillRequest):
             extras = named_tensors(msg.extras, frames)
-            keys = {slot.key: slot for slot in msg.images}
-            self.queue.append(_Request(msg, extras, keys))
+            wants = {slot.key: _Want(msg.req_id, slot) for slot in msg.images}
+            self.queue.append(_Request(msg, extras, wants))
             return True
         if isinstance(msg, m.MMReady):
             self._mm_ready(msg)
@@ -71,43 +86,64 @@ class PrefillRole:
 
     def _mm_ready(self, msg: m.MMReady) -> None:
         req = self.admitted.get(msg.req_id)
-        if req is None:
-            return  # aborted or prefilled meanwhile
-        req.encode_s += msg.encode_s
+        if req is not None:
+            req.encode_s += msg.encode_s
+        want = self.receiving.get(msg.key)
+        if want is None or want.req_id != msg.req_id:
+            return  # the answer to a fetch that only released the encoder's claim
         error = msg.error
-        if error is None and msg.key in req.reserved:
+        if error is None:
             error = self.w.digest_mismatch(msg.digest, self.mm.tokens(self.mm.reserved(msg.key)))
+        orphan = want.state is Want.ORPHAN
         if error is not None:
-            self.w.fail(msg.req_id, f"receiving an image from {req.keys[msg.key].encoder}: {error}")
+            want.advance(WantEvent.READY_ERROR)
+            self._pass_on(msg.key)
+            if not orphan:
+                source = want.slot.encoder
+                self.w.fail(msg.req_id, f"receiving an image from {source}: {error}")
             return
-        if msg.key not in req.reserved:
-            return  # an answer to a fetch that only released the encoder's claim
-        req.reserved.discard(msg.key)
+        want.advance(WantEvent.READY)
         del self.receiving[msg.key]
-        self.mm.commit(msg.key)
-        req.held.add(msg.key)
-        for other in self._awaiting(msg.key):
-            other.awaiting.discard(msg.key)
-            self._hold_committed(other, msg.key)
-            self._release_claim(other, msg.key)
+        self.mm.commit(msg.key)  # held once, by the reservation
+        for heir in self._awaiting(msg.key):
+            self._hold_committed(heir)
+        if orphan:  # cached for later requests, held by none
+            self.w.count("mm_orphans_committed")
+            self.mm.release(msg.key)
 
-    def _awaiting(self, key: bytes) -> list[_Request]:
-        return [r for r in self.admitted.values() if key in r.awaiting]
+    def _awaiting(self, key: bytes) -> list[_Want]:
+        """The wants of admitted requests that await ``key``, in admission order."""
+        wants = (r.wants.get(key) for r in self.admitted.values())
+        return [w for w in wants if w is not None and w.state is Want.AWAITING]
 
-    def _release_claim(self, req: _Request, key: bytes) -> None:
-        """Tells the image's encoder that ``req`` needs no copy (it frees its claim)."""
-        slot = req.keys[key]
-        self.w.send(slot.encoder, m.FetchMM(req.msg.req_id, key, self.w.name, []))
+    def _hold_committed(self, want: _Want) -> None:
+        """An awaited image was committed here: ``want`` holds it; its encoder's claim goes."""
+        self.mm.lookup(want.slot.key)
+        want.advance(WantEvent.COMMITTED)
+        self._send_fetch(want, [])
 
-    def _hold_committed(self, req: _Request, key: bytes) -> bool:
-        """Holds ``key`` for ``req`` if it is cached (committed) here."""
-        if self.mm.lookup(key) is None:
-            return False
-        req.held.add(key)
-        return True
+    def _pass_on(self, key: bytes) -> None:
+        """A reservation whose copy is over but did not arrive (error, or an orphan's encoder
+        gone): the first request awaiting the image fetches into the same blocks, else they
+        are freed."""
+        heirs = self._awaiting(key)
+        if not heirs:
+            del self.receiving[key]
+            self.mm.abort(key)
+            return
+        heir = heirs[0]
+        self.receiving[key] = heir
+        heir.advance(WantEvent.INHERIT)
+        self._send_fetch(heir, list(self.mm.reserved(key).blocks))
+
+    def _send_fetch(self, want: _Want, blocks: list[int]) -> None:
+        """Asks the image's encoder to copy it into ``blocks`` (none: only drop the claim)."""
+        fetch = m.FetchMM(want.req_id, want.slot.key, self.w.name, blocks)
+        self.w.send(want.slot.encoder, fetch)
 
     # ---- work ------------------------------------------------------------------------------
     def step(self) -> bool:
+        self._expire_orphans()
         progressed = self._admit()
         progressed = self._poll_local_encoder() or progressed
         # One step prefills ready requests together in one forward, right-padded to the
@@ -142,7 +178,7 @@ class PrefillRole:
         while self.queue:
             req = self.queue[0]
             try:
-                fetches = self._reserve(req)
+                self._reserve(req)
             except PoolExhausted:
                 self.w.count("prefill_admission_waits")
                 return admitted_any  # back-pressure: retry when blocks are released
@@ -152,76 +188,93 @@ class PrefillRole:
                 continue
             self.queue.popleft()
             self.admitted[req.msg.req_id] = req
-            for fetch, encoder in fetches:
-                self.w.send(encoder, fetch)
+            for want in req.wants.values():
+                if want.state is Want.RESERVED:
+                    want.advance(WantEvent.FETCH_SENT)
+                    self._send_fetch(want, list(self.mm.reserved(want.slot.key).blocks))
+                elif want.state is Want.HELD:
+                    self._send_fetch(want, [])
             admitted_any = True
         return admitted_any
 
-    def _reserve(self, req: _Request) -> list[tuple[m.FetchMM, str]]:
-        """Reserves MM blocks for every remote image not cached here; all or nothing.
+    def _reserve(self, req: _Request) -> None:
+        """Holds or reserves MM blocks for every remote image of ``req``; all or nothing (on
+        an error nothing stays held or reserved, and no fetch has gone out).
 
-        An image another admitted request is receiving is neither reserved nor fetched again:
-        this request waits for that copy, and the encoder keeps its claim until then (so the
-        image can still be fetched if that request is aborted).
+        An image another want of this worker is receiving is neither reserved nor fetched
+        again: this request awaits that copy, and the encoder keeps its claim until then (so
+        the image can still be fetched if that copy fails).
         """
-        fetches = []
         try:
-            for key, slot in req.keys.items():
-                if slot.encoder == self.w.name:
-                    continue  # the encode role in this worker delivers it in-process
-                if key in self.receiving:
-                    req.awaiting.add(key)
-                    continue
-                blocks: list[int] = []
-                if not self._hold_committed(req, key):
-                    blocks = self._reserve_one(req, key)
-                fetches.append((m.FetchMM(req.msg.req_id, key, self.w.name, blocks), slot.encoder))
+            for key, want in req.wants.items():
+                if want.slot.encoder == self.w.name:
+                    want.advance(WantEvent.LOCAL)  # this worker's encode role hands it over
+                elif key in self.receiving:
+                    want.advance(WantEvent.AWAIT)
+                elif self.mm.lookup(key) is not None:
+                    want.advance(WantEvent.HIT)
+                else:
+                    self.mm.reserve(key, want.slot.num_tokens)
+                    want.advance(WantEvent.RESERVE)
+                    self.receiving[key] = want
         except Exception:
-            self._release(req)
+            self._release(req, WantEvent.ABORT)
+            req.wants = {k: _Want(w.req_id, w.slot) for k, w in req.wants.items()}  # a retry
             raise
-        return fetches
-
-    def _reserve_one(self, req: _Request, key: bytes) -> list[int]:
-        entry = self.mm.reserve(key, req.keys[key].num_tokens)
-        req.reserved.add(key)
-        self.receiving[key] = req.msg.req_id
-        return list(entry.blocks)
 
     def _poll_local_encoder(self) -> bool:
+        """Takes over the holds of admitted requests' local images, a request's all at once."""
         if self.w.encode is None:
             return False
         progressed = False
         for req in self.admitted.values():
-            for key, slot in req.keys.items():
-                if slot.encoder == self.w.name and key not in req.held:
-                    seconds = self.w.encode.claim_ready(req.msg.req_id, key)
-                    if seconds is not None:  # the encoder's hold becomes this request's
-                        req.held.add(key)
-                        req.encode_s += seconds
-                        progressed = True
+            local = [w for w in req.wants.values() if w.state is Want.LOCAL]
+            if not local:
+                continue
+            seconds = self.w.encode.hand_over(req.msg.req_id, [w.slot.key for w in local])
+            if seconds is not None:  # the encoder's holds become this request's
+                for want in local:
+                    want.advance(WantEvent.HANDED_OVER)
+                req.encode_s += seconds
+                progressed = True
         return progressed
+
+    def _expire_orphans(self) -> None:
+        """Passes on the reservations of orphans whose MMReady is overdue.
+
+        NOTE: an encoder answers every fetch once its copy ends, and a copy takes milliseconds;
+        an answer missing for ``request_timeout_s`` means the encoder died (the cluster fails
+        its requests but cannot tell this worker which copies will never run).
+        """
+        now = time.monotonic()
+        for key, want in list(self.receiving.items()):
+            if want.state is Want.ORPHAN and now > want.expires:
+                want.advance(WantEvent.EXPIRED)
+                self.w.count("mm_orphans_expired")
+                self._pass_on(key)
 
     def _prefill(self, batch: list[_Request]) -> None:
         start = time.perf_counter()
-        items = []
         for req in batch:
             del self.admitted[req.msg.req_id]
-            ids = torch.tensor(req.msg.input_ids, dtype=torch.int64, device=self.w.device)
-            placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
-            embeds = assemble_inputs_embeds(self.w.model.embed(ids), self.mm, placements)
-            items.append((embeds, req.extras))
         try:
+            items = []
+            for req in batch:
+                ids = torch.tensor(req.msg.input_ids, dtype=torch.int64, device=self.w.device)
+                placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
+                embeds = assemble_inputs_embeds(self.w.model.embed(ids), self.mm, placements)
+                items.append((embeds, req.extras))
             outputs = self.w.model.prefill_batch(items)
         except Exception as exc:  # e.g. out of memory: these requests fail, the worker goes on
             for req in batch:
-                self._release(req)
-                self.w.fail(req.msg.req_id, f"prefill failed: {exc}")
+                self._release(req, WantEvent.ABORT)
+                self.w.fail(req.msg.req_id, f"prefill step failed: {type(exc).__name__}: {exc}")
             return
         self.w.count("prefill_seconds", time.perf_counter() - start)
         self.w.count("prefill_batches")
         staged = []
         for req, (logits, kv, decode_extras) in zip(batch, outputs):
-            self._release(req)
+            self._release(req, WantEvent.PREFILLED)
             ready = self._hand_off(req, int(torch.argmax(logits)), kv, decode_extras)
             if ready is not None:
                 staged.append(ready)
@@ -279,34 +332,27 @@ class PrefillRole:
             self.staged.discard(req_id)
             self.kv.free(req_id)
 
-    def _release(self, req: _Request) -> None:
-        """Frees what ``req`` holds; images it was receiving pass to a request awaiting them."""
-        for key in req.reserved:
-            self.mm.abort(key)
-            del self.receiving[key]
-        for key in req.held:
-            self.mm.release(key)
-        reserved = list(req.reserved)
-        req.reserved.clear()
-        req.held.clear()
-        req.awaiting.clear()
-        for key in reserved:
-            heir = next(iter(self._awaiting(key)), None)
-            if heir is None:
+    def _release(self, req: _Request, event: WantEvent) -> None:
+        """Ends every want of ``req`` (``PREFILLED`` or ``ABORT``): drops its holds and frees
+        reservations no fetch went out for; one whose fetch did becomes an orphan, freed (or
+        passed on) once its MMReady comes."""
+        for key, want in req.wants.items():
+            before = want.state
+            if before is Want.DONE:  # its MMReady failed it; the blocks are handed on
                 continue
-            heir.awaiting.discard(key)
-            try:
-                blocks = self._reserve_one(heir, key)
-            except (PoolExhausted, InvalidArgument) as exc:
-                self.w.fail(heir.msg.req_id, f"re-reserving an image: {exc}")
-                continue
-            slot = heir.keys[key]
-            self.w.send(slot.encoder, m.FetchMM(heir.msg.req_id, key, self.w.name, blocks))
+            want.advance(event)
+            if before is Want.HELD:
+                self.mm.release(key)
+            elif before is Want.RESERVED:
+                del self.receiving[key]
+                self.mm.abort(key)
+            elif want.state is Want.ORPHAN:
+                want.expires = time.monotonic() + self.w.config.request_timeout_s
 
     def abort(self, req_id: str) -> None:
         for req in [r for r in self.queue if r.msg.req_id == req_id]:
             self.queue.remove(req)
         req = self.admitted.pop(req_id, None)
         if req is not None:
-            self._release(req)
+            self._release(req, WantEvent.ABORT)
         self._unstage(req_id)

@@ -31,8 +31,9 @@ from epdrt.runtime import messages as m
 from epdrt.runtime.channel import Channel
 from epdrt.runtime.config import WorkerSpec
 from epdrt.runtime.integrity import content_digest
+from epdrt.runtime.mm_claims import IllegalTransition
 from epdrt.runtime.stage_model import StageModel
-from epdrt.runtime.wire import tensor_from_frame
+from epdrt.runtime.wire import WireError, tensor_from_frame
 from epdrt.transfer.engine import Transfer, TransferEngine
 
 IDLE_POLL_S = 0.02
@@ -46,9 +47,15 @@ COPY_WAIT_S = 0.005
 
 
 def named_tensors(entries: list[m.NamedTensor], frames: list[bytes]) -> dict[str, torch.Tensor]:
-    """Decodes ``entries`` from the next ``len(entries)`` frames (consumed from the front)."""
+    """Decodes ``entries`` from the next ``len(entries)`` frames (consumed from the front).
+
+    Raises:
+        WireError: a frame is missing or does not match its entry.
+    """
     out = {}
     for entry in entries:
+        if not frames:
+            raise WireError(f"no tensor frame for {entry.name!r}")
         out[entry.name] = tensor_from_frame(entry.meta, frames.pop(0))
     return out
 
@@ -240,7 +247,7 @@ class Worker:
         inbox = self._await_peers()
         busy = False
         while True:
-            got = self.channel.recv(0.0 if busy or inbox else IDLE_POLL_S)
+            got = self._recv(0.0 if busy or inbox else IDLE_POLL_S)
             if got is not None:
                 inbox.append(got)
             elif not inbox and not busy and os.getppid() != self.spec.parent_pid:
@@ -263,7 +270,7 @@ class Worker:
         flood cannot starve the running batches), dispatches them in order and empties it;
         False after a Shutdown (the worker's counters sent)."""
         while len(inbox) < MAX_MESSAGES_PER_STEP:
-            got = self.channel.recv(0.0)
+            got = self._recv(0.0)
             if got is None:
                 break
             inbox.append(got)
@@ -275,6 +282,19 @@ class Worker:
         inbox.clear()
         return True
 
+    def _recv(self, timeout_s: float) -> tuple[object, list[bytes]] | None:
+        """``Channel.recv``, except that a message that does not decode is dropped (None)."""
+        try:
+            return self.channel.recv(timeout_s)
+        except WireError as exc:
+            self._drop(exc)
+            return None
+
+    def _drop(self, reason: Exception) -> None:
+        """Counts and logs a message dropped as malformed or unknown; the worker goes on."""
+        self.count("messages_dropped")
+        print(f"{self.name}: dropped a message: {reason}", file=sys.stderr)
+
     def _await_peers(self) -> list[tuple[object, list[bytes]]]:
         """Waits for the handshake (``Peers``); returns what other peers sent meanwhile.
 
@@ -284,7 +304,7 @@ class Worker:
         early: list[tuple[object, list[bytes]]] = []
         deadline = time.monotonic() + self.config.worker_start_timeout_s
         while time.monotonic() < deadline:
-            got = self.channel.recv(IDLE_POLL_S)
+            got = self._recv(IDLE_POLL_S)
             if got is None:
                 if os.getppid() != self.spec.parent_pid:
                     raise RuntimeError("the cluster exited before the handshake")
@@ -305,10 +325,14 @@ class Worker:
             for role in self.roles:
                 role.abort(msg.req_id)
             return
-        for role in self.roles:
-            if role.handle(msg, frames):
-                return
-        raise RuntimeError(f"{self.name} got a message no role handles: {type(msg).__name__}")
+        try:
+            for role in self.roles:
+                if role.handle(msg, frames):
+                    return
+        except (WireError, IllegalTransition) as exc:  # malformed, or not now (a duplicate)
+            self._drop(exc)
+            return
+        self._drop(RuntimeError(f"no role here handles {type(msg).__name__}"))
 
     def stats(self) -> dict[str, float]:
         out = dict(self.counters)
