@@ -110,3 +110,19 @@ def test_an_encoder_batch_that_raises_is_retried_image_by_image(bad):
             assert e0.encode.claims[(f"r{k}", slot.key)].state.value == "ready"
     assert e0.model.calls["encode"] == 1 + 3 and e0.counters["encode_batches_split"] == 1
     assert e0.counters.get("images_encoded", 0) == 3 - len(bad)
+
+
+@pytest.mark.parametrize(("sizes", "budget", "batches"), [
+    ((4, 4, 4, 4), 8, [2, 2]),  # two per batch
+    ((12, 4, 4), 8, [1, 2]),  # a larger image runs alone, then the small ones together
+    ((4, 4, 4), 1000, [3]),  # all in one batch
+])  # fmt: skip
+def test_encoder_batches_are_budgeted_in_image_tokens(sizes, budget, batches):
+    e0 = FakeWorker("e0", {"encode"}, mm_blocks=64, encode_max_batch_tokens=budget)
+    for k, n in enumerate(sizes, 1):
+        e0.dispatch(encode_msg(f"r{k}", image(k, n, 0, "e0")))
+    seen = []
+    e0.model.fail["encode"] = lambda keys: seen.append(len(keys))  # logs, never fails
+    while e0.encode.step():
+        pass
+    assert seen == batches

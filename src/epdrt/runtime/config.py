@@ -34,6 +34,10 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cpu_threads: int = 1
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     encode_max_batch_images: int = 8
+    #: Most image tokens (MM tokens out of the vision tower, which its activations scale with)
+    #: one encoder batch takes: eight large images do not run in a batch sized for small ones.
+    #: A larger image still runs alone.
+    encode_max_batch_tokens: int = 8192
     #: Most tokens one prefill forward computes: requests x the longest prompt (the batch is
     #: right-padded). A longer prompt still runs alone.
     prefill_max_batch_tokens: int = 4096
@@ -67,6 +71,7 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         for name in (
             "num_prefill", "num_decode", "cpu_threads", "encode_max_batch_images",
+            "encode_max_batch_tokens",
             "prefill_max_batch_tokens", "decode_max_batch", "kv_block_size", "kv_cache_tokens",
             "mm_block_size", "mm_cache_tokens", "max_images_per_request", "max_image_bytes",
             "max_image_pixels", "max_inflight_requests", "max_inflight_tokens",

@@ -159,7 +159,8 @@ class EncodeRole:
 
     def _batch(self) -> list[_Claim]:
         """One claim per image to encode: fetched images first, then the others oldest first,
-        up to ``encode_max_batch_images`` and only as many as the cache can take now.
+        up to ``encode_max_batch_images`` and ``encode_max_batch_tokens`` (one larger image
+        runs alone), and only as many as the cache can take now.
 
         NOTE: a fetched image takes the room it needs from the holds of younger claims not
         fetched yet; the rest waits for copies in flight to end. An image not fetched yet is
@@ -173,10 +174,14 @@ class EncodeRole:
             for c in self.claims.values():
                 if c.state is state:
                     todo.setdefault(c.key, c)
+        cfg = self.w.config
         batch: list[_Claim] = []
         taken = 0  # blocks the batch will take
+        tokens = 0  # image tokens the batch encodes
         for c in todo.values():
-            if len(batch) == self.w.config.encode_max_batch_images:
+            if len(batch) == cfg.encode_max_batch_images:
+                break
+            if batch and tokens + c.num_tokens > cfg.encode_max_batch_tokens:
                 break
             need = self.mm.blocks_for(c.num_tokens)
             if c.state is Claim.WANTED or self.w.prefill is not None:
@@ -184,6 +189,7 @@ class EncodeRole:
             if self.mm.num_free_blocks - taken < need:
                 break
             taken += need
+            tokens += c.num_tokens
             batch.append(c)
         if todo and not batch:
             self.w.count("encode_cache_waits")
