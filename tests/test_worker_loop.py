@@ -19,7 +19,6 @@ from epdrt.runtime.worker import (
     MAX_MESSAGES_PER_STEP,
     PendingCopy,
     Worker,
-    named_tensors,
 )
 
 
@@ -286,6 +285,6 @@ def test_malformed_and_unknown_messages_are_counted_and_dropped():
 def test_a_missing_tensor_frame_is_a_wire_error():
     entry = m.NamedTensor("pixel_values", TensorMeta("float32", (2, 3)))
     with pytest.raises(WireError, match="no tensor frame for 'pixel_values'"):
-        named_tensors([entry], [])
+        m.named_tensors([entry], [])
     with pytest.raises(WireError, match="24"):
-        named_tensors([entry], [b"short"])
+        m.named_tensors([entry], [b"short"])

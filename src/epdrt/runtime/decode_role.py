@@ -69,10 +69,8 @@ class DecodeRole:
         return True
 
     def handle(self, msg: object, frames: list[bytes]) -> bool:
-        from epdrt.runtime.worker import named_tensors
-
         if isinstance(msg, m.KVReady):
-            extras = named_tensors(msg.extras, frames)
+            extras = m.named_tensors(msg.extras, frames)
             if msg.req_id in self.aborted:
                 self.w.count("kv_ready_dropped")
             else:

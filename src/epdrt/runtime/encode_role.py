@@ -57,11 +57,9 @@ class EncodeRole:
 
     # ---- messages --------------------------------------------------------------------------
     def handle(self, msg: object, frames: list[bytes]) -> bool:
-        from epdrt.runtime.worker import named_tensors
-
         if isinstance(msg, m.EncodeImages):
             # All frames are decoded first: a malformed message changes nothing.
-            inputs = [named_tensors(item.tensors, frames) for item in msg.items]
+            inputs = [m.named_tensors(item.tensors, frames) for item in msg.items]
             for item, tensors in zip(msg.items, inputs):
                 self._claim(msg.req_id, item.key, item.num_tokens, tensors)
             return True

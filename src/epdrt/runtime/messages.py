@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import msgspec
 import torch
 
-from epdrt.runtime.wire import Codec, TensorMeta, tensor_meta
+from epdrt.runtime.wire import Codec, TensorMeta, WireError, tensor_from_frame, tensor_meta
 
 
 class NamedTensor(msgspec.Struct, frozen=True):
@@ -26,9 +26,23 @@ def named_entries(
     tensors: Mapping[str, torch.Tensor],
 ) -> tuple[list[NamedTensor], list[torch.Tensor]]:
     """``tensors`` as a message's entries and the tensors to send after it, in one order
-    (``worker.named_tensors`` reads them back)."""
+    (``named_tensors`` reads them back)."""
     names = list(tensors)
     return [NamedTensor(n, tensor_meta(tensors[n])) for n in names], [tensors[n] for n in names]
+
+
+def named_tensors(entries: list[NamedTensor], frames: list[bytes]) -> dict[str, torch.Tensor]:
+    """Decodes ``entries`` from the next ``len(entries)`` frames (consumed from the front).
+
+    Raises:
+        WireError: a frame is missing or does not match its entry.
+    """
+    out = {}
+    for entry in entries:
+        if not frames:
+            raise WireError(f"no tensor frame for {entry.name!r}")
+        out[entry.name] = tensor_from_frame(entry.meta, frames.pop(0))
+    return out
 
 
 class Msg(msgspec.Struct, tag=True, frozen=True):

@@ -69,10 +69,8 @@ class PrefillRole:
 
     # ---- messages --------------------------------------------------------------------------
     def handle(self, msg: object, frames: list[bytes]) -> bool:
-        from epdrt.runtime.worker import named_tensors
-
         if isinstance(msg, m.PrefillRequest):
-            extras = named_tensors(msg.extras, frames)
+            extras = m.named_tensors(msg.extras, frames)
             wants = {slot.key: _Want(msg.req_id, slot) for slot in msg.images}
             self.queue.append(_Request(msg, extras, wants))
             return True

@@ -30,10 +30,13 @@ from epdrt.region import Region
 from epdrt.runtime import messages as m
 from epdrt.runtime.channel import Channel
 from epdrt.runtime.config import WorkerSpec
+from epdrt.runtime.decode_role import DecodeRole
+from epdrt.runtime.encode_role import EncodeRole
 from epdrt.runtime.integrity import content_digest
 from epdrt.runtime.mm_claims import IllegalTransition
+from epdrt.runtime.prefill_role import PrefillRole
 from epdrt.runtime.stage_model import StageModel
-from epdrt.runtime.wire import WireError, tensor_from_frame
+from epdrt.runtime.wire import WireError
 from epdrt.transfer.engine import Transfer, TransferEngine
 
 IDLE_POLL_S = 0.02
@@ -44,20 +47,6 @@ MAX_MESSAGES_PER_STEP = 256
 # hundreds of milliseconds on a CPU host). A slower copy is not waited for again; an idle
 # worker wakes as soon as any copy ends (the engine's completion fd is on its poll).
 COPY_WAIT_S = 0.005
-
-
-def named_tensors(entries: list[m.NamedTensor], frames: list[bytes]) -> dict[str, torch.Tensor]:
-    """Decodes ``entries`` from the next ``len(entries)`` frames (consumed from the front).
-
-    Raises:
-        WireError: a frame is missing or does not match its entry.
-    """
-    out = {}
-    for entry in entries:
-        if not frames:
-            raise WireError(f"no tensor frame for {entry.name!r}")
-        out[entry.name] = tensor_from_frame(entry.meta, frames.pop(0))
-    return out
 
 
 @dataclass(slots=True)
@@ -99,11 +88,6 @@ class Worker:
         self._mm_descs: dict[str, bytes] = {}
         self._kv_descs: dict[str, bytes] = {}
         self.counters: dict[str, float] = {}
-        # Imported here: the role modules import this one for named_tensors.
-        from epdrt.runtime.decode_role import DecodeRole
-        from epdrt.runtime.encode_role import EncodeRole
-        from epdrt.runtime.prefill_role import PrefillRole
-
         self.encode = EncodeRole(self) if "encode" in roles else None
         self.decode = DecodeRole(self) if "decode" in roles else None
         self.prefill = PrefillRole(self) if "prefill" in roles else None
