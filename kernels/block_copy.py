@@ -14,8 +14,8 @@ import torch
 
 from epdrt import _core
 from epdrt.errors import CudaUnavailable, InvalidArgument
-from epdrt.region import Region
 from epdrt.kernels import reference as refs
+from epdrt.region import Region
 
 from . import _common as c
 
