@@ -124,6 +124,11 @@ def _check_metadata(
     return max(q_lens, default=0)
 
 
+def _new_output(query: torch.Tensor) -> torch.Tensor:
+    """The kernels' output: every element is written (tests poison it through this hook)."""
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+
+
 def _scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
@@ -149,7 +154,7 @@ def _decode_op(
     kernel = c.triton_module("paged_attention", query.device)
     if kv_layer.shape[3] > kernel.MAX_GRID_YZ:
         raise InvalidArgument(f"at most {kernel.MAX_GRID_YZ} KV heads, got {kv_layer.shape[3]}")
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    out = _new_output(query)
     with c.on_device(query.device):
         kernel.launch_decode(query, kv_layer, block_tables, context_lens, scale, out)
     return out
@@ -186,7 +191,7 @@ def _prefill_op(
             f"at most {kernel.MAX_GRID_YZ} sequences and query heads per call, got"
             f" {block_tables.shape[0]} and {query.shape[1]}"
         )
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    out = _new_output(query)
     with c.on_device(query.device):
         kernel.launch_prefill(
             query, kv_layer, block_tables, cu_seqlens_q, context_lens, max_q_len, scale, out
@@ -237,9 +242,14 @@ def paged_attention_decode(
     """
     _check_shapes(query, kv_layer, block_tables, context_lens, None)
     return torch.ops.epdrt.paged_attention_decode(
-        query, kv_layer, block_tables, context_lens, _scale(scale, query.shape[2]), backend,
+        query,
+        kv_layer,
+        block_tables,
+        context_lens,
+        _scale(scale, query.shape[2]),
+        backend,
         check_indices,
-    )  # fmt: skip
+    )
 
 
 def paged_attention_prefill(
@@ -281,6 +291,12 @@ def paged_attention_prefill(
     """
     _check_shapes(query, kv_layer, block_tables, context_lens, cu_seqlens_q)
     return torch.ops.epdrt.paged_attention_prefill(
-        query, kv_layer, block_tables, cu_seqlens_q, context_lens, _scale(scale, query.shape[2]),
-        backend, check_indices,
-    )  # fmt: skip
+        query,
+        kv_layer,
+        block_tables,
+        cu_seqlens_q,
+        context_lens,
+        _scale(scale, query.shape[2]),
+        backend,
+        check_indices,
+    )

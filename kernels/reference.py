@@ -129,14 +129,16 @@ def block_copy(
 def _attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Causal attention of ``m`` queries, the last ``m`` of ``n`` positions, in fp32.
+    """Causal attention of ``m`` queries, the last ``m`` of ``n`` positions, in fp32 (fp64 for
+    fp64 inputs).
 
     ``query`` ``[m, Hq, D]``, ``key``/``value`` ``[n, Hkv, D]`` (``n >= m``): query ``i`` sits
     at position ``n - m + i`` and attends to keys ``0 ..= n - m + i``. Returns ``[m, Hq, D]``
     in ``query``'s dtype.
     """
     m, n = query.shape[0], key.shape[0]
-    q, k, v = (t.float().transpose(0, 1) for t in (query, key, value))  # [H, tokens, D]
+    wide = torch.promote_types(query.dtype, torch.float32)
+    q, k, v = (t.to(wide).transpose(0, 1) for t in (query, key, value))  # [H, tokens, D]
     rows = torch.arange(m, device=query.device)[:, None] + (n - m)
     mask = torch.arange(n, device=query.device)[None, :] <= rows  # [m, n]
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -163,7 +165,7 @@ def paged_attention_decode(
         scale: factor on ``q . k`` before the softmax.
 
     Returns:
-        ``[b, Hq, D]`` in ``query``'s dtype, computed in fp32.
+        ``[b, Hq, D]`` in ``query``'s dtype, computed in fp32 (fp64 for fp64 inputs).
     """
     cu = torch.arange(query.shape[0] + 1, dtype=torch.int64)
     return paged_attention_prefill(query, kv_layer, block_tables, cu, context_lens, scale)
@@ -191,7 +193,7 @@ def paged_attention_prefill(
         scale: factor on ``q . k`` before the softmax.
 
     Returns:
-        ``[total_q, Hq, D]`` in ``query``'s dtype, computed in fp32.
+        ``[total_q, Hq, D]`` in ``query``'s dtype, computed in fp32 (fp64 for fp64 inputs).
     """
     lens = [int(n) for n in context_lens.tolist()]
     cu = [int(x) for x in cu_seqlens_q.tolist()]
