@@ -199,13 +199,13 @@ INTERPRETED = is_interpreted(_decode_kernel)
 def _dot_options(dtype: torch.dtype) -> dict[str, object]:
     """``PRECISION`` and ``UPCAST`` of the kernels for inputs of ``dtype``.
 
-    NOTE: fp32 products are full precision (TF32 would lose the fp32 accuracy asked for). The
-    interpreter's ``tl.dot`` returns garbage for bf16 operands (triton 3.9), so there bf16 tiles
-    are widened to fp32 after loading (probabilities still rounded to bf16 first); on a GPU
-    they go to the tensor cores as bf16.
+    NOTE: fp32 products are full precision (TF32 would lose the fp32 accuracy asked for); fp16
+    and bf16 take the target's default. The interpreter's ``tl.dot`` returns garbage for bf16
+    operands (triton 3.9), so there bf16 tiles are widened to fp32 after loading (probabilities
+    still rounded to bf16 first); on a GPU they go to the tensor cores as bf16.
     """
     upcast = INTERPRETED and dtype == torch.bfloat16
-    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
+    return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else None, "UPCAST": upcast}
 
 
 def launch_decode(
