@@ -74,8 +74,11 @@ def _check_metadata(
     cu_seqlens_q: torch.Tensor | None,
     total_q: int,
     check_indices: bool,
-) -> int:
-    """Checks the metadata's values (one device-to-host copy); returns the longest query run."""
+) -> tuple[int, int]:
+    """Checks the metadata's values (one device-to-host copy).
+
+    Returns the largest query count and the largest context length of a sequence.
+    """
     num_blocks, _, bs = kv.shape[:3]
     batch, width = tables.shape
     parts = [context_lens.long()]
@@ -121,7 +124,7 @@ def _check_metadata(
             f"block_tables[{s}, {j}] = {int(tables[s, j])} is outside the cache's"
             f" [0, {num_blocks}) blocks"
         )
-    return max(q_lens, default=0)
+    return max(q_lens, default=0), max(lens, default=0)
 
 
 def _new_output(query: torch.Tensor) -> torch.Tensor:
@@ -148,7 +151,9 @@ def _decode_op(
     check_indices: bool,
 ) -> torch.Tensor:
     _check_shapes(query, kv_layer, block_tables, context_lens, None)
-    _check_metadata(kv_layer, block_tables, context_lens, None, query.shape[0], check_indices)
+    _, max_len = _check_metadata(
+        kv_layer, block_tables, context_lens, None, query.shape[0], check_indices
+    )
     if c.choose(backend, query.device) == "torch":
         return refs.paged_attention_decode(query, kv_layer, block_tables, context_lens, scale)
     kernel = c.triton_module("paged_attention", query.device)
@@ -156,7 +161,7 @@ def _decode_op(
         raise InvalidArgument(f"at most {kernel.MAX_GRID_YZ} KV heads, got {kv_layer.shape[3]}")
     out = _new_output(query)
     with c.on_device(query.device):
-        kernel.launch_decode(query, kv_layer, block_tables, context_lens, scale, out)
+        kernel.launch_decode(query, kv_layer, block_tables, context_lens, max_len, scale, out)
     return out
 
 
@@ -178,7 +183,7 @@ def _prefill_op(
     check_indices: bool,
 ) -> torch.Tensor:
     _check_shapes(query, kv_layer, block_tables, context_lens, cu_seqlens_q)
-    max_q_len = _check_metadata(
+    max_q_len, _ = _check_metadata(
         kv_layer, block_tables, context_lens, cu_seqlens_q, query.shape[0], check_indices
     )
     if c.choose(backend, query.device) == "torch":

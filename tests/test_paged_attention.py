@@ -162,6 +162,25 @@ def test_triton_prefill(head_dim, block_size, dtype, heads, poisoned_output):
     case.check(prefill(case, backend="triton"))
 
 
+@pytest.mark.parametrize("parts", [3, 64])
+@pytest.mark.parametrize(("head_dim", "block_size", "dtype", "heads"), TRITON_CASES[::2])
+@CPU_TRITON
+def test_triton_split_decode(
+    head_dim, block_size, dtype, heads, parts, poisoned_output, monkeypatch
+):
+    """Positions split into parts and combined (as on a GPU with few sequences); some parts of
+    the short sequences are empty, and 64 parts are more than 150 positions fill."""
+    from epdrt.kernels._triton import paged_attention as kernel
+
+    monkeypatch.setattr(kernel, "num_splits", lambda *args: parts)
+    case = decode_case(block_size, heads, head_dim, dtype)
+    out = decode(case, backend="triton")
+    case.check(out)
+    monkeypatch.setattr(kernel, "num_splits", lambda *args: 1)
+    eps = torch.finfo(dtype).eps  # parts round probabilities against their own maximum
+    torch.testing.assert_close(out, decode(case, backend="triton"), rtol=0, atol=4 * eps)
+
+
 @CPU_TRITON
 def test_triton_chunked_prefill_then_decode_agree_with_one_prefill():
     """A prompt prefilled in two chunks and one decode step: the rows of one whole prefill."""

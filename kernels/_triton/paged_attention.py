@@ -21,6 +21,9 @@ MAX_GRID_YZ = 65535
 _LOG2E = 1.4426950408889634
 #: Start of the running maximum: finite, so rows without any visible key give 0, not NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
+#: Fewest positions per part, and most parts, of a split decode (see num_splits).
+_MIN_SPLIT = 256
+_MAX_SPLITS = 64
 
 
 @triton.jit
@@ -94,18 +97,27 @@ def _decode_kernel(
     c_stride_t,
     c_stride_h,
     block_size,
+    split_tokens,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # Program (s, h): the GROUP query heads of KV head h of sequence s, over all its positions.
+    # Program (s, h, p): the GROUP query heads of KV head h of sequence s over positions
+    # [p * split_tokens, (p + 1) * split_tokens). Without SPLIT (one part) it writes the output;
+    # with SPLIT, the part's unnormalized (max, sum, acc) for _decode_reduce_kernel.
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
-    ctx = tl.load(lens_ptr + seq)
+    part = tl.program_id(2)
+    lo = part * split_tokens
+    ctx = tl.minimum(tl.load(lens_ptr + seq), lo + split_tokens)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask = g < GROUP
@@ -120,15 +132,54 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = table_ptr + seq * table_stride
-    for start in range(0, ctx, BLOCK_N):
+    for start in range(lo, ctx, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, cache_ptr, table_row, kv_head * c_stride_h, start, ctx, g, d, dmask,
             qk_scale, block_size, c_stride_b, c_stride_kv, c_stride_t,
             BLOCK_N=BLOCK_N, CAUSAL=False, PRECISION=PRECISION, UPCAST=UPCAST,
         )  # fmt: skip
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_off = seq * o_stride_b + heads[:, None] * o_stride_h + d[None, :]
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask)
+    if SPLIT:
+        # Parts [b, Hq, num_parts] (acc: [..., BLOCK_D]); an empty part leaves (NEG_BIG, 0, 0).
+        row = (seq * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + part
+        tl.store(part_m_ptr + row, m_i, mask=gmask)
+        tl.store(part_l_ptr + row, l_i, mask=gmask)
+        tl.store(part_acc_ptr + (row[:, None] * BLOCK_D + d[None, :]), acc, mask=qmask)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_off = seq * o_stride_b + heads[:, None] * o_stride_h + d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    out_ptr,
+    o_stride_b,
+    o_stride_h,
+    num_parts,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Program (s, h): combines query head h of sequence s over its num_parts parts.
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    pmask = p < num_parts
+    row = (seq * tl.num_programs(1) + head) * num_parts + p
+    m = tl.load(part_m_ptr + row, mask=pmask, other=_NEG_BIG)
+    l_p = tl.load(part_l_ptr + row, mask=pmask, other=0.0)
+    acc = tl.load(
+        part_acc_ptr + (row[:, None] * BLOCK_D + d[None, :]), mask=pmask[:, None], other=0.0
+    )
+    weight = tl.math.exp2(m - tl.max(m, 0))
+    total = tl.sum(l_p * weight, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o_off = seq * o_stride_b + head * o_stride_h + d
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -208,11 +259,29 @@ def _dot_options(dtype: torch.dtype) -> dict[str, object]:
     return {"PRECISION": "ieee" if dtype == torch.float32 or upcast else None, "UPCAST": upcast}
 
 
+def num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Parts to split each sequence's positions into, so that a decode batch fills the GPU.
+
+    NOTE: one program per (sequence, KV head) leaves most of a GPU idle for small batches of
+    long sequences (8 KV heads, batch 1: 8 programs). Parts of at least ``_MIN_SPLIT`` positions
+    are added until there are about two programs per SM; the combine costs one small launch.
+    The interpreter runs one part (tests force more by replacing this function).
+    """
+    if device.type != "cuda":
+        return 1
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    base = batch * num_kv_heads
+    if base >= programs:
+        return 1
+    return max(1, min(-(-programs // base), -(-max_len // _MIN_SPLIT), _MAX_SPLITS))
+
+
 def launch_decode(
     query: torch.Tensor,
     kv_layer: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    max_len: int,
     scale: float,
     out: torch.Tensor,
 ) -> None:
@@ -220,7 +289,8 @@ def launch_decode(
 
     query ``[b, Hq, D]`` and out (same shape) with unit stride in D; kv_layer
     ``[num_blocks, 2, bs, Hkv, D]`` with unit stride in D; block_tables ``[b, max_blocks]``
-    int32 with unit stride in its last dim; context_lens ``[b]`` int32, all ``>= 1``.
+    int32 with unit stride in its last dim; context_lens ``[b]`` int32, all ``>= 1``, the
+    largest ``max_len``.
     """
     batch, num_heads, head_dim = query.shape
     num_kv_heads = kv_layer.shape[3]
@@ -229,14 +299,30 @@ def launch_decode(
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_n = 64 if INTERPRETED or query.dtype != torch.float32 else 32
-    _decode_kernel[(batch, num_kv_heads)](
+    parts = num_splits(batch, num_kv_heads, max_len, query.device)
+    split_tokens = triton.cdiv(triton.cdiv(max_len, parts), block_n) * block_n
+    parts = triton.cdiv(max_len, split_tokens)
+    if parts > 1:
+        part_m = torch.empty((batch, num_heads, parts), dtype=torch.float32, device=out.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((*part_m.shape, block_d), dtype=torch.float32, device=out.device)
+    else:
+        part_m = part_l = part_acc = out  # not written
+    _decode_kernel[(batch, num_kv_heads, parts)](
         query, kv_layer, block_tables, context_lens, out, scale * _LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
-        kv_layer.shape[2],
+        kv_layer.shape[2], split_tokens, part_m, part_l, part_acc,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4, **_dot_options(query.dtype),
+        BLOCK_D=block_d, BLOCK_N=block_n, SPLIT=parts > 1, num_warps=4,
+        **_dot_options(query.dtype),
     )  # fmt: skip
+    if parts > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_m, part_l, part_acc, out, out.stride(0), out.stride(1), parts,
+            HEAD_DIM=head_dim, BLOCK_P=triton.next_power_of_2(parts), BLOCK_D=block_d,
+            num_warps=4,
+        )  # fmt: skip
 
 
 def launch_prefill(
