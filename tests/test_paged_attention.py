@@ -15,6 +15,7 @@ import pytest
 import torch
 from kernel_utils import CPU_TRITON, DEVICES
 
+import epdrt
 from epdrt import InvalidArgument
 from epdrt.kernels import paged_attention as pa
 from epdrt.kernels import paged_attention_decode, paged_attention_prefill
@@ -215,6 +216,52 @@ def test_triton_chunked_prefill_then_decode_agree_with_one_prefill():
     )
     torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(last, whole[44:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=CPU_TRITON)])
+def test_serving_steps_on_a_paged_kv_cache(backend):
+    """Chunked prefill then decode on PagedKVCache's layer views and block tables, as the
+    runtime drives them: each step appends K/V, then attends; dense attention of the same
+    tokens agrees at every step and layer."""
+    gen = torch.Generator().manual_seed(3)
+    layers, kv_heads, heads, dim, bs = 2, 2, 4, 64, 16
+    cache = epdrt.PagedKVCache(layers, kv_heads, dim, bs, 16, torch.float32)
+    cache.storage.fill_(math.nan)
+    seqs = {"a": [21, 1, 1], "b": [3, 30, 1]}  # tokens appended per step (decode when 1)
+    keys = {s: torch.empty(layers, 0, kv_heads, dim) for s in seqs}
+    values = {s: torch.empty(layers, 0, kv_heads, dim) for s in seqs}
+    for step in range(3):
+        new = {s: sizes[step] for s, sizes in seqs.items()}
+        for s, n in new.items():
+            k = torch.randn(layers, n, kv_heads, dim, generator=gen)
+            v = torch.randn(layers, n, kv_heads, dim, generator=gen)
+            cache.append(s, k, v)
+            keys[s], values[s] = torch.cat([keys[s], k], 1), torch.cat([values[s], v], 1)
+        width = max(len(cache.block_table(s)) for s in seqs)
+        tables = torch.tensor(
+            [cache.block_table(s) + [-1] * (width - len(cache.block_table(s))) for s in seqs],
+            dtype=torch.int32,
+        )
+        lens = torch.tensor([cache.seq_len(s) for s in seqs], dtype=torch.int32)
+        cu = torch.tensor([0, *new.values()], dtype=torch.int32).cumsum(0).int()
+        query = torch.randn(int(cu[-1]), heads, dim, generator=gen)
+        for layer in range(layers):
+            kv = cache.layer(layer)
+            if all(n == 1 for n in new.values()):
+                out = paged_attention_decode(query, kv, tables, lens, 0.2, backend=backend)
+            else:
+                out = paged_attention_prefill(query, kv, tables, cu, lens, 0.2, backend=backend)
+            for i, s in enumerate(seqs):
+                q = query[cu[i] : cu[i + 1]].transpose(0, 1)
+                k, v = keys[s][layer].transpose(0, 1), values[s][layer].transpose(0, 1)
+                mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(
+                    k.shape[1] - q.shape[1]
+                )
+                dense = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=0.2, enable_gqa=True
+                )
+                got = out[cu[i] : cu[i + 1]]
+                torch.testing.assert_close(got, dense.transpose(0, 1), rtol=1e-4, atol=1e-5)
 
 
 # The torch path (references): every dtype, head dim and block size.
