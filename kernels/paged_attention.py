@@ -191,10 +191,10 @@ def _prefill_op(
             query, kv_layer, block_tables, cu_seqlens_q, context_lens, scale
         )
     kernel = c.triton_module("paged_attention", query.device)
-    if block_tables.shape[0] > kernel.MAX_GRID_YZ or query.shape[1] > kernel.MAX_GRID_YZ:
+    if block_tables.shape[0] > kernel.MAX_GRID_YZ or kv_layer.shape[3] > kernel.MAX_GRID_YZ:
         raise InvalidArgument(
-            f"at most {kernel.MAX_GRID_YZ} sequences and query heads per call, got"
-            f" {block_tables.shape[0]} and {query.shape[1]}"
+            f"at most {kernel.MAX_GRID_YZ} sequences and KV heads per call, got"
+            f" {block_tables.shape[0]} and {kv_layer.shape[3]}"
         )
     out = _new_output(query)
     with c.on_device(query.device):

@@ -204,26 +204,32 @@ def _prefill_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # Program (i, s, h): queries [i * BLOCK_M, (i + 1) * BLOCK_M) of sequence s, query head h.
+    # Program (i, s, h): queries [i * BLOCK_Q, (i + 1) * BLOCK_Q) of sequence s with the GROUP
+    # query heads of KV head h, so each K/V tile loaded serves the whole group. Row r holds
+    # query i * BLOCK_Q + r // GROUP, head h * GROUP + r % GROUP (rows past BLOCK_Q * GROUP
+    # are idle).
     tile = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
-    head = tl.program_id(2).to(tl.int64)
+    kv_head = tl.program_id(2).to(tl.int64)
     q_start = tl.load(cu_ptr + seq).to(tl.int64)
     q_len = tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)
-    if tile * BLOCK_M >= q_len:
+    if tile * BLOCK_Q >= q_len:
         return
     ctx = tl.load(lens_ptr + seq)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    rows = tile * BLOCK_Q + r // GROUP
+    heads = kv_head * GROUP + r % GROUP
     q_pos = ctx - q_len + rows  # absolute position of each query in its sequence
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    qmask = (rows < q_len)[:, None] & dmask[None, :]
-    q_off = (q_start + rows)[:, None] * q_stride_t + head * q_stride_h + d[None, :]
+    qmask = ((r < BLOCK_Q * GROUP) & (rows < q_len))[:, None] & dmask[None, :]
+    q_off = (q_start + rows)[:, None] * q_stride_t + heads[:, None] * q_stride_h + d[None, :]
     q = tl.load(q_ptr + q_off, mask=qmask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -231,16 +237,15 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row = table_ptr + seq * table_stride
-    kv_head_off = (head // GROUP) * c_stride_h
-    end = tl.minimum(ctx, ctx - q_len + (tile + 1) * BLOCK_M)  # causal: no key past the last row
+    end = tl.minimum(ctx, ctx - q_len + (tile + 1) * BLOCK_Q)  # causal: no key past the last row
     for start in range(0, end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, cache_ptr, table_row, kv_head_off, start, end, q_pos, d, dmask,
-            qk_scale, block_size, c_stride_b, c_stride_kv, c_stride_t,
+            q, m_i, l_i, acc, cache_ptr, table_row, kv_head * c_stride_h, start, end, q_pos, d,
+            dmask, qk_scale, block_size, c_stride_b, c_stride_kv, c_stride_t,
             BLOCK_N=BLOCK_N, CAUSAL=True, PRECISION=PRECISION, UPCAST=UPCAST,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_off = (q_start + rows)[:, None] * o_stride_t + head * o_stride_h + d[None, :]
+    o_off = (q_start + rows)[:, None] * o_stride_t + heads[:, None] * o_stride_h + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask)
 
 
@@ -341,18 +346,22 @@ def launch_prefill(
     int32 and ``max_q_len`` the longest sequence's query count.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_layer.shape[3]
     batch = block_tables.shape[0]
     if batch == 0 or max_q_len == 0:
         return
-    block_m = 64 if INTERPRETED or query.dtype != torch.float32 else 32
+    group = num_heads // num_kv_heads
+    rows = 64 if INTERPRETED or query.dtype != torch.float32 else 32
+    block_m = max(rows, triton.next_power_of_2(group))
+    block_q = block_m // group
     block_n = 64 if INTERPRETED or query.dtype != torch.float32 else 32
-    grid = (triton.cdiv(max_q_len, block_m), batch, num_heads)
+    grid = (triton.cdiv(max_q_len, block_q), batch, num_kv_heads)
     _prefill_kernel[grid](
         query, kv_layer, block_tables, cu_seqlens_q, context_lens, out, scale * _LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         kv_layer.shape[2],
-        GROUP=num_heads // kv_layer.shape[3], HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n,
-        num_warps=4, **_dot_options(query.dtype),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, num_warps=4,
+        **_dot_options(query.dtype),
     )  # fmt: skip
