@@ -90,17 +90,18 @@ class Case:
         """Plain attention over the original (unpaged) K/V, computed in ``dtype``."""
         outs, start = [], 0
         for key, value, m in zip(self.keys, self.values, self.q_lens, strict=True):
-            q = self.query[start : start + m].cpu().to(dtype)
+            q = self.query[start : start + m].to(dtype)
             start += m
             group = q.shape[1] // key.shape[1]
-            k = key.to(dtype).repeat_interleave(group, dim=1)
-            v = value.to(dtype).repeat_interleave(group, dim=1)
+            k = key.to(q.device, dtype).repeat_interleave(group, dim=1)
+            v = value.to(q.device, dtype).repeat_interleave(group, dim=1)
             n = k.shape[0]
             scores = torch.einsum("mhd,nhd->hmn", q, k) * self.scale
-            visible = torch.arange(n)[None, :] <= torch.arange(m)[:, None] + (n - m)
+            pos = torch.arange(n, device=q.device)
+            visible = pos[None, :] <= pos[:m, None] + (n - m)
             probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)
             outs.append(torch.einsum("hmn,nhd->mhd", probs, v))
-        return torch.cat(outs)
+        return torch.cat(outs).cpu()
 
     def check(self, out: torch.Tensor) -> None:
         """``out`` is as close to fp64 attention as ``K_PLAIN`` times plain torch."""
