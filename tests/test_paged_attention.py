@@ -164,6 +164,16 @@ def test_triton_prefill(head_dim, block_size, dtype, heads, poisoned_output):
     case.check(prefill(case, backend="triton"))
 
 
+@pytest.mark.parametrize("block_size", [1, 24])
+@CPU_TRITON
+def test_triton_any_block_size(block_size):
+    """Pages are looked up per position: one-token blocks and a non-power-of-two size work."""
+    case = decode_case(block_size, (4, 2), 64, torch.float16, lens=[1, 30, 49])
+    case.check(decode(case, backend="triton"))
+    case = prefill_case(block_size, (4, 2), 64, torch.float16, lens=[(30, 30), (49, 20)])
+    case.check(prefill(case, backend="triton"))
+
+
 @pytest.mark.parametrize("parts", [3, 64])
 @pytest.mark.parametrize(("head_dim", "block_size", "dtype", "heads"), TRITON_CASES[::2])
 @CPU_TRITON
