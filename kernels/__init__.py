@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Device kernels: paged KV gather/scatter, multimodal embedding assembly, many-block copy.
+"""Device kernels: paged attention, paged KV gather/scatter, multimodal embedding assembly,
+many-block copy.
 
 Each operation has a dispatcher here that checks its arguments (``InvalidArgument`` before any
 launch) and picks an implementation: Triton on CUDA tensors (the CUDA kernel of the C++ core
@@ -12,6 +13,7 @@ from .block_copy import BlockCopy, block_copy
 from .kv_gather import kv_gather
 from .kv_scatter import kv_scatter
 from .mm_embed import assemble_inputs_embeds, mm_embed, mm_source_rows
+from .paged_attention import paged_attention_decode, paged_attention_prefill
 
 __all__ = [
     "BlockCopy",
@@ -21,4 +23,6 @@ __all__ = [
     "kv_scatter",
     "mm_embed",
     "mm_source_rows",
+    "paged_attention_decode",
+    "paged_attention_prefill",
 ]

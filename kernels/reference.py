@@ -124,3 +124,87 @@ def block_copy(
     src_idx = (src_offset + pairs[:, 0:1] * src_stride + col).flatten()
     dst_idx = (dst_offset + pairs[:, 1:2] * dst_stride + col).flatten()
     dst[dst_idx] = src[src_idx]
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of ``m`` queries, the last ``m`` of ``n`` positions, in fp32 (fp64 for
+    fp64 inputs).
+
+    ``query`` ``[m, Hq, D]``, ``key``/``value`` ``[n, Hkv, D]`` (``n >= m``): query ``i`` sits
+    at position ``n - m + i`` and attends to keys ``0 ..= n - m + i``. Returns ``[m, Hq, D]``
+    in ``query``'s dtype.
+    """
+    m, n = query.shape[0], key.shape[0]
+    wide = torch.promote_types(query.dtype, torch.float32)
+    q, k, v = (t.to(wide).transpose(0, 1) for t in (query, key, value))  # [H, tokens, D]
+    rows = torch.arange(m, device=query.device)[:, None] + (n - m)
+    mask = torch.arange(n, device=query.device)[None, :] <= rows  # [m, n]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.transpose(0, 1).to(query.dtype)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One new query per sequence attends to the sequence's whole context in the pages.
+
+    Args:
+        query: ``[b, Hq, D]``, ``Hq`` a multiple of ``Hkv``.
+        kv_layer: ``[num_blocks, 2, bs, Hkv, D]`` (``PagedKVCache.layer(l)``, may be strided).
+        block_tables: ``[b, max_blocks]`` integer; row ``s`` lists sequence ``s``'s blocks.
+        context_lens: ``[b]`` integer, tokens of each sequence in the cache (``>= 1``),
+            the query's own token included.
+        scale: factor on ``q . k`` before the softmax.
+
+    Returns:
+        ``[b, Hq, D]`` in ``query``'s dtype, computed in fp32 (fp64 for fp64 inputs).
+    """
+    cu = torch.arange(query.shape[0] + 1, dtype=torch.int64)
+    return paged_attention_prefill(query, kv_layer, block_tables, cu, context_lens, scale)
+
+
+def paged_attention_prefill(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens (its last ``q_len`` positions) over its
+    whole prefix in the pages (chunked prefill).
+
+    Args:
+        query: ``[total_q, Hq, D]``, sequences concatenated; ``Hq`` a multiple of ``Hkv``.
+        kv_layer: ``[num_blocks, 2, bs, Hkv, D]`` (``PagedKVCache.layer(l)``, may be strided).
+        block_tables: ``[b, max_blocks]`` integer.
+        cu_seqlens_q: ``[b + 1]`` integer; sequence ``s``'s queries are rows
+            ``cu_seqlens_q[s] .. cu_seqlens_q[s + 1]``.
+        context_lens: ``[b]`` integer, tokens in the cache per sequence, the new ones included
+            (``>= q_len``).
+        scale: factor on ``q . k`` before the softmax.
+
+    Returns:
+        ``[total_q, Hq, D]`` in ``query``'s dtype, computed in fp32 (fp64 for fp64 inputs).
+    """
+    lens = [int(n) for n in context_lens.tolist()]
+    cu = [int(x) for x in cu_seqlens_q.tolist()]
+    key, value = kv_gather(kv_layer, block_tables, lens)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    start = 0
+    for s, n in enumerate(lens):
+        q = query[cu[s] : cu[s + 1]]
+        if q.shape[0]:
+            out[cu[s] : cu[s + 1]] = _attend(
+                q, key[start : start + n], value[start : start + n], scale
+            )
+        start += n
+    return out
