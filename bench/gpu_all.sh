@@ -165,7 +165,7 @@ GPU=1
 BENCH=(python3 -m epdrt.cli bench)
 
 if [ "$PHASE" = core ]; then
-  step pytest-gpu 200 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts=-ra \
+  step pytest-gpu 240 python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts=-ra \
     --timeout 120 --junitxml="$WORK/pytest-gpu.xml"
   if [ $GPU = 1 ]; then
     step bench-kernels 90 "${BENCH[@]}" kernels --json "$WORK/bench-kernels.jsonl"
