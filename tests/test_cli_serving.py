@@ -64,6 +64,7 @@ def test_run_jsonl(tiny_model_dir, tmp_path):
         ({"id": "noprompt", "images": []}, '"prompt" must be a string, got NoneType'),
         ({"id": "one", "prompt": "again"}, "'one' is used by an earlier line"),
         ([1, 2], "a JSON object, got list"),
+        ({"id": "hot", "prompt": "x", "temperature": -1}, "temperature must be in [0, 100]"),
     ]
     requests = tmp_path / "requests.jsonl"
     text = "".join(json.dumps(x) + "\n" for x in [*lines, *(row for row, _ in invalid)])
@@ -83,11 +84,11 @@ def test_run_jsonl(tiny_model_dir, tmp_path):
     assert rows["bad"]["error"] and rows["bad"]["token_ids"] == []
     ids = [r["id"] for r in report["requests"]]  # file order; unnamed lines by number
     assert ids == ["one", "two", "text", "bad", "neg", "str", "flag", "noprompt", "line9",
-                   "line10", "line11"]  # fmt: skip
+                   "line10", "hot", "line12"]  # fmt: skip
     for rid, (_, message) in zip(ids[4:], invalid):
         assert message in rows[rid]["error"] and rows[rid]["token_ids"] == [], rid
-    assert "not JSON" in rows["line11"]["error"]
-    assert report["summary"]["requests"] == 11 and report["summary"]["failed"] == 8
+    assert "not JSON" in rows["line12"]["error"]
+    assert report["summary"]["requests"] == 12 and report["summary"]["failed"] == 9
 
 
 def test_run_reports_user_errors_in_one_line(tiny_model_dir, tmp_path, capsys):

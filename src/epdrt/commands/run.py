@@ -2,8 +2,10 @@
 """``epdrt run``: serve a JSONL file of requests through a deployment and report per request.
 
 Each input line: ``{"id", "prompt", "images": [paths], "max_new_tokens"}`` and optionally
-``"arrival_s"`` (seconds after start; all at once otherwise). The JSON output holds, per request,
-``id, token_ids, text, ttft_s, tpot_s, encode_s, e2e_s, error``, and a summary.
+``"arrival_s"`` (seconds after start; all at once otherwise), ``"stop"`` (strings) and the
+sampling keys ``temperature, top_p, top_k, seed, stop_token_ids, ignore_eos`` (greedy
+without). The JSON output holds, per request, ``id, token_ids, text, ttft_s, tpot_s, encode_s,
+e2e_s, error``, and a summary.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from epdrt.commands import UsageError, add_json_option, write_json
+from epdrt.errors import InvalidArgument
 from epdrt.runtime.request import Request, RequestError, RequestResult
+from epdrt.runtime.sampling import SamplingParams
 from epdrt.runtime.workload import TimedRequest
 
 
@@ -50,6 +54,10 @@ class RequestLines:
     order: list[str] = field(default_factory=list)
 
 
+#: Request-line keys that go to SamplingParams.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
+
+
 def _field(row: dict, name: str, kinds: type | tuple[type, ...], what: str, default: Any) -> Any:
     """``row[name]`` (``default`` when absent) if it is one of ``kinds`` (never a bool); else
     RequestError naming the type it is."""
@@ -75,7 +83,12 @@ def parse_request(row: Any, base: Path, n: int) -> TimedRequest:
     if not arrival >= 0:
         raise RequestError(f'"arrival_s" must be at least 0, got {arrival}')
     paths = [p if Path(p).is_absolute() else str(base / p) for p in images]
-    request = Request(prompt, paths, max_new, id=_request_id(row, n))
+    try:
+        sampling = SamplingParams(**{k: row[k] for k in SAMPLING_FIELDS if k in row})
+    except InvalidArgument as exc:
+        raise RequestError(str(exc)) from exc
+    stop = _field(row, "stop", list, "a list of strings", [])
+    request = Request(prompt, paths, max_new, id=_request_id(row, n), sampling=sampling, stop=stop)
     return TimedRequest(float(arrival), request)
 
 

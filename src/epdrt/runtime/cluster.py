@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,8 @@ class _Inflight:
     #: first token and decode's next travel on different sockets
     early: dict[int, tuple[int, bool]] = field(default_factory=dict)
     first_token_at: float | None = None
+    #: the text returned, when a stop string cut it (else the tokens' text)
+    text: str | None = None
     last_token_at: float | None = None
     encode_s: float = 0.0
 
@@ -256,6 +259,9 @@ class EPDCluster:
             future.set_result(_failed(request.id, str(exc)))
             return future
         deadline = submitted + self.config.request_timeout_s
+        if not request.sampling.greedy and request.sampling.seed is None:
+            # Every draw is seeded by (seed, token index): the same in every mode and batch.
+            request.sampling = msgspec.structs.replace(request.sampling, seed=secrets.randbits(63))
         state = _Inflight(request, prepared, future, submitted, deadline, on_token)
         with self._locked():
             error = None
@@ -397,7 +403,13 @@ class EPDCluster:
         ]
         entries, frames = m.named_entries(prepared.extras)
         msg = m.PrefillRequest(
-            request.id, prepared.input_ids, slots, request.max_new_tokens, decode, entries
+            request.id,
+            prepared.input_ids,
+            slots,
+            request.max_new_tokens,
+            decode,
+            entries,
+            request.sampling,
         )
         self._outbox.post(prefill, msg, frames, self._unreachable(request.id))
 
@@ -449,9 +461,23 @@ class EPDCluster:
             state.last_token_at = now
             if state.on_token is not None:
                 self._after.append(lambda s=state, t=token: self._stream(req_id, s, t))
+            if state.request.stop and self._stop_string_seen(state):
+                self._fail_or_stop(req_id, state, None)
+                return
             if finished:
                 self._resolve(req_id, None)
                 return
+
+    def _stop_string_seen(self, state: _Inflight) -> bool:
+        """Whether the text so far holds one of the request's stop strings; if so, the text
+        is cut before the first (``state.text``). NOTE: decodes the whole text at each token
+        (quadratic in the output; incremental detokenization comes with the HTTP server)."""
+        text = self.pre.decode(state.tokens)
+        cuts = [i for i in (text.find(s) for s in state.request.stop) if i >= 0]
+        if not cuts:
+            return False
+        state.text = text[: min(cuts)]
+        return True
 
     @staticmethod
     def _stream(req_id: str, state: _Inflight, token: int) -> None:
@@ -489,8 +515,12 @@ class EPDCluster:
     def _fail(self, req_id: str, error: str) -> None:
         """Fails a request and tells the live workers it touched to free what it holds."""
         state = self._inflight.get(req_id) or self._queue.get(req_id)
-        if state is None:
-            return
+        if state is not None:
+            self._fail_or_stop(req_id, state, error)
+
+    def _fail_or_stop(self, req_id: str, state: _Inflight, error: str | None) -> None:
+        """Ends a request before its workers do (failed, or a stop string seen): they are told
+        to free what it holds."""
         for name in state.loads:
             if self._workers[name].alive:
                 self._outbox.post(name, m.Abort(req_id))
@@ -511,7 +541,8 @@ class EPDCluster:
         if state.last_token_at is not None and len(state.tokens) > 1:
             tpot = (state.last_token_at - state.first_token_at) / (len(state.tokens) - 1)
         e2e = None if state.last_token_at is None else state.last_token_at - state.submitted
-        text = self.pre.decode(state.tokens) if error is None else ""
+        text = state.text if state.text is not None else self.pre.decode(state.tokens)
+        text = "" if error is not None else text
         self._settle(
             state,
             RequestResult(state.request.id, state.tokens if error is None else [], text, ttft,

@@ -17,6 +17,7 @@ import torch
 
 from epdrt.cache.sizing import blocks_for
 from epdrt.runtime import messages as m
+from epdrt.runtime.sampling import GREEDY, SamplingParams, sample
 from epdrt.runtime.stage_model import DecodeInput
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class _Seq:
     generated: int
     max_new_tokens: int
     extras: dict[str, torch.Tensor]
+    sampling: SamplingParams = GREEDY
 
 
 class DecodeRole:
@@ -42,7 +44,7 @@ class DecodeRole:
         self.kv = worker.kv
         # Sequences whose KV waits in a prefill worker's cache, in arrival order (admission).
         self.ready_queue: deque[tuple[m.KVReady, dict[str, torch.Tensor]]] = deque()
-        self.local_queue: deque[tuple[str, torch.Tensor, int, int, dict]] = deque()
+        self.local_queue: deque[tuple[str, torch.Tensor, int, int, dict, SamplingParams]] = deque()
         # Admitted sequences whose KV is being copied in from their prefill worker.
         self.pulling: dict[str, tuple[m.KVReady, dict[str, torch.Tensor]]] = {}
         # Aborted while pulling: their blocks are freed once the copy into them ends.
@@ -79,10 +81,16 @@ class DecodeRole:
         return False
 
     def start_local(
-        self, req_id: str, kv: torch.Tensor, first_token: int, max_new_tokens: int, extras: dict
+        self,
+        req_id: str,
+        kv: torch.Tensor,
+        first_token: int,
+        max_new_tokens: int,
+        extras: dict,
+        sampling: SamplingParams = GREEDY,
     ) -> None:
         """Starts a sequence prefilled in this worker; ``kv`` is ``[L, 2, n, H, D]``."""
-        self.local_queue.append((req_id, kv, first_token, max_new_tokens, extras))
+        self.local_queue.append((req_id, kv, first_token, max_new_tokens, extras, sampling))
 
     # ---- work ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -96,14 +104,14 @@ class DecodeRole:
             self._pull(ready, extras)
             progressed = True
         while self.local_queue:
-            req_id, kv, token, max_new, extras = self.local_queue[0]
+            req_id, kv, token, max_new, extras, sampling = self.local_queue[0]
             if not self._try_admit(req_id, kv.shape[2], max_new):
                 break
             self.local_queue.popleft()
             slots = self._slots_of(req_id)
             for layer in range(self.kv.num_layers):
                 self.kv.write(layer, slots, kv[layer, 0], kv[layer, 1])
-            self.active[req_id] = _Seq(req_id, token, 1, max_new, extras)
+            self.active[req_id] = _Seq(req_id, token, 1, max_new, extras, sampling)
             progressed = True
         if self.active:
             self._decode_step()
@@ -135,7 +143,9 @@ class DecodeRole:
             self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
             return
         self.w.send(ready.src, m.KVPulled(req_id))
-        self.active[req_id] = _Seq(req_id, ready.first_token, 1, ready.max_new_tokens, extras)
+        self.active[req_id] = _Seq(
+            req_id, ready.first_token, 1, ready.max_new_tokens, extras, ready.sampling
+        )
 
     def _slots_of(self, req_id: str) -> torch.Tensor:
         n = self.kv.seq_len(req_id)
@@ -152,7 +162,10 @@ class DecodeRole:
                 k, v = self.kv.read(seq.req_id)  # [L, n, H, D] each
                 inputs.append(DecodeInput(seq.last_token, torch.stack([k, v], dim=1), seq.extras))
             logits, new_kv = self.w.model.decode(inputs)  # [b, V], [L, 2, b, H, D]
-            tokens = torch.argmax(logits, dim=-1).tolist()
+            tokens = torch.argmax(logits, dim=-1).tolist()  # greedy rows as they are
+            for i, seq in enumerate(batch):
+                if not seq.sampling.greedy:
+                    tokens[i] = sample(logits[i], seq.sampling, seq.generated)
         except Exception as exc:  # e.g. out of memory: these sequences fail, the worker goes on
             for seq in batch:
                 self.w.fail(seq.req_id, f"decode step failed: {type(exc).__name__}: {exc}")
@@ -165,7 +178,7 @@ class DecodeRole:
             self.promised -= len(self.kv.block_table(seq.req_id)) - before
             seq.last_token = token
             seq.generated += 1
-            finished = token in eos or seq.generated >= seq.max_new_tokens
+            finished = seq.sampling.finishes(token, eos) or seq.generated >= seq.max_new_tokens
             events.append(m.TokenEvent(seq.req_id, seq.generated - 1, token, finished))
             if finished:
                 self._finish(seq.req_id)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import msgspec
 import torch
 
+from epdrt.runtime.sampling import GREEDY, SamplingParams
 from epdrt.runtime.wire import Codec, TensorMeta, WireError, tensor_from_frame, tensor_meta
 
 
@@ -127,6 +128,7 @@ class PrefillRequest(Msg):
     max_new_tokens: int
     decoder: str
     extras: list[NamedTensor]
+    sampling: SamplingParams = GREEDY
 
 
 class KVReady(Msg):
@@ -146,6 +148,7 @@ class KVReady(Msg):
     #: ``integrity.content_digest`` of the KV ``[L, 2, num_tokens, H, D]`` staged
     #: (``EPDConfig.verify_transfers``)
     digest: int | None = None
+    sampling: SamplingParams = GREEDY
 
 
 class KVPulled(Msg):

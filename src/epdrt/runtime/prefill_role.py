@@ -22,6 +22,7 @@ from epdrt.errors import InvalidArgument, PoolExhausted
 from epdrt.kernels import assemble_inputs_embeds
 from epdrt.runtime import messages as m
 from epdrt.runtime.mm_claims import WANT_TRANSITIONS, Want, WantEvent, advance
+from epdrt.runtime.sampling import sample
 
 if TYPE_CHECKING:
     from epdrt.runtime.worker import Worker
@@ -273,7 +274,8 @@ class PrefillRole:
         staged = []
         for req, (logits, kv, decode_extras) in zip(batch, outputs):
             self._release(req, WantEvent.PREFILLED)
-            ready = self._hand_off(req, int(torch.argmax(logits)), kv, decode_extras)
+            token = sample(logits, req.msg.sampling, 0)
+            ready = self._hand_off(req, token, kv, decode_extras)
             if ready is not None:
                 staged.append(ready)
         if staged:
@@ -291,7 +293,8 @@ class PrefillRole:
         the KV over in-process (None)."""
         msg = req.msg
         self.w.count("prefill_tokens", len(msg.input_ids))
-        finished = msg.max_new_tokens <= 1 or token in self.w.model.spec.eos_token_ids
+        eos = self.w.model.spec.eos_token_ids
+        finished = msg.max_new_tokens <= 1 or msg.sampling.finishes(token, eos)
         self.w.send(
             "cluster",
             m.Tokens(
@@ -303,7 +306,9 @@ class PrefillRole:
             return None
         n = len(msg.input_ids)
         if self.w.decode is not None and msg.decoder == self.w.name:
-            self.w.decode.start_local(msg.req_id, kv, token, msg.max_new_tokens, decode_extras)
+            self.w.decode.start_local(
+                msg.req_id, kv, token, msg.max_new_tokens, decode_extras, msg.sampling
+            )
             return None
         try:
             slots = self.kv.reserve(msg.req_id, n)
@@ -319,7 +324,15 @@ class PrefillRole:
         entries, frames = m.named_entries(decode_extras)
         blocks = list(self.kv.block_table(msg.req_id))
         ready = m.KVReady(
-            msg.req_id, self.w.name, blocks, n, token, msg.max_new_tokens, entries, digest
+            msg.req_id,
+            self.w.name,
+            blocks,
+            n,
+            token,
+            msg.max_new_tokens,
+            entries,
+            digest,
+            msg.sampling,
         )
         return msg.decoder, ready, frames
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epdrt.errors import EpdrtError
+from epdrt.runtime.sampling import GREEDY, SamplingParams
 
 ImageSource = "str | Path | bytes | PIL.Image.Image"
 
@@ -22,15 +23,22 @@ class RequestError(EpdrtError):
 class Request:
     """A prompt in the model's own format (one placeholder per image) and its images.
 
-    Images are file paths, encoded bytes (PNG, JPEG, ...) or PIL images. Decoding is greedy.
+    Images are file paths, encoded bytes (PNG, JPEG, ...) or PIL images. ``sampling`` picks
+    the tokens (default greedy, as ``generate()``).
     """
 
     prompt: str
     images: list[Any] = field(default_factory=list)
     max_new_tokens: int = 16
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    sampling: SamplingParams = GREEDY
+    #: strings that end the request as soon as its text holds one; the text returned stops
+    #: before it (the tokens include the one that completed it)
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise RequestError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise RequestError(
                 f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}"
