@@ -279,7 +279,7 @@ class EPDCluster:
             else:
                 self._queue[request.id] = state
             if error is not None:
-                self._after.append(lambda: future.set_result(_failed(request.id, error)))
+                self._settle(state, _failed(request.id, error))
                 return future
         future.add_done_callback(lambda f: f.cancelled() and self.abort(request.id))
         return future
@@ -533,16 +533,20 @@ class EPDCluster:
         if state is None:
             state = self._inflight.pop(req_id)
             self._inflight_tokens -= self.tokens_of(state)
-            self._admit_queued()
-        for name, amount in state.loads.items():
-            self._workers[name].load -= amount
+            for name, amount in state.loads.items():
+                self._workers[name].load -= amount
+            self._admit_queued()  # routed by the loads without this request's
         ttft = None if state.first_token_at is None else state.first_token_at - state.submitted
         tpot = None
         if state.last_token_at is not None and len(state.tokens) > 1:
             tpot = (state.last_token_at - state.first_token_at) / (len(state.tokens) - 1)
         e2e = None if state.last_token_at is None else state.last_token_at - state.submitted
-        text = state.text if state.text is not None else self.pre.decode(state.tokens)
-        text = "" if error is not None else text
+        if error is not None:
+            text = ""
+        elif state.text is not None:  # cut at a stop string
+            text = state.text
+        else:
+            text = self.pre.decode(state.tokens)
         self._settle(
             state,
             RequestResult(state.request.id, state.tokens if error is None else [], text, ttft,
