@@ -4,11 +4,12 @@
 Each module has ``HELP``, ``add_arguments(parser)`` and ``run(args) -> list[Record]``.
 """
 
-from epdrt.bench import block_pool, capacity, e2e, kernels, planner, transfer
+from epdrt.bench import block_pool, capacity, decode, e2e, kernels, planner, transfer
 
 BENCHMARKS = {
     "block-pool": block_pool,
     "kernels": kernels,
+    "decode": decode,
     "e2e": e2e,
     "transfer": transfer,
     "capacity": capacity,

@@ -212,36 +212,47 @@ class Probe:
         images = [self.image] * num_images
         return self.meter.peak_during(lambda: self.enc.encode(images))
 
+    def _paged(self, tokens: int) -> Any:
+        """A paged KV cache with room for ``tokens`` tokens (the measured forward's own)."""
+        from epdrt.cache import PagedKVCache
+
+        sp, bs = self.spec, self.s.block_size
+        self.meter.check_host(tokens * self.kv_bpt)
+        return PagedKVCache(
+            sp.num_layers, sp.num_kv_heads, sp.head_dim, bs, -(-tokens // bs), self.dtype,
+            self.device,
+        )  # fmt: skip
+
     def _measure_prefill(self, num_tokens: int) -> int:
+        """One prompt's flat prefill forward, its KV written into the pages."""
+        from epdrt.models import FlatBatch
+
         self._guard(self.prefill_act, num_tokens)
         _say(f"  prefill forward, {num_tokens} tokens ...")
         words = max(num_tokens - self._text_overhead, 1)
         req = self.lm.tokenize(" ".join(["the"] * words))
+        kv = self._paged(req.num_tokens)
+        kv.reserve(0, req.num_tokens)
+        batch = FlatBatch.build(kv, [(0, req.num_tokens)])
 
         def run() -> Any:
-            return self.lm.prefill(self.lm.embed(req.input_ids), req)
+            return self.lm.forward(self.lm.embed(req.input_ids), batch, [req.extras])
 
         return self.meter.peak_during(run)
 
     def _measure_decode(self, context: int) -> int:
-        """One decode step the runtime's way: gather the past from the paged cache, stack K
-        and V, ``adapter.decode`` (which pads and copies the past again)."""
-        from epdrt.cache import PagedKVCache
-        from epdrt.models import DecodeInput
+        """One decode step the runtime's way: a flat forward of one token over the pages."""
+        from epdrt.models import FlatBatch
 
         self._guard(self.decode_act, context)
         _say(f"  decode step, context {context} tokens ...")
-        sp, bs = self.spec, self.s.block_size
-        self.meter.check_host(context * self.kv_bpt)
-        kv = PagedKVCache(
-            sp.num_layers, sp.num_kv_heads, sp.head_dim, bs, -(-context // bs), self.dtype,
-            self.device,
-        )  # fmt: skip
-        kv.reserve(0, context)
+        kv = self._paged(context + 1)
+        kv.reserve(0, context + 1)
+        batch = FlatBatch.build(kv, [(0, 1)])
+        extras = self.lm.decode_extras({})
 
         def run() -> Any:
-            k, v = kv.read(0)
-            return self.lm.decode([DecodeInput(0, torch.stack([k, v], dim=1))])
+            return self.lm.forward(self.lm.embed([0]), batch, [extras])
 
         return self.meter.peak_during(run)
 

@@ -6,9 +6,15 @@ Both are ``torch.library`` custom ops (``epdrt::paged_attention_decode``,
 ``torch.compile`` keeps them as single opaque calls. The Python functions here check the
 arguments (``InvalidArgument`` before any launch) and call the ops.
 
-NOTE: the block tables, context lengths and query offsets are checked on the host once per call:
-one device-to-host copy of a few small tensors (the only sync), inside the op, so a compiled
-graph does not break on it. ``check_indices=False`` skips the block-range part of that check.
+NOTE: unless told the longest context (and, for prefill, the longest query run), the block
+tables, context lengths and query offsets are checked on the host once per call: one
+device-to-host copy of a few small tensors (the only sync), inside the op, so a compiled graph
+does not break on it. ``check_indices=False`` skips the block-range part of that check; with it
+and ``max_context_len`` (``max_query_len``) given, a call does not sync at all: what a runtime
+does after checking its step's metadata once on the host (``epdrt.models.paged.FlatBatch``).
+
+``backend="torch"`` (the CPU default) is ``epdrt.kernels._torch.paged_attention``; the
+references in ``epdrt.kernels.reference`` serve tests only.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import itertools
 import torch
 
 from epdrt.errors import InvalidArgument
-from epdrt.kernels import reference as refs
 
 from . import _common as c
+from ._torch import paged_attention as torch_impl
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -149,13 +155,16 @@ def _decode_op(
     scale: float,
     backend: str,
     check_indices: bool,
+    max_context_len: int = -1,
 ) -> torch.Tensor:
     _check_shapes(query, kv_layer, block_tables, context_lens, None)
-    _, max_len = _check_metadata(
-        kv_layer, block_tables, context_lens, None, query.shape[0], check_indices
-    )
+    max_len = max_context_len
+    if check_indices or max_len < 0:
+        _, max_len = _check_metadata(
+            kv_layer, block_tables, context_lens, None, query.shape[0], check_indices
+        )
     if c.choose(backend, query.device) == "torch":
-        return refs.paged_attention_decode(query, kv_layer, block_tables, context_lens, scale)
+        return torch_impl.decode(query, kv_layer, block_tables, context_lens, max_len, scale)
     kernel = c.triton_module("paged_attention", query.device)
     if kv_layer.shape[3] > kernel.MAX_GRID_YZ:
         raise InvalidArgument(f"at most {kernel.MAX_GRID_YZ} KV heads, got {kv_layer.shape[3]}")
@@ -166,7 +175,9 @@ def _decode_op(
 
 
 @_decode_op.register_fake
-def _decode_fake(query, kv_layer, block_tables, context_lens, scale, backend, check_indices):
+def _decode_fake(
+    query, kv_layer, block_tables, context_lens, scale, backend, check_indices, max_context_len=-1
+):
     _check_shapes(query, kv_layer, block_tables, context_lens, None)
     return query.new_empty(query.shape)
 
@@ -181,15 +192,16 @@ def _prefill_op(
     scale: float,
     backend: str,
     check_indices: bool,
+    max_query_len: int = -1,
 ) -> torch.Tensor:
     _check_shapes(query, kv_layer, block_tables, context_lens, cu_seqlens_q)
-    max_q_len, _ = _check_metadata(
-        kv_layer, block_tables, context_lens, cu_seqlens_q, query.shape[0], check_indices
-    )
-    if c.choose(backend, query.device) == "torch":
-        return refs.paged_attention_prefill(
-            query, kv_layer, block_tables, cu_seqlens_q, context_lens, scale
+    max_q_len = max_query_len
+    if check_indices or max_q_len < 0:
+        max_q_len, _ = _check_metadata(
+            kv_layer, block_tables, context_lens, cu_seqlens_q, query.shape[0], check_indices
         )
+    if c.choose(backend, query.device) == "torch":
+        return torch_impl.prefill(query, kv_layer, block_tables, cu_seqlens_q, context_lens, scale)
     kernel = c.triton_module("paged_attention", query.device)
     if block_tables.shape[0] > kernel.MAX_GRID_YZ or kv_layer.shape[3] > kernel.MAX_GRID_YZ:
         raise InvalidArgument(
@@ -206,7 +218,15 @@ def _prefill_op(
 
 @_prefill_op.register_fake
 def _prefill_fake(
-    query, kv_layer, block_tables, cu_seqlens_q, context_lens, scale, backend, check_indices
+    query,
+    kv_layer,
+    block_tables,
+    cu_seqlens_q,
+    context_lens,
+    scale,
+    backend,
+    check_indices,
+    max_query_len=-1,
 ):
     _check_shapes(query, kv_layer, block_tables, context_lens, cu_seqlens_q)
     return query.new_empty(query.shape)
@@ -221,6 +241,7 @@ def paged_attention_decode(
     *,
     backend: c.Backend = "auto",
     check_indices: bool = True,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per sequence over its whole context in the pages.
 
@@ -235,11 +256,15 @@ def paged_attention_decode(
         context_lens: ``[b]`` int32, tokens of each sequence in the cache (``>= 1``), the new
             token's own K/V included.
         scale: factor on ``q . k`` before the softmax (default ``D ** -0.5``).
-        backend: "auto" (Triton on CUDA, the torch reference on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, torch ops on CPU), "triton" or "torch".
         check_indices: check that the blocks read are in ``[0, num_blocks)``.
+        max_context_len: ``max(context_lens)``, when the caller knows it; with
+            ``check_indices=False`` the call then reads nothing back from the device (values
+            are trusted: the caller checked them).
 
     Returns:
-        ``[b, Hq, D]`` contiguous, the query's dtype; scores, softmax and sums in fp32.
+        ``[b, Hq, D]`` contiguous, the query's dtype; scores, softmax and sums in fp32
+        (Triton), SDPA in the query's dtype (torch).
 
     Raises:
         InvalidArgument: before any launch, for bad shapes, dtypes, devices, strides, lengths
@@ -254,6 +279,7 @@ def paged_attention_decode(
         _scale(scale, query.shape[2]),
         backend,
         check_indices,
+        -1 if max_context_len is None else int(max_context_len),
     )
 
 
@@ -267,6 +293,7 @@ def paged_attention_prefill(
     *,
     backend: c.Backend = "auto",
     check_indices: bool = True,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole prefix in the pages.
 
@@ -284,11 +311,14 @@ def paged_attention_prefill(
         context_lens: ``[b]`` int32, tokens in the cache per sequence, the new ones included
             (``>= q_len``).
         scale: factor on ``q . k`` before the softmax (default ``D ** -0.5``).
-        backend: "auto" (Triton on CUDA, the torch reference on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, torch ops on CPU), "triton" or "torch".
         check_indices: check that the blocks read are in ``[0, num_blocks)``.
+        max_query_len: the most queries of one sequence, when the caller knows it; with
+            ``check_indices=False`` the call then reads nothing back from the device.
 
     Returns:
-        ``[total_q, Hq, D]`` contiguous, the query's dtype; computed in fp32.
+        ``[total_q, Hq, D]`` contiguous, the query's dtype; computed in fp32 (Triton), SDPA
+        in the query's dtype (torch).
 
     Raises:
         InvalidArgument: before any launch, for bad shapes, dtypes, devices, strides, lengths
@@ -304,4 +334,5 @@ def paged_attention_prefill(
         _scale(scale, query.shape[2]),
         backend,
         check_indices,
+        -1 if max_query_len is None else int(max_query_len),
     )

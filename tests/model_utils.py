@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from epdrt.models import DecodeInput, ModelAdapter, PreparedRequest, insert_image_tokens
+from epdrt.cache import sizing
+from epdrt.models import FlatBatch, ModelAdapter, PreparedRequest, insert_image_tokens
 
 
 def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -46,11 +47,14 @@ def staged_generate(
     max_new_tokens: int,
     *,
     batched_prefill: bool = False,
+    chunk: int | None = None,
+    block_size: int = 16,
 ) -> list[list[int]]:
-    """Greedy tokens through the split pipeline, KV passed as tensors between steps.
+    """Greedy tokens through the split pipeline over a paged KV cache.
 
-    Images of all requests are encoded in one batch; prefill runs per request (or batched);
-    decode runs all unfinished requests in one batch with ragged past lengths.
+    Images of all requests are encoded in one batch; prefill runs per request (or all in one
+    flat batch), in chunks of at most ``chunk`` tokens per request per step when given; decode
+    runs all unfinished requests in one flat batch.
     """
     eos = set(lm.spec.eos_token_ids)
     images = [im for r in requests for im in r.images]
@@ -60,20 +64,40 @@ def staged_generate(
         e = lm.embed(r.input_ids)
         insert_image_tokens(e, r.image_starts, [next(feats) for _ in r.images])
         embeds.append(e)
-    if batched_prefill:
-        outs = lm.prefill_batch(list(zip(embeds, requests)))
-    else:
-        outs = [lm.prefill(e, r) for e, r in zip(embeds, requests)]
-    tokens = [[int(o.logits.argmax())] for o in outs]
-    kvs = [o.kv for o in outs]
-    extras = [o.decode_extras for o in outs]
+    total = sum(r.num_tokens + max_new_tokens for r in requests)
+    kv = sizing.kv_cache(lm.spec, total + block_size * len(requests), block_size, lm.dtype,
+                         lm.device)  # fmt: skip
+    groups = (
+        [list(range(len(requests)))] if batched_prefill else [[i] for i in range(len(requests))]
+    )
+    first: dict[int, int] = {}
+    for group in groups:
+        done = dict.fromkeys(group, 0)
+        while any(done[i] < requests[i].num_tokens for i in group):
+            todo = [i for i in group if done[i] < requests[i].num_tokens]
+            step = {i: min(requests[i].num_tokens - done[i], chunk or 1 << 30) for i in todo}
+            for i in todo:
+                kv.reserve(i, step[i])
+            batch = FlatBatch.build(kv, [(i, step[i]) for i in todo])
+            rows = torch.cat([embeds[i][done[i] : done[i] + step[i]] for i in todo])
+            logits = lm.forward(rows, batch, [requests[i].extras for i in todo])
+            for j, i in enumerate(todo):
+                done[i] += step[i]
+                if done[i] == requests[i].num_tokens:
+                    first[i] = int(logits[j].argmax())
+    tokens = [[first[i]] for i in range(len(requests))]
+    extras = [lm.decode_extras(r.extras) for r in requests]
     live = [i for i, t in enumerate(tokens) if t[-1] not in eos and max_new_tokens > 1]
     while live:
-        out = lm.decode([DecodeInput(tokens[i][-1], kvs[i], extras[i]) for i in live])
-        assert out.logits.shape == (len(live), lm.spec.vocab_size)
+        for i in live:
+            kv.reserve(i, 1)
+        batch = FlatBatch.build(kv, [(i, 1) for i in live])
+        logits = lm.forward(
+            lm.embed([tokens[i][-1] for i in live]), batch, [extras[i] for i in live]
+        )
+        assert logits.shape == (len(live), lm.spec.vocab_size)
         for j, i in enumerate(live):
-            kvs[i] = torch.cat([kvs[i], out.kv[:, :, j : j + 1]], dim=2)
-            tokens[i].append(int(out.logits[j].argmax()))
+            tokens[i].append(int(logits[j].argmax()))
         live = [i for i in live if tokens[i][-1] not in eos and len(tokens[i]) < max_new_tokens]
     return tokens
 

@@ -26,10 +26,12 @@ def image_tokens(key: bytes, num_tokens: int) -> torch.Tensor:
 
 
 class FakeModel:
-    """Encode gives ``image_tokens``; prefill and decode give fixed logits (argmax 3) and
-    random KV. ``fail[stage]`` (a predicate on the call's input) makes a call raise."""
+    """Encode gives ``image_tokens``; a forward writes random K/V into the batch's slots and
+    gives logits whose argmax is ``token``. ``fail[stage]`` (a predicate on the call's input:
+    image keys for "encode", the ``FlatBatch`` for "prefill" and "decode") makes a call raise."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = HIDDEN, vocab: int = VOCAB, token: int = 3) -> None:
+        self.hidden, self.vocab, self.token = hidden, vocab, token
         self.spec = SimpleNamespace(eos_token_ids=[])
         self.fail: dict[str, object] = {}
         self.calls: dict[str, int] = {}
@@ -45,18 +47,21 @@ class FakeModel:
         return [image_tokens(key, n) for key, n, _ in items]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(ids.shape[0], HIDDEN)
+        return torch.zeros(ids.shape[0], self.hidden)
 
-    def prefill_batch(self, items):
-        self._call("prefill", items)
-        logits = torch.zeros(VOCAB).index_fill_(0, torch.tensor([3]), 1.0)
-        return [(logits, torch.randn(LAYERS, 2, e.shape[0], HEADS, DIM), {}) for e, _ in items]
+    def forward(self, embeds: torch.Tensor, batch, extras) -> torch.Tensor:
+        self._call("decode" if batch.is_decode else "prefill", batch)
+        assert embeds.shape == (batch.num_tokens, self.hidden)
+        kv = batch.cache
+        for layer in range(kv.num_layers):
+            k, v = (torch.randn(batch.num_tokens, kv.num_kv_heads, kv.head_dim) for _ in "kv")
+            kv.write(layer, batch.slot_mapping, k.to(kv.dtype), v.to(kv.dtype))
+        logits = torch.zeros(len(batch.seq_ids), self.vocab)
+        logits[:, self.token] = 1.0
+        return logits
 
-    def decode(self, inputs):
-        self._call("decode", inputs)
-        logits = torch.zeros(len(inputs), VOCAB)
-        logits[:, 3] = 1.0
-        return logits, torch.randn(LAYERS, 2, len(inputs), HEADS, DIM)
+    def decode_extras(self, extras):
+        return {}
 
 
 class FakeWorker:

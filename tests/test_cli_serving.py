@@ -37,7 +37,7 @@ def test_make_small_model_draws_its_weights_at_load(tmp_path):
     adapter = load_adapter(out)
     s = adapter.spec
     assert (s.num_layers, s.hidden_size, s.num_kv_heads, s.head_dim) == (4, 256, 2, 64)
-    assert s.dtype == torch.float32 and s.max_context == 2048
+    assert s.dtype == torch.float32 and s.max_context == 8192
     image = adapter.preprocess_image(make_image(112, 112, 0))
     prepared = adapter.tokenize("USER: <image> what ASSISTANT:", [image])
     assert prepared.input_ids.count(s.image_token_id) == 64  # 112 px / 14 px patches, squared

@@ -28,10 +28,19 @@ def _cases(ph: str) -> list[tuple[str, list]]:
     ]
 
 
-@pytest.mark.parametrize("batched_prefill", [False, True])
-def test_staged_tokens_equal_generate(adapter, batched_prefill):
+@pytest.mark.parametrize(
+    ("batched_prefill", "chunk", "block_size"),
+    [(False, None, 16), (True, None, 16), (True, 7, 16), (False, 5, 4)],
+    ids=["one-by-one", "flat-batch", "chunks-of-7", "chunks-of-5-bs4"],
+)
+def test_staged_tokens_equal_generate(adapter, batched_prefill, chunk, block_size):
+    """Paged execution (flat batches, chunked prefill, decode over pages) gives the tokens of
+    ``generate()``."""
     reqs = [adapter.prepare(p, ims) for p, ims in _cases(adapter.spec.image_placeholder)]
-    got = staged_generate(adapter, adapter, reqs, MAX_NEW, batched_prefill=batched_prefill)
+    got = staged_generate(
+        adapter, adapter, reqs, MAX_NEW, batched_prefill=batched_prefill, chunk=chunk,
+        block_size=block_size,
+    )  # fmt: skip
     assert got == reference_tokens(adapter, reqs, MAX_NEW)
     assert sum(len(t) for t in got) > 2 * len(got)  # real decoding happened, not just EOS
 

@@ -290,12 +290,20 @@ def test_torch_path(dtype, head_dim, block_size):
         case.check(prefill(case, backend="torch"))
 
 
-def test_auto_takes_the_reference_on_cpu():
+def test_auto_takes_the_torch_path_on_cpu():
     case = decode_case(16, (4, 2), 64, torch.float32)
-    ref = refs.paged_attention_decode(
-        case.query, case.kv_layer, case.tables, case.context_lens, case.scale
-    )
-    assert torch.equal(decode(case), ref)
+    assert torch.equal(decode(case), decode(case, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=CPU_TRITON)])
+def test_length_hints_give_the_same_result(backend):
+    """Told the longest context / query run (what a runtime passes), a call gives the same."""
+    case = decode_case(16, (4, 2), 64, torch.float32)
+    hinted = decode(case, backend=backend, check_indices=False, max_context_len=max(case.lens))
+    assert torch.equal(hinted, decode(case, backend=backend))
+    case = prefill_case(16, (4, 2), 64, torch.float32)
+    hinted = prefill(case, backend=backend, check_indices=False, max_query_len=max(case.q_lens))
+    assert torch.equal(hinted, prefill(case, backend=backend))
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
@@ -477,6 +485,20 @@ def test_gpu_sweep(dtype, head_dim, block_size, heads):
     chunks = [(1, 1), (300, 300), (1000, 129), (2049, 1), (64, 0), (700, 700)]
     case = prefill_case(block_size, heads, head_dim, dtype, lens=chunks, device="cuda")
     case.check(prefill(case))
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_with_length_hints():
+    case = prefill_case(16, (8, 2), 128, torch.float16, lens=[(500, 100), (20, 20)], device="cuda")
+    prefill(case, check_indices=False, max_query_len=100)  # compile first
+    case = decode_case(16, (8, 2), 128, torch.float16, device="cuda")
+    decode(case, check_indices=False, max_context_len=max(case.lens))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decode(case, check_indices=False, max_context_len=max(case.lens))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu

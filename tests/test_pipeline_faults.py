@@ -141,7 +141,8 @@ def test_killed_stage_reports_reason(tiny_model_dir, victim):
 
 # Loaded by every worker process (PYTHONPATH): model calls that raise on demand. An encode
 # raises while its batch holds a key listed in the file "encode"; an embed (prefill, before
-# the LM runs) or a decode step raises once when the file named after it exists.
+# the LM runs) or a decode step (a forward of one token per sequence) raises once when the
+# file named after it exists.
 FAULT_HOOK = """
 import os
 from epdrt.runtime.stage_model import StageModel
@@ -158,13 +159,13 @@ def _fires(stage):
     return True
 
 
-def _wrap(name, should_fail):
+def _wrap(name, should_fail, label=None):
     original = getattr(StageModel, name)
 
-    def call(self, arg):
-        if should_fail(arg):
-            raise RuntimeError(f"injected {name} fault")
-        return original(self, arg)
+    def call(self, *args):
+        if should_fail(*args):
+            raise RuntimeError(f"injected {label or name} fault")
+        return original(self, *args)
 
     setattr(StageModel, name, call)
 
@@ -179,7 +180,7 @@ def _bad_keys():
 
 _wrap("encode", lambda items: bool(_bad_keys() & {key for key, _, _ in items}))
 _wrap("embed", lambda ids: _fires("embed"))
-_wrap("decode", lambda inputs: _fires("decode"))
+_wrap("forward", lambda embeds, batch, extras: batch.is_decode and _fires("decode"), "decode")
 """
 
 

@@ -36,9 +36,11 @@ def once(check=lambda arg: True):
 
 
 def start_sequence(d0: FakeWorker, req_id: str, num_tokens: int = 5) -> None:
-    d0.decode.start_local(
-        req_id, torch.randn(2, 2, num_tokens, 2, 4), 3, 4, {}
-    )  # KV [L, 2, n, H, D]
+    """A sequence prefilled in d0: its prompt's KV in d0's cache, handed to its decode role."""
+    slots = d0.kv.reserve(req_id, num_tokens)
+    for layer in range(d0.kv.num_layers):
+        d0.kv.write(layer, slots, *torch.randn(2, num_tokens, 2, 4))
+    d0.decode.start_local(req_id, 3, 4, {})
 
 
 def test_a_failing_decode_step_fails_its_sequences_and_the_next_step_runs():
@@ -65,12 +67,12 @@ def test_a_failing_prefill_assembly_fails_its_batch_and_frees_the_images(monkeyp
     e0.step()
     fault = once()
 
-    def assemble(embeds, cache, placements):
-        if fault(placements):
+    def assemble(embeds, pages, rows, **kwargs):
+        if fault(rows):
             raise ValueError("bad placement")
         return embeds
 
-    monkeypatch.setattr("epdrt.runtime.prefill_role.assemble_inputs_embeds", assemble)
+    monkeypatch.setattr("epdrt.runtime.prefill_role.mm_embed", assemble)
     p0.dispatch(prefill_msg("a", slots["a"]))
     p0.step()
     deliver(e0, p0)
@@ -79,6 +81,7 @@ def test_a_failing_prefill_assembly_fails_its_batch_and_frees_the_images(monkeyp
     p0.step()
     assert p0.failed == [("a", "p0: prefill step failed: ValueError: bad placement")]
     assert p0.mm.hold_count(slots["a"].key) == 0 and not p0.prefill.admitted
+    assert not p0.prefill.running and "a" not in p0.kv  # its KV blocks are freed too
     p0.dispatch(prefill_msg("b", slots["b"]))
     for _ in range(2):
         p0.step()

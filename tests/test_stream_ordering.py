@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from role_fakes import FakeModel
 
 from epdrt import device as device_mod
 from epdrt.cache import MMTokenCache, PagedKVCache
@@ -78,26 +79,6 @@ def test_copy_blocks_waits_for_the_producer_stream(dev, fake_cuda_stream):
     assert len(w.outbox) == 1
 
 
-class FakeModel:
-    """A language model of 2 layers whose prefill returns fixed logits and KV."""
-
-    def __init__(self, hidden: int, vocab: int, kv_shape: tuple[int, ...]) -> None:
-        self.hidden, self.vocab, self.kv_shape = hidden, vocab, kv_shape
-        self.spec = SimpleNamespace(eos_token_ids=[])
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(ids.shape[0], self.hidden)
-
-    def prefill_batch(self, items):
-        out = []
-        for embeds, _ in items:
-            n = embeds.shape[0]
-            logits = torch.arange(self.vocab, dtype=torch.float32)
-            layers, _, heads, dim = self.kv_shape
-            out.append((logits, torch.randn(layers, 2, n, heads, dim), {}))
-        return out
-
-
 def test_prefill_finishes_its_staging_writes_before_telling_decoders(monkeypatch):
     """Every KVReady of a batch is sent after one wait for the prefill's stream, and after the
     staged KV is in the cache."""
@@ -106,7 +87,7 @@ def test_prefill_finishes_its_staging_writes_before_telling_decoders(monkeypatch
     w = SimpleNamespace(
         name="p0", device=torch.device("cpu"), decode=None, encode=None,
         mm=MMTokenCache(16, 4, 8, torch.float32), kv=kv,
-        model=FakeModel(16, 32, (2, 2, 2, 8)),
+        model=FakeModel(hidden=16),
         config=SimpleNamespace(prefill_max_batch_tokens=4096, verify_transfers=False),
         count=lambda *a: None, digest=lambda t: None,
         send=lambda peer, msg, frames=None: log.append((peer, type(msg).__name__)),

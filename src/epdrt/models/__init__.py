@@ -7,8 +7,13 @@ Typical use::
     req = adapter.prepare("USER: <image> What is this? ASSISTANT:", ["cat.png"])
     feats = adapter.encode(req.images)                        # [n_i, hidden] per image
     embeds = insert_image_tokens(adapter.embed(req.input_ids), req.image_starts, feats)
-    logits, kv, extras = adapter.prefill(embeds, req)         # [V], [L, 2, n, H, D]
-    out = adapter.decode([DecodeInput(int(logits.argmax()), kv, extras)])
+    kv = PagedKVCache(...)                                    # see epdrt.cache.sizing.kv_cache
+    kv.reserve("r1", req.num_tokens)
+    logits = adapter.forward(embeds, FlatBatch.build(kv, [("r1", req.num_tokens)]), [req.extras])
+    kv.reserve("r1", 1)                                       # then one token per step
+    token = adapter.embed([int(logits[0].argmax())])
+    logits = adapter.forward(token, FlatBatch.build(kv, [("r1", 1)]),
+                             [adapter.decode_extras(req.extras)])
 
 ``make_tiny_model`` writes small random-weight model directories for tests and demos.
 """
@@ -16,6 +21,7 @@ Typical use::
 from epdrt.models.base import ModelAdapter, insert_image_tokens
 from epdrt.models.errors import ModelLoadError, RequestError
 from epdrt.models.images import ImageSource, load_image
+from epdrt.models.paged import FlatBatch
 from epdrt.models.registry import (
     adapter_class,
     load_adapter,
@@ -25,12 +31,9 @@ from epdrt.models.registry import (
 from epdrt.models.tiny import ARCHS, SIZES, make_tiny_model
 from epdrt.models.types import (
     STAGES,
-    DecodeInput,
-    DecodeOutput,
     ImageInput,
     ImageLimits,
     ModelSpec,
-    PrefillOutput,
     PreparedRequest,
 )
 
@@ -38,15 +41,13 @@ __all__ = [
     "ARCHS",
     "SIZES",
     "STAGES",
-    "DecodeInput",
-    "DecodeOutput",
+    "FlatBatch",
     "ImageInput",
     "ImageLimits",
     "ImageSource",
     "ModelAdapter",
     "ModelLoadError",
     "ModelSpec",
-    "PrefillOutput",
     "PreparedRequest",
     "RequestError",
     "adapter_class",

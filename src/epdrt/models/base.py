@@ -3,13 +3,12 @@
 
 Preprocessing (router, CPU, no weights needed): ``load_image`` -> ``preprocess_image`` ->
 ``tokenize`` (or ``prepare`` for all three). Stages (math on tensors, no processes):
-``encode`` (vision tower + projector), ``embed`` / ``prefill`` / ``decode`` (language model).
+``encode`` (vision tower + projector), ``embed`` / ``forward`` (language model).
 Each stage calls the model's own modules; only the KV plumbing is the adapter's.
 
-NOTE: ``decode`` takes each request's past K/V as a dense tensor (what the runtime gathers
-from its paged cache), left-pads the batch to the longest past and masks the padding: one
-batched forward for ragged lengths. Cost per step is a copy of the batch's KV into one padded
-tensor; a paged-attention kernel can replace it later without changing this API.
+The language model runs over a paged KV cache (``forward`` with a ``FlatBatch``, see
+``epdrt.models.paged``): prompts, prompt chunks and decode tokens of many requests in one
+unpadded forward, K/V written into and read from the pages.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import transformers
 from PIL import Image
@@ -42,14 +42,12 @@ from epdrt.models.loading import (
     tie_lm_head,
     weight_files,
 )
+from epdrt.models.paged import BATCH_KWARG, FlatBatch, paged_attention_of
 from epdrt.models.types import (
     STAGES,
-    DecodeInput,
-    DecodeOutput,
     ImageInput,
     ImageLimits,
     ModelSpec,
-    PrefillOutput,
     PreparedRequest,
 )
 
@@ -130,7 +128,6 @@ class ModelAdapter(abc.ABC):
         self.model = build_skeleton(self.model_class(), self.config, self.dtype)
         self._load_weights()
         self._lm = self.model.model.language_model
-        self._cache_kw = _compat.cache_kwarg(self._lm)
         self._setup_tokens()
         self._check_processor()
         self.spec = self._make_spec(max_context)
@@ -165,18 +162,6 @@ class ModelAdapter(abc.ABC):
         self, input_ids: list[int], images: Sequence[ImageInput]
     ) -> dict[str, torch.Tensor]:
         """Model-specific tensors ``prefill`` needs (CPU)."""
-        return {}
-
-    def _prefill_positions(self, extras: Extras, n: int) -> torch.Tensor:
-        """Position ids of one request's ``n`` prompt tokens, batch dim of size 1 at dim -2."""
-        return torch.arange(n, device=self.device)[None]
-
-    def _decode_positions(self, pasts: list[int], extras: list[Extras]) -> torch.Tensor:
-        """Position ids of the new token of each request, batch dim at -2 (``[b, 1]``)."""
-        return torch.tensor(pasts, device=self.device)[:, None]
-
-    def _decode_extras(self, extras: Extras) -> dict[str, torch.Tensor]:
-        """What ``decode`` needs of a request, taken from its prefill extras."""
         return {}
 
     # ---- description -------------------------------------------------------------------------
@@ -417,151 +402,65 @@ class ModelAdapter(abc.ABC):
         return self._lm.get_input_embeddings()(ids)
 
     @torch.no_grad()
-    def prefill(
-        self, inputs_embeds: torch.Tensor, request: PreparedRequest | Extras
-    ) -> PrefillOutput:
-        """Runs one request's prompt through the language model.
+    def forward(
+        self, inputs_embeds: torch.Tensor, batch: FlatBatch, extras: Sequence[Extras]
+    ) -> torch.Tensor:
+        """Runs a flat batch's new tokens through the language model over the paged KV cache.
+
+        Each new token's K/V is written into ``batch.cache`` at its slot as the layers run;
+        attention reads the pages (see ``epdrt.models.paged``). Prompts, prompt chunks and
+        decode tokens may share one batch.
 
         Args:
-            inputs_embeds: ``[n, hidden_size]``, text embeddings with image tokens inserted.
-            request: the ``PreparedRequest`` or its ``extras`` dict.
+            inputs_embeds: ``[T, hidden_size]``, the batch's new tokens in batch order (text
+                embeddings with image tokens inserted, or ``embed`` of decode tokens).
+            batch: where the tokens go and what each sequence attends to.
+            extras: per sequence, its prompt's ``PreparedRequest.extras`` (prefill) or its
+                ``decode_extras`` (decode); they give model-specific positions.
 
         Returns:
-            ``PrefillOutput(logits [vocab] float32, kv [L, 2, n, H_kv, D], decode_extras)``.
-        """
-        return self.prefill_batch([(inputs_embeds, request)])[0]
-
-    @torch.no_grad()
-    def prefill_batch(
-        self, items: Sequence[tuple[torch.Tensor, PreparedRequest | Extras]]
-    ) -> list[PrefillOutput]:
-        """``prefill`` of several requests in one forward (right-padded to the longest prompt).
-
-        Args:
-            items: ``(inputs_embeds [n_i, hidden_size], request or extras)`` per request.
+            ``[b, vocab]`` float32: logits of each sequence's last new token (a prompt chunk
+            that does not end its prompt gets a row too; the caller ignores it).
         """
         self._require("prefill")
-        if not items:
-            return []
-        extras = [_extras_of(r) for _, r in items]
-        lengths = [self._check_embeds(e) for e, _ in items]
-        b, longest = len(items), max(lengths)
-        embeds = torch.zeros(
-            b, longest, self.spec.hidden_size, dtype=self.dtype, device=self.device
-        )
-        positions = []
-        for i, ((e, _), n, x) in enumerate(zip(items, lengths, extras)):
-            embeds[i, :n] = e
-            pos = self._prefill_positions(x, n)
-            positions.append(torch.nn.functional.pad(pos, (0, longest - n)))
-        position_ids = torch.cat(positions, dim=-2)
-        mask = None
-        if min(lengths) != longest:
-            mask = torch.zeros(b, longest, dtype=torch.long, device=self.device)
-            for i, n in enumerate(lengths):
-                mask[i, :n] = 1
-        cache = _compat.new_cache(self.text_config)
-        hidden = self._lm_forward(embeds, position_ids, mask, cache)
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self._logits(hidden[torch.arange(b, device=self.device), last])
-        kvs = [_compat.layer_kv(cache, layer) for layer in range(self.spec.num_layers)]
-        out = []
-        for i, n in enumerate(lengths):
-            kv = torch.stack(
-                [torch.stack([k[i, :, :n], v[i, :, :n]]).transpose(1, 2) for k, v in kvs]
-            ).contiguous()  # [L, 2, n, H, D]
-            out.append(PrefillOutput(logits[i], kv, self._decode_extras(extras[i])))
-        return out
+        if inputs_embeds.shape != (batch.num_tokens, self.spec.hidden_size):
+            raise ValueError(
+                f"inputs_embeds must be [{batch.num_tokens}, {self.spec.hidden_size}] for this"
+                f" batch, got {list(inputs_embeds.shape)}"
+            )
+        if len(extras) != len(batch.seq_ids):
+            raise ValueError(f"{len(extras)} extras for {len(batch.seq_ids)} sequences")
+        positions = self._flat_positions(extras, batch.starts, batch.query_lens)
+        with paged_attention_of(self._lm.config):
+            out = self._lm(
+                inputs_embeds=inputs_embeds[None].to(self.dtype),
+                position_ids=positions,
+                use_cache=False,
+                **{BATCH_KWARG: batch},
+            )
+        hidden = out.last_hidden_state[0]  # [T, hidden]
+        rows = torch.from_numpy(batch.last_rows).to(self.device)
+        return self._logits(hidden.index_select(0, rows))
 
-    @torch.no_grad()
-    def decode(self, batch: Sequence[DecodeInput]) -> DecodeOutput:
-        """One decode step for ``b`` requests with ragged past lengths.
-
-        Args:
-            batch: per request its last token, its past K/V ``[L, 2, past_len_i, H_kv, D]`` and
-                its ``decode_extras``. The new token's position is ``past_len_i`` (plus the
-                request's rope delta for Qwen2-VL).
-
-        Returns:
-            ``DecodeOutput(logits [b, vocab] float32, kv [L, 2, b, H_kv, D])``: the new
-            token's K/V, to append to each request's cache.
-        """
-        self._require("decode")
-        if not batch:
-            raise ValueError("decode needs at least one request")
-        s = self.spec
-        pasts = [self._check_kv(x.kv) for x in batch]
-        b, longest = len(batch), max(pasts)
-        # Left padding: request i's past sits at [longest - past_i, longest).
-        padded = torch.zeros(
-            s.num_layers, 2, b, longest, s.num_kv_heads, s.head_dim, dtype=self.dtype,
-            device=self.device,
-        )  # fmt: skip
-        for i, (x, p) in enumerate(zip(batch, pasts)):
-            padded[:, :, i, longest - p :] = x.kv
-        cache = _compat.cache_from_tensors(
-            self.text_config,
-            [padded[layer, 0].transpose(1, 2) for layer in range(s.num_layers)],
-            [padded[layer, 1].transpose(1, 2) for layer in range(s.num_layers)],
-        )
-        mask = None
-        if min(pasts) != longest:
-            mask = torch.ones(b, longest + 1, dtype=torch.long, device=self.device)
-            for i, p in enumerate(pasts):
-                mask[i, : longest - p] = 0
-        tokens = torch.tensor([int(x.token) for x in batch], device=self.device)
-        embeds = self._lm.get_input_embeddings()(tokens)[:, None]  # [b, 1, hidden]
-        positions = self._decode_positions(pasts, [x.extras for x in batch])
-        hidden = self._lm_forward(embeds, positions, mask, cache)
-        logits = self._logits(hidden[:, -1])
-        new_kv = torch.stack(
-            [
-                torch.stack(_compat.layer_kv(cache, layer))[:, :, :, -1]
-                for layer in range(s.num_layers)
-            ]
-        )  # [L, 2, b, H, D]
-        return DecodeOutput(logits, new_kv.contiguous())
+    def decode_extras(self, extras: Extras) -> dict[str, torch.Tensor]:
+        """What decoding needs of a request (CPU tensors), taken from its prompt's extras."""
+        return {}
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _lm_forward(
-        self,
-        embeds: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any,
+    def _text_positions(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """``[T]`` host: each new token's position in its sequence, sequences concatenated."""
+        seq = np.repeat(np.arange(len(counts)), counts)
+        first_row = np.cumsum(counts) - counts
+        return np.arange(int(counts.sum())) - first_row[seq] + starts[seq]
+
+    def _flat_positions(
+        self, extras: Sequence[Extras], starts: np.ndarray, counts: np.ndarray
     ) -> torch.Tensor:
-        out = self._lm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_kw: cache},
-        )
-        return out.last_hidden_state  # [b, s, hidden]
+        """Position ids of a flat batch's tokens, ``[1, T]`` (``[3, 1, T]`` for M-RoPE)."""
+        return torch.from_numpy(self._text_positions(starts, counts))[None].to(self.device)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
-
-    def _check_embeds(self, embeds: torch.Tensor) -> int:
-        if embeds.dim() != 2 or embeds.shape[1] != self.spec.hidden_size or embeds.shape[0] < 1:
-            raise ValueError(
-                f"inputs_embeds must be [n >= 1, {self.spec.hidden_size}], got {list(embeds.shape)}"
-            )
-        return int(embeds.shape[0])
-
-    def _check_kv(self, kv: torch.Tensor) -> int:
-        s = self.spec
-        if (
-            kv.dim() != 5
-            or kv.shape[:2] != (s.num_layers, 2)
-            or kv.shape[3:] != (s.num_kv_heads, s.head_dim)
-            or kv.shape[2] < 1
-        ):
-            raise ValueError(
-                f"past kv must be [{s.num_layers}, 2, past_len >= 1, {s.num_kv_heads},"
-                f" {s.head_dim}], got {list(kv.shape)}"
-            )
-        return int(kv.shape[2])
 
 
 def insert_image_tokens(
@@ -572,10 +471,6 @@ def insert_image_tokens(
     for start, tokens in zip(starts, image_tokens):
         embeds[start : start + tokens.shape[0]] = tokens.to(embeds.dtype)
     return embeds
-
-
-def _extras_of(request: PreparedRequest | Extras) -> Extras:
-    return request.extras if isinstance(request, PreparedRequest) else request
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:

@@ -13,6 +13,9 @@ HF keeps ``rope_deltas`` as state on the model; here it travels with each reques
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedModel, Qwen2VLForConditionalGeneration
@@ -99,19 +102,30 @@ class Qwen2VLAdapter(ModelAdapter):
             "rope_delta": delta.reshape(1).to(torch.long),
         }
 
-    def _prefill_positions(self, extras: Extras, n: int) -> torch.Tensor:
-        pos = extras.get("position_ids")
-        if pos is None:
-            return torch.arange(n, device=self.device).expand(3, 1, n)
-        if tuple(pos.shape) != (3, n):
-            raise ValueError(f"position_ids must be [3, {n}], got {list(pos.shape)}")
-        return pos.to(self.device)[:, None, :]  # [3, 1, n]
+    def _flat_positions(
+        self, extras: Sequence[Extras], starts: np.ndarray, counts: np.ndarray
+    ) -> torch.Tensor:
+        """``[3, 1, T]``: a prompt's tokens take their M-RoPE positions from the prompt's
+        ``position_ids [3, n]``; later tokens (decode) sit at ``position + rope_delta`` on all
+        three axes, as in ``generate()``."""
+        text = self._text_positions(starts, counts) + np.repeat(
+            np.array([_delta(x) for x in extras], dtype=np.int64), counts
+        )
+        pos = torch.from_numpy(text).expand(3, -1).clone()
+        first = 0
+        for x, start, count in zip(extras, starts.tolist(), counts.tolist()):
+            prompt = x.get("position_ids")
+            if prompt is not None:
+                if prompt.dim() != 2 or prompt.shape[0] != 3 or start + count > prompt.shape[1]:
+                    raise ValueError(
+                        f"position_ids [3, n] must cover tokens {start}..{start + count},"
+                        f" got {list(prompt.shape)}"
+                    )
+                pos[:, first : first + count] = prompt[:, start : start + count]
+            first += count
+        return pos[:, None].to(self.device)
 
-    def _decode_positions(self, pasts: list[int], extras: list[Extras]) -> torch.Tensor:
-        pos = [p + _delta(x) for p, x in zip(pasts, extras)]
-        return torch.tensor(pos, device=self.device).view(1, -1, 1).expand(3, -1, 1)
-
-    def _decode_extras(self, extras: Extras) -> dict[str, torch.Tensor]:
+    def decode_extras(self, extras: Extras) -> dict[str, torch.Tensor]:
         return {"rope_delta": torch.tensor([_delta(extras)], dtype=torch.long)}
 
 

@@ -312,7 +312,7 @@ def _llava(size: str):
         )  # fmt: skip
         text = LlamaConfig(
             hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048,
+            num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=8192,
             bos_token_id=1, eos_token_id=2, pad_token_id=3,
         )  # fmt: skip
         dtype = "float32"

@@ -3,22 +3,17 @@
 
 Every tensor here is a ``torch.Tensor`` that can travel as a named frame: the runtime may ship
 ``ImageInput.tensors`` to an encoder, ``PreparedRequest.extras`` to a prefill worker and
-``PrefillOutput.decode_extras`` to a decode worker without knowing what is inside.
+``ModelAdapter.decode_extras`` to a decode worker without knowing what is inside.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import NamedTuple
 
 import torch
 
 #: The stages a process may load (``load_adapter(..., stages=...)``).
 STAGES = frozenset({"encode", "prefill", "decode"})
-
-_NO_EXTRAS: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -134,47 +129,3 @@ class PreparedRequest:
     def image_spans(self) -> list[tuple[int, int]]:
         """``(start, num_tokens)`` of each image in prompt order."""
         return [(s, im.num_tokens) for s, im in zip(self.image_starts, self.images)]
-
-
-class PrefillOutput(NamedTuple):
-    """Result of ``prefill`` for one request of ``n`` tokens.
-
-    Attributes:
-        logits: ``[vocab] float32``, next-token logits after the last prompt token.
-        kv: ``[num_layers, 2, n, num_kv_heads, head_dim]`` in ``spec.dtype`` (2 = K, V; keys
-            already rotated), contiguous, on the adapter's device.
-        decode_extras: model-specific CPU tensors ``decode`` needs for this request. LLaVA: none.
-            Qwen2-VL: ``rope_delta [1] int64``.
-    """
-
-    logits: torch.Tensor
-    kv: torch.Tensor
-    decode_extras: dict[str, torch.Tensor]
-
-
-class DecodeInput(NamedTuple):
-    """One request's decode step.
-
-    Attributes:
-        token: the last generated token id (fed now).
-        kv: ``[num_layers, 2, past_len, num_kv_heads, head_dim]`` past K/V in ``spec.dtype``;
-            ``past_len`` (any value >= 1 per request) is also the new token's position.
-        extras: ``PrefillOutput.decode_extras`` of this request.
-    """
-
-    token: int
-    kv: torch.Tensor
-    extras: Mapping[str, torch.Tensor] = _NO_EXTRAS
-
-
-class DecodeOutput(NamedTuple):
-    """Result of one decode step for ``b`` requests.
-
-    Attributes:
-        logits: ``[b, vocab] float32``.
-        kv: ``[num_layers, 2, b, num_kv_heads, head_dim]``, the new token's K/V per request,
-            to append to each request's cache.
-    """
-
-    logits: torch.Tensor
-    kv: torch.Tensor

@@ -3,11 +3,11 @@
 
 - encode: the vision tower on ``n`` distinct preprocessed images, outputs put in an
   ``MMTokenCache`` (as ``EncodeRole.step``);
-- prefill: ``b`` requests of ``t`` text tokens each: embed and assemble each one's input
-  embeddings, one batched LM prefill, each one's first token and KV written into a
-  ``PagedKVCache`` for the hand-off (as ``PrefillRole._prefill``);
-- decode: one step of ``b`` sequences of ``c`` tokens each: gather each one's KV from the paged
-  cache, the batched LM step, append the new tokens' KV (as ``DecodeRole._decode_step``).
+- prefill: ``b`` requests of ``t`` text tokens each: embed and assemble the input embeddings,
+  one flat LM forward writing their KV into a ``PagedKVCache``, each one's first token (as
+  ``PrefillRole._prefill``);
+- decode: one step of ``b`` sequences of ``c`` tokens each: a slot for each new token, one
+  flat LM forward over the pages (as ``DecodeRole._decode_step``).
 
 It also measures the runtime's fixed costs (``measure_overheads``: the router's preprocessing
 and one control message between processes) and the block copy the runtime moves MM tokens
@@ -37,7 +37,8 @@ from PIL import Image
 from epdrt.cache import PagedKVCache, sizing
 from epdrt.errors import InvalidArgument
 from epdrt.host_memory import keep_freed_host_memory
-from epdrt.models import DecodeInput, ImageInput, PreparedRequest, load_adapter
+from epdrt.kernels import assemble_inputs_embeds
+from epdrt.models import FlatBatch, ImageInput, PreparedRequest, load_adapter
 from epdrt.planner.profile import Overheads, StageProfile, TransferProfile
 from epdrt.planner.profiler import ProfileGrid, RunnerFacts, fit_transfer, measure_profile
 
@@ -189,27 +190,24 @@ class ModelStageRunner:
         return dict(self.adapter._request_extras(ids, []))
 
     def prefill(self, num_tokens: int, num_requests: int = 1) -> None:
-        from epdrt.kernels import assemble_inputs_embeds
-
         if num_tokens > self.spec.max_context:
             raise InvalidArgument(
                 f"prefill of {num_tokens} tokens > context {self.spec.max_context}"
             )
         req = self._prompt(num_tokens)
-        items = []
-        for _ in range(num_requests):
-            ids = torch.tensor(req.input_ids, dtype=torch.int64, device=self.device)
-            items.append((assemble_inputs_embeds(self.adapter.embed(ids), self.mm, []), req))
-        with torch.inference_mode():
-            outs = self.adapter.prefill_batch(items)
-        for out in outs:
-            int(torch.argmax(out.logits))
-            seq = ("prefill", next(self._seq))
-            slots = self.kv.reserve(seq, num_tokens)
-            for layer in range(self.kv.num_layers):
-                self.kv.write(layer, slots, out.kv[layer, 0], out.kv[layer, 1])
-            self.kv.free(seq)
-        self._decode_extras = dict(outs[-1].decode_extras)
+        seqs = [("prefill", next(self._seq)) for _ in range(num_requests)]
+        for seq in seqs:
+            self.kv.reserve(seq, num_tokens)
+        try:
+            ids = torch.tensor(req.input_ids * num_requests, dtype=torch.int64, device=self.device)
+            embeds = assemble_inputs_embeds(self.adapter.embed(ids), self.mm, [])
+            batch = FlatBatch.build(self.kv, [(seq, num_tokens) for seq in seqs])
+            logits = self.adapter.forward(embeds, batch, [req.extras] * num_requests)
+            torch.argmax(logits, dim=-1).tolist()
+        finally:
+            for seq in seqs:
+                self.kv.free(seq)
+        self._decode_extras = self.adapter.decode_extras(req.extras)
 
     # ---- decode ------------------------------------------------------------------------------
     def _setup_decode(self, batch_size: int, context_tokens: int) -> None:
@@ -233,15 +231,14 @@ class ModelStageRunner:
     def decode(self, batch_size: int, context_tokens: int) -> None:
         self._setup_decode(batch_size, context_tokens)
         seqs = [("decode", i) for i in range(batch_size)]
-        inputs = []
         for seq in seqs:
-            k, v = self.kv.read(seq)  # [L, n, H, D] each
-            inputs.append(DecodeInput(5, torch.stack([k, v], dim=1), self._decode_extras))
-        with torch.inference_mode():
-            out = self.adapter.decode(inputs)
-        torch.argmax(out.logits, dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            self.kv.append(seq, out.kv[:, 0, i : i + 1], out.kv[:, 1, i : i + 1])
+            self.kv.reserve(seq, 1)
+        batch = FlatBatch.build(self.kv, [(seq, 1) for seq in seqs])
+        ids = torch.full((batch_size,), 5, dtype=torch.int64, device=self.device)
+        logits = self.adapter.forward(
+            self.adapter.embed(ids), batch, [self._decode_extras] * batch_size
+        )
+        torch.argmax(logits, dim=-1).tolist()
 
     # ---- device ------------------------------------------------------------------------------
     def synchronize(self) -> None:

@@ -38,8 +38,9 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: one encoder batch takes: eight large images do not run in a batch sized for small ones.
     #: A larger image still runs alone.
     encode_max_batch_tokens: int = 8192
-    #: Most tokens one prefill forward computes: requests x the longest prompt (the batch is
-    #: right-padded). A longer prompt still runs alone.
+    #: Most prompt tokens one prefill forward computes (a flat batch, no padding). A longer
+    #: prompt is prefilled in chunks of at most this many tokens over several steps, each
+    #: attending to the earlier chunks in the KV cache.
     prefill_max_batch_tokens: int = 4096
     decode_max_batch: int = 32
     kv_block_size: int = 16

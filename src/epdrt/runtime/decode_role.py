@@ -2,8 +2,10 @@
 """Decode role: admits sequences into its paged KV cache and runs continuous batching.
 
 Admission budgets blocks for a sequence's whole life (prompt + max_new_tokens), so a running
-sequence never meets a full cache; a sequence that does not fit waits (back-pressure). Each step
-decodes up to ``decode_max_batch`` sequences together; they join and leave independently.
+sequence never meets a full cache; a sequence that does not fit waits (back-pressure). Blocks
+are allocated as sequences grow; the budget only promises them. Each step decodes up to
+``decode_max_batch`` sequences together in one flat batch over the pages (one new token each,
+its K/V written into its slot as the layers run); they join and leave independently.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from epdrt.cache.sizing import blocks_for
+from epdrt.models.paged import FlatBatch
 from epdrt.runtime import messages as m
 from epdrt.runtime.sampling import GREEDY, SamplingParams, sample
-from epdrt.runtime.stage_model import DecodeInput
 
 if TYPE_CHECKING:
     from epdrt.runtime.worker import Worker
@@ -44,7 +46,8 @@ class DecodeRole:
         self.kv = worker.kv
         # Sequences whose KV waits in a prefill worker's cache, in arrival order (admission).
         self.ready_queue: deque[tuple[m.KVReady, dict[str, torch.Tensor]]] = deque()
-        self.local_queue: deque[tuple[str, torch.Tensor, int, int, dict, SamplingParams]] = deque()
+        # Sequences prefilled in this worker, whose KV is already in this cache.
+        self.local_queue: deque[tuple[str, int, int, dict, SamplingParams]] = deque()
         # Admitted sequences whose KV is being copied in from their prefill worker.
         self.pulling: dict[str, tuple[m.KVReady, dict[str, torch.Tensor]]] = {}
         # Aborted while pulling: their blocks are freed once the copy into them ends.
@@ -62,10 +65,14 @@ class DecodeRole:
         return blocks_for(num_tokens + max_new_tokens, self.kv.block_size)
 
     def _try_admit(self, req_id: str, num_tokens: int, max_new_tokens: int) -> bool:
+        """Budgets ``req_id``'s life blocks; reserves its prompt's unless it is in the cache
+        already (prefilled here). False, changing nothing, when they do not fit."""
         need = self._life_blocks(num_tokens, max_new_tokens)
-        if self.kv.num_free_blocks - self.promised < need:
+        held = len(self.kv.block_table(req_id)) if req_id in self.kv else 0
+        if self.kv.num_free_blocks - self.promised < need - held:
             return False
-        self.kv.reserve(req_id, num_tokens)
+        if not held:
+            self.kv.reserve(req_id, num_tokens)
         self.life_blocks[req_id] = need
         self.promised += need - len(self.kv.block_table(req_id))
         return True
@@ -83,14 +90,13 @@ class DecodeRole:
     def start_local(
         self,
         req_id: str,
-        kv: torch.Tensor,
         first_token: int,
         max_new_tokens: int,
         extras: dict,
         sampling: SamplingParams = GREEDY,
     ) -> None:
-        """Starts a sequence prefilled in this worker; ``kv`` is ``[L, 2, n, H, D]``."""
-        self.local_queue.append((req_id, kv, first_token, max_new_tokens, extras, sampling))
+        """Starts a sequence prefilled in this worker: its prompt's KV is in this cache."""
+        self.local_queue.append((req_id, first_token, max_new_tokens, extras, sampling))
 
     # ---- work ------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -104,13 +110,10 @@ class DecodeRole:
             self._pull(ready, extras)
             progressed = True
         while self.local_queue:
-            req_id, kv, token, max_new, extras, sampling = self.local_queue[0]
-            if not self._try_admit(req_id, kv.shape[2], max_new):
+            req_id, token, max_new, extras, sampling = self.local_queue[0]
+            if not self._try_admit(req_id, self.kv.seq_len(req_id), max_new):
                 break
             self.local_queue.popleft()
-            slots = self._slots_of(req_id)
-            for layer in range(self.kv.num_layers):
-                self.kv.write(layer, slots, kv[layer, 0], kv[layer, 1])
             self.active[req_id] = _Seq(req_id, token, 1, max_new, extras, sampling)
             progressed = True
         if self.active:
@@ -147,21 +150,19 @@ class DecodeRole:
             req_id, ready.first_token, 1, ready.max_new_tokens, extras, ready.sampling
         )
 
-    def _slots_of(self, req_id: str) -> torch.Tensor:
-        n = self.kv.seq_len(req_id)
-        table = torch.tensor(self.kv.block_table(req_id), dtype=torch.int64, device=self.kv.device)
-        pos = torch.arange(n, device=self.kv.device)
-        return table[pos // self.kv.block_size] * self.kv.block_size + pos % self.kv.block_size
-
     def _decode_step(self) -> None:
         start = time.perf_counter()
         batch = list(self.active.values())[: self.w.config.decode_max_batch]
         try:
-            inputs = []
-            for seq in batch:
-                k, v = self.kv.read(seq.req_id)  # [L, n, H, D] each
-                inputs.append(DecodeInput(seq.last_token, torch.stack([k, v], dim=1), seq.extras))
-            logits, new_kv = self.w.model.decode(inputs)  # [b, V], [L, 2, b, H, D]
+            for seq in batch:  # the new token's slot; a block when it crosses a boundary
+                grown = self.kv.blocks_needed(seq.req_id, 1)
+                self.kv.reserve(seq.req_id, 1)
+                self.promised -= grown
+            flat = FlatBatch.build(self.kv, [(seq.req_id, 1) for seq in batch])
+            ids = torch.tensor([seq.last_token for seq in batch], device=self.w.device)
+            logits = self.w.model.forward(
+                self.w.model.embed(ids), flat, [seq.extras for seq in batch]
+            )  # [b, V]
             tokens = torch.argmax(logits, dim=-1).tolist()  # greedy rows as they are
             for i, seq in enumerate(batch):
                 if not seq.sampling.greedy:
@@ -172,10 +173,7 @@ class DecodeRole:
             return
         events = []
         eos = self.w.model.spec.eos_token_ids
-        for i, (seq, token) in enumerate(zip(batch, tokens)):
-            before = len(self.kv.block_table(seq.req_id))
-            self.kv.append(seq.req_id, new_kv[:, 0, i : i + 1], new_kv[:, 1, i : i + 1])
-            self.promised -= len(self.kv.block_table(seq.req_id)) - before
+        for seq, token in zip(batch, tokens):
             seq.last_token = token
             seq.generated += 1
             finished = seq.sampling.finishes(token, eos) or seq.generated >= seq.max_new_tokens
@@ -191,9 +189,12 @@ class DecodeRole:
         self.w.count("decode_seconds", time.perf_counter() - start)
 
     def _finish(self, req_id: str) -> None:
-        """Frees a sequence's blocks and the part of its budget it never used."""
+        """Frees a sequence's blocks and the part of its budget it never used (none when it was
+        never admitted: prefilled here, still waiting in ``local_queue``)."""
         self.active.pop(req_id, None)
-        self.promised -= self.life_blocks.pop(req_id) - len(self.kv.block_table(req_id))
+        life = self.life_blocks.pop(req_id, None)
+        if life is not None:
+            self.promised -= life - len(self.kv.block_table(req_id))
         self.kv.free(req_id)
 
     def abort(self, req_id: str) -> None:

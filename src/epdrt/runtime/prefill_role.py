@@ -19,7 +19,8 @@ import torch
 from epdrt.cache.sizing import blocks_for
 from epdrt.device import wait_for_producer
 from epdrt.errors import InvalidArgument, PoolExhausted
-from epdrt.kernels import assemble_inputs_embeds
+from epdrt.kernels import mm_embed, mm_source_rows
+from epdrt.models.paged import FlatBatch
 from epdrt.runtime import messages as m
 from epdrt.runtime.mm_claims import WANT_TRANSITIONS, Want, WantEvent, advance
 from epdrt.runtime.sampling import sample
@@ -51,10 +52,18 @@ class _Request:
     extras: dict[str, torch.Tensor]
     wants: dict[bytes, _Want]  # unique images of the request
     encode_s: float = 0.0
+    #: Once prefilling: prompt tokens whose K/V is in the cache, and each prompt row's
+    #: MM-cache page row (-1 for text), ``[n] int64`` on the device.
+    done: int = 0
+    mm_rows: torch.Tensor | None = None
 
     @property
     def ready(self) -> bool:
         return all(w.state is Want.HELD for w in self.wants.values())
+
+    @property
+    def remaining(self) -> int:
+        return len(self.msg.input_ids) - self.done
 
 
 class PrefillRole:
@@ -64,6 +73,8 @@ class PrefillRole:
         self.mm, self.kv = worker.mm, worker.kv
         self.queue: deque[_Request] = deque()  # not yet admitted
         self.admitted: dict[str, _Request] = {}
+        # Prefilling, in start order: the prompt's KV blocks are reserved, its chunks run.
+        self.running: dict[str, _Request] = {}
         self.staged: set[str] = set()  # requests whose KV waits here for its decoder to pull
         # image key -> the want whose reservation it is (RESERVED, RECEIVING or ORPHAN)
         self.receiving: dict[bytes, _Want] = {}
@@ -145,32 +156,48 @@ class PrefillRole:
         self._expire_orphans()
         progressed = self._admit()
         progressed = self._poll_local_encoder() or progressed
-        # One step prefills ready requests together in one forward, right-padded to the
-        # longest prompt: the budget counts requests x longest prompt, the tokens the forward
-        # computes and holds activations for (always at least one request).
-        batch: list[_Request] = []
-        longest, budget = 0, self.w.config.prefill_max_batch_tokens
-        staged_blocks = 0  # staging blocks the batch takes
+        # One flat forward of at most prefill_max_batch_tokens prompt tokens: the running
+        # prompts' next chunks first, then new ready requests; a prompt longer than what is
+        # left of the budget runs its first chunk now and the rest in later steps.
+        budget = self.w.config.prefill_max_batch_tokens
+        batch: list[tuple[_Request, int]] = []
+        for req in self.running.values():
+            if budget == 0:
+                break
+            take = min(req.remaining, budget)
+            batch.append((req, take))
+            budget -= take
         for req in [r for r in self.admitted.values() if r.ready]:
-            n = len(req.msg.input_ids)
-            if batch and (len(batch) + 1) * max(longest, n) > budget:
+            if budget == 0 or not self._start(req):
                 break
-            need = self._staging_blocks(req)
-            if staged_blocks + need > self.kv.num_free_blocks:
-                self.w.count("prefill_kv_waits")  # back-pressure: decode frees staged KV
-                break
-            longest = max(longest, n)
-            staged_blocks += need
-            batch.append(req)
+            take = min(req.remaining, budget)
+            batch.append((req, take))
+            budget -= take
         if batch:
             self._prefill(batch)
         return progressed or bool(batch)
 
-    def _staging_blocks(self, req: _Request) -> int:
-        """KV blocks the request's prompt takes here until decode has it (0: decode is local)."""
-        if self.w.decode is not None and req.msg.decoder == self.w.name:
-            return 0
-        return blocks_for(len(req.msg.input_ids), self.kv.block_size)
+    def _start(self, req: _Request) -> bool:
+        """Reserves KV blocks for ``req``'s whole prompt and moves it to ``running``; False
+        (back-pressure) when too few blocks are free, not counting those a decode role here
+        has promised to its sequences."""
+        n = len(req.msg.input_ids)
+        promised = self.w.decode.promised if self.w.decode is not None else 0
+        if blocks_for(n, self.kv.block_size) > self.kv.num_free_blocks - promised:
+            self.w.count("prefill_kv_waits")  # decode frees blocks as sequences end or leave
+            return False
+        placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
+        req.mm_rows = mm_source_rows(
+            n,
+            [(start, e.blocks, e.num_tokens) for start, e in placements],
+            self.mm.block_size,
+            num_blocks=self.mm.num_blocks,
+            device=self.mm.device,
+        )
+        self.kv.reserve(req.msg.req_id, n)
+        del self.admitted[req.msg.req_id]
+        self.running[req.msg.req_id] = req
+        return True
 
     def _admit(self) -> bool:
         admitted_any = False
@@ -252,30 +279,38 @@ class PrefillRole:
                 self.w.count("mm_orphans_expired")
                 self._pass_on(key)
 
-    def _prefill(self, batch: list[_Request]) -> None:
+    def _prefill(self, batch: list[tuple[_Request, int]]) -> None:
+        """One forward of each request's next ``take`` prompt tokens; a request whose prompt
+        is then complete gets its first token and its KV handed to its decoder."""
         start = time.perf_counter()
-        for req in batch:
-            del self.admitted[req.msg.req_id]
         try:
-            items = []
-            for req in batch:
-                ids = torch.tensor(req.msg.input_ids, dtype=torch.int64, device=self.w.device)
-                placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
-                embeds = assemble_inputs_embeds(self.w.model.embed(ids), self.mm, placements)
-                items.append((embeds, req.extras))
-            outputs = self.w.model.prefill_batch(items)
+            ids, rows, seqs = [], [], []
+            for req, take in batch:
+                ids += req.msg.input_ids[req.done : req.done + take]
+                rows.append(req.mm_rows[req.done : req.done + take])
+                seqs.append((req.msg.req_id, take, req.done))
+            text = self.w.model.embed(torch.tensor(ids, dtype=torch.int64, device=self.w.device))
+            embeds = mm_embed(text, self.mm.storage, torch.cat(rows), check_indices=False)
+            flat = FlatBatch.build(self.kv, seqs)
+            logits = self.w.model.forward(embeds, flat, [req.extras for req, _ in batch])
         except Exception as exc:  # e.g. out of memory: these requests fail, the worker goes on
-            for req in batch:
-                self._release(req, WantEvent.ABORT)
+            for req, _ in batch:
+                self._drop_running(req, WantEvent.ABORT)
                 self.w.fail(req.msg.req_id, f"prefill step failed: {type(exc).__name__}: {exc}")
             return
         self.w.count("prefill_seconds", time.perf_counter() - start)
         self.w.count("prefill_batches")
+        self.w.count("prefill_tokens", len(ids))
         staged = []
-        for req, (logits, kv, decode_extras) in zip(batch, outputs):
+        for (req, take), row in zip(batch, logits):
+            req.done += take
+            if req.remaining:
+                self.w.count("prefill_chunks")
+                continue
+            del self.running[req.msg.req_id]
             self._release(req, WantEvent.PREFILLED)
-            token = sample(logits, req.msg.sampling, 0)
-            ready = self._hand_off(req, token, kv, decode_extras)
+            token = sample(row, req.msg.sampling, 0)
+            ready = self._hand_off(req, token)
             if ready is not None:
                 staged.append(ready)
         if staged:
@@ -286,13 +321,15 @@ class PrefillRole:
             self.w.send(decoder, ready, frames)
 
     def _hand_off(
-        self, req: _Request, token: int, kv: torch.Tensor, decode_extras: dict[str, torch.Tensor]
+        self, req: _Request, token: int
     ) -> tuple[str, m.KVReady, list[torch.Tensor]] | None:
-        """Reports the first token; stages the KV for the decoder, returning the decoder and
-        the ``KVReady`` (with its frames) to send once the staging writes are done, or hands
-        the KV over in-process (None)."""
+        """Reports the first token; returns the decoder and the ``KVReady`` (with its frames)
+        to send once the KV writes are done, or hands the sequence over in-process (None).
+
+        The prompt's KV is already in this worker's cache, under the request id: it stays
+        there (staged) until the decoder has pulled it.
+        """
         msg = req.msg
-        self.w.count("prefill_tokens", len(msg.input_ids))
         eos = self.w.model.spec.eos_token_ids
         finished = msg.max_new_tokens <= 1 or msg.sampling.finishes(token, eos)
         self.w.send(
@@ -303,31 +340,25 @@ class PrefillRole:
             ),
         )
         if finished:
+            self.kv.free(msg.req_id)
             return None
-        n = len(msg.input_ids)
+        decode_extras = self.w.model.decode_extras(req.extras)
         if self.w.decode is not None and msg.decoder == self.w.name:
             self.w.decode.start_local(
-                msg.req_id, kv, token, msg.max_new_tokens, decode_extras, msg.sampling
+                msg.req_id, token, msg.max_new_tokens, decode_extras, msg.sampling
             )
             return None
-        try:
-            slots = self.kv.reserve(msg.req_id, n)
-        except PoolExhausted as exc:
-            self.w.fail(msg.req_id, f"prefill KV staging: {exc}")
-            return None
-        # Read before the staging writes are queued, so a check does not order them.
-        digest = self.w.digest(kv)
-        digest = None if digest is None else int(digest)
-        for layer in range(self.kv.num_layers):
-            self.kv.write(layer, slots, kv[layer, 0], kv[layer, 1])
+        digest = None
+        if self.w.config.verify_transfers:
+            k, v = self.kv.read(msg.req_id)
+            digest = int(self.w.digest(torch.stack([k, v], dim=1)))
         self.staged.add(msg.req_id)
         entries, frames = m.named_entries(decode_extras)
-        blocks = list(self.kv.block_table(msg.req_id))
         ready = m.KVReady(
             msg.req_id,
             self.w.name,
-            blocks,
-            n,
+            self.kv.block_table(msg.req_id),
+            len(msg.input_ids),
             token,
             msg.max_new_tokens,
             entries,
@@ -360,10 +391,19 @@ class PrefillRole:
             elif want.state is Want.ORPHAN:
                 want.expires = time.monotonic() + self.w.config.request_timeout_s
 
+    def _drop_running(self, req: _Request, event: WantEvent) -> None:
+        """Ends a prefilling request: its wants, and its KV blocks."""
+        del self.running[req.msg.req_id]
+        self._release(req, event)
+        self.kv.free(req.msg.req_id)
+
     def abort(self, req_id: str) -> None:
         for req in [r for r in self.queue if r.msg.req_id == req_id]:
             self.queue.remove(req)
         req = self.admitted.pop(req_id, None)
         if req is not None:
             self._release(req, WantEvent.ABORT)
+        req = self.running.get(req_id)
+        if req is not None:
+            self._drop_running(req, WantEvent.ABORT)
         self._unstage(req_id)

@@ -2,7 +2,8 @@
 """The runtime's view of a model: the few calls its roles make, on top of epdrt.models.
 
 ``Preprocessor`` (router side, no weights): request -> token ids, image tensors, content keys.
-``StageModel`` (worker side, only the weights of its roles): encode, embed, prefill, decode.
+``StageModel`` (worker side, only the weights of its roles): encode, embed, and the LM forward
+over a flat batch in the paged KV cache (prefill chunks and decode tokens alike).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import torch
 from epdrt.cache.sizing import blocks_for
 from epdrt.models import load_adapter
 from epdrt.models.errors import RequestError as ModelRequestError
-from epdrt.models.types import DecodeInput, ImageInput, ImageLimits, ModelSpec, PreparedRequest
+from epdrt.models.paged import FlatBatch
+from epdrt.models.types import ImageInput, ImageLimits, ModelSpec, PreparedRequest
 from epdrt.runtime.config import EPDConfig
 from epdrt.runtime.request import Request, RequestError
 
-__all__ = ["DecodeInput", "PreparedImage", "Preprocessor", "StageModel"]
+__all__ = ["FlatBatch", "PreparedImage", "Preprocessor", "StageModel"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -134,16 +136,13 @@ class StageModel:
         return self.adapter.embed(input_ids)
 
     @torch.inference_mode()
-    def prefill_batch(
-        self, items: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-        """One forward for ``(inputs_embeds [n_i, hidden], extras)`` per request; per request
-        its logits ``[vocab]``, KV ``[L, 2, n_i, H, D]`` and decode extras."""
-        outs = self.adapter.prefill_batch([(embeds, dict(extras)) for embeds, extras in items])
-        return [(o.logits, o.kv, dict(o.decode_extras)) for o in outs]
+    def forward(
+        self, embeds: torch.Tensor, batch: FlatBatch, extras: list[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """The LM over a flat batch (``ModelAdapter.forward``): writes the new tokens' K/V into
+        ``batch.cache``; returns ``[b, vocab]`` logits of each sequence's last new token."""
+        return self.adapter.forward(embeds, batch, extras)
 
-    @torch.inference_mode()
-    def decode(self, inputs: list[DecodeInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[b, vocab]`` and the new tokens' KV ``[L, 2, b, H, D]``."""
-        out = self.adapter.decode(inputs)
-        return out.logits, out.kv
+    def decode_extras(self, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What decoding needs of a request, from its prompt's extras (CPU tensors)."""
+        return self.adapter.decode_extras(extras)
