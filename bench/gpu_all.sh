@@ -4,7 +4,7 @@
 #
 #   EPDRT_COMMIT=<sha> bash bench/gpu_all.sh core    # build (CUDA on), GPU tests, kernels,
 #                                                    # transfer, block pool, capacity
-#   EPDRT_COMMIT=<sha> bash bench/gpu_all.sh serve   # e2e and planner on 7B shapes
+#   EPDRT_COMMIT=<sha> bash bench/gpu_all.sh serve   # decode, e2e and planner on 7B shapes
 #
 # The host has no network: .gpu-wheels/ (bench/gpu_wheels.sh) must travel with the tree. Every
 # step runs under its own time budget (and the whole call under EPDRT_GPU_BUDGET_S, 530 s);
@@ -184,6 +184,14 @@ else
   step make-models 90 bash -c "python3 -m epdrt.cli make-tiny-model '$MODELS/llava' --arch llava \
     --size $SIZE && python3 -m epdrt.cli make-tiny-model '$MODELS/qwen2-vl' --arch qwen2-vl \
     --size $SIZE" || fail_fast "could not write the model directories"
+  # Paged decode against generate() on the same weights (7B shapes, bf16 on the GPU).
+  if [ $GPU = 1 ]; then
+    step bench-decode 90 "${BENCH[@]}" decode --model "$MODELS/llava" --dtype bfloat16 \
+      --batches 1,8,32 --contexts 512,2048 --steps 8 --json "$WORK/bench-decode-llava-$SIZE.jsonl"
+  else
+    step bench-decode 90 "${BENCH[@]}" decode --model "$MODELS/llava" --quick \
+      --json "$WORK/bench-decode-llava-$SIZE.jsonl"
+  fi
   # One GPU: every worker of a deployment shares it (the records say so: workers_share_devices).
   step e2e-llava 200 "${BENCH[@]}" e2e --model "$MODELS/llava" --requests 24 --rate 2 \
     --request-timeout 60 --json "$WORK/bench-e2e-llava-$SIZE.jsonl"

@@ -13,20 +13,28 @@ does not break on it. ``check_indices=False`` skips the block-range part of that
 and ``max_context_len`` (``max_query_len``) given, a call does not sync at all: what a runtime
 does after checking its step's metadata once on the host (``epdrt.models.paged.FlatBatch``).
 
-``backend="torch"`` (the CPU default) is ``epdrt.kernels._torch.paged_attention``; the
-references in ``epdrt.kernels.reference`` serve tests only.
+Backends: "triton" (the CUDA default), "native" (decode on CPU tensors: the C++ core's
+``paged_decode_host``, which reads K/V in place, the CPU default for decode) and "torch"
+(``epdrt.kernels._torch.paged_attention``: the CPU default for prefill, and decode's fallback).
+The references in ``epdrt.kernels.reference`` serve tests only.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 import torch
 
+from epdrt import _core
 from epdrt.errors import InvalidArgument
 
 from . import _common as c
 from ._torch import paged_attention as torch_impl
+
+AttentionBackend = Literal["auto", "native", "triton", "torch"]
+#: Element type codes of ``_core.paged_decode_host``.
+_HOST_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -133,6 +141,38 @@ def _check_metadata(
     return max(q_lens, default=0), max(lens, default=0)
 
 
+def _resolve(backend: str, device: torch.device, decode: bool) -> str:
+    """ "native", "triton" or "torch" for a call on ``device``: "auto" is Triton on CUDA, the
+    host kernel (decode) or torch (prefill) on CPU; "native" prefill runs torch (there is no
+    host prefill kernel)."""
+    if backend == "native":
+        if device.type != "cpu":
+            raise InvalidArgument(f"the native paged attention runs on CPU tensors, not {device}")
+        return "native" if decode else "torch"
+    if backend == "auto" and device.type == "cpu" and decode:
+        return "native"
+    return c.choose(backend, device)
+
+
+def _native_decode(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    out = _new_output(query)
+    lens = context_lens.contiguous()
+    batch, num_heads, head_dim = query.shape
+    _core.paged_decode_host(
+        query.data_ptr(), query.stride(0), query.stride(1), kv_layer.data_ptr(),
+        *kv_layer.stride()[:4], block_tables.data_ptr(), block_tables.stride(0),
+        lens.data_ptr(), out.data_ptr(), batch, num_heads, kv_layer.shape[3], head_dim,
+        kv_layer.shape[2], scale, _HOST_TYPES[query.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def _new_output(query: torch.Tensor) -> torch.Tensor:
     """The kernels' output: every element is written (tests poison it through this hook)."""
     return torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -163,7 +203,10 @@ def _decode_op(
         _, max_len = _check_metadata(
             kv_layer, block_tables, context_lens, None, query.shape[0], check_indices
         )
-    if c.choose(backend, query.device) == "torch":
+    chosen = _resolve(backend, query.device, decode=True)
+    if chosen == "native":
+        return _native_decode(query, kv_layer, block_tables, context_lens, scale)
+    if chosen == "torch":
         return torch_impl.decode(query, kv_layer, block_tables, context_lens, max_len, scale)
     kernel = c.triton_module("paged_attention", query.device)
     if kv_layer.shape[3] > kernel.MAX_GRID_YZ:
@@ -200,7 +243,7 @@ def _prefill_op(
         max_q_len, _ = _check_metadata(
             kv_layer, block_tables, context_lens, cu_seqlens_q, query.shape[0], check_indices
         )
-    if c.choose(backend, query.device) == "torch":
+    if _resolve(backend, query.device, decode=False) == "torch":
         return torch_impl.prefill(query, kv_layer, block_tables, cu_seqlens_q, context_lens, scale)
     kernel = c.triton_module("paged_attention", query.device)
     if block_tables.shape[0] > kernel.MAX_GRID_YZ or kv_layer.shape[3] > kernel.MAX_GRID_YZ:
@@ -239,7 +282,7 @@ def paged_attention_decode(
     context_lens: torch.Tensor,
     scale: float | None = None,
     *,
-    backend: c.Backend = "auto",
+    backend: AttentionBackend = "auto",
     check_indices: bool = True,
     max_context_len: int | None = None,
 ) -> torch.Tensor:
@@ -256,7 +299,9 @@ def paged_attention_decode(
         context_lens: ``[b]`` int32, tokens of each sequence in the cache (``>= 1``), the new
             token's own K/V included.
         scale: factor on ``q . k`` before the softmax (default ``D ** -0.5``).
-        backend: "auto" (Triton on CUDA, torch ops on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, "native" on CPU), "native" (the C++ host kernel:
+            K/V read in place, fp32 math, the caller's torch thread count), "triton" or
+            "torch".
         check_indices: check that the blocks read are in ``[0, num_blocks)``.
         max_context_len: ``max(context_lens)``, when the caller knows it; with
             ``check_indices=False`` the call then reads nothing back from the device (values
@@ -264,7 +309,7 @@ def paged_attention_decode(
 
     Returns:
         ``[b, Hq, D]`` contiguous, the query's dtype; scores, softmax and sums in fp32
-        (Triton), SDPA in the query's dtype (torch).
+        (Triton, native), SDPA in the query's dtype (torch).
 
     Raises:
         InvalidArgument: before any launch, for bad shapes, dtypes, devices, strides, lengths
@@ -291,7 +336,7 @@ def paged_attention_prefill(
     context_lens: torch.Tensor,
     scale: float | None = None,
     *,
-    backend: c.Backend = "auto",
+    backend: AttentionBackend = "auto",
     check_indices: bool = True,
     max_query_len: int | None = None,
 ) -> torch.Tensor:
@@ -311,7 +356,8 @@ def paged_attention_prefill(
         context_lens: ``[b]`` int32, tokens in the cache per sequence, the new ones included
             (``>= q_len``).
         scale: factor on ``q . k`` before the softmax (default ``D ** -0.5``).
-        backend: "auto" (Triton on CUDA, torch ops on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch" ("native"
+            runs torch: there is no host prefill kernel).
         check_indices: check that the blocks read are in ``[0, num_blocks)``.
         max_query_len: the most queries of one sequence, when the caller knows it; with
             ``check_indices=False`` the call then reads nothing back from the device.

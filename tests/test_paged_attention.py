@@ -290,12 +290,33 @@ def test_torch_path(dtype, head_dim, block_size):
         case.check(prefill(case, backend="torch"))
 
 
-def test_auto_takes_the_torch_path_on_cpu():
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_native_decode(dtype, head_dim, block_size, poisoned_output):
+    """The C++ host kernel reads K/V in place; slots past each context hold NaN."""
+    for heads in [*HEADS, (8, 1)]:
+        case = decode_case(block_size, heads, head_dim, dtype, head_dim + block_size)
+        case.check(decode(case, backend="native"))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_decode_threads_agree(threads, monkeypatch):
+    case = decode_case(16, (4, 2), 64, torch.float32, lens=[1, 17, 64, 150, 3000, 900])
+    one = decode(case, backend="native")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert torch.equal(decode(case, backend="native"), one)
+
+
+def test_auto_on_cpu_is_native_decode_and_torch_prefill():
     case = decode_case(16, (4, 2), 64, torch.float32)
-    assert torch.equal(decode(case), decode(case, backend="torch"))
+    assert torch.equal(decode(case), decode(case, backend="native"))
+    case = prefill_case(16, (4, 2), 64, torch.float32)
+    assert torch.equal(prefill(case), prefill(case, backend="torch"))
+    assert torch.equal(prefill(case, backend="native"), prefill(case, backend="torch"))
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=CPU_TRITON)])
+@pytest.mark.parametrize("backend", ["torch", "native", pytest.param("triton", marks=CPU_TRITON)])
 def test_length_hints_give_the_same_result(backend):
     """Told the longest context / query run (what a runtime passes), a call gives the same."""
     case = decode_case(16, (4, 2), 64, torch.float32)
@@ -317,7 +338,7 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 # Custom ops: fake implementations, opcheck, torch.compile.
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=CPU_TRITON)])
+@pytest.mark.parametrize("backend", ["torch", "native", pytest.param("triton", marks=CPU_TRITON)])
 def test_opcheck(backend):
     case = prefill_case(16, (4, 2), 64, torch.float32, lens=[(20, 20), (9, 2)])
     torch.library.opcheck(

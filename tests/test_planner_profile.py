@@ -365,7 +365,7 @@ def test_observed_runs_become_simulator_inputs():
         EPDConfig(mode="epd", num_encode=2, prefill_max_batch_tokens=512, decode_max_batch=32)
     )
     assert (cfg.pools, cfg.image_split, cfg.prefill_tokens) == ((2, 1, 1), 2, 512)
-    assert cfg.prefill_padded and cfg.decode_batch == 32
+    assert not cfg.prefill_padded and not cfg.decode_padded and cfg.decode_batch == 32
     assert runtime_deploy_config(EPDConfig(mode="pd", num_prefill=2)).pools == (2, 1)
     aggregated = runtime_deploy_config(EPDConfig(mode="aggregated", num_prefill=3))
     assert aggregated.pools == (3,)

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Kernels that live in the C++ core: many-small-block copy (host and CUDA).
+// Kernels that live in the C++ core: many-small-block copy (host and CUDA), paged decode
+// attention on the host.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -7,6 +8,7 @@
 #include "bindings.h"
 #include "epdrt/block_copy.h"
 #include "epdrt/common.h"
+#include "epdrt/paged_attention.h"
 
 namespace py = pybind11;
 
@@ -45,6 +47,46 @@ void bind_kernels(py::module_& m) {
       "CopyOp read from device memory at `ops_device` (int64 [num_ops, 3]). Asynchronous: the\n"
       "ops array and both buffers must stay alive until the stream passes this point.\n"
       "max_op_bytes: an upper bound on every op's nbytes (sizes the grid).");
+  m.def(
+      "paged_decode_host",
+      [](uintptr_t query, int64_t query_stride_seq, int64_t query_stride_head, uintptr_t kv,
+         int64_t kv_stride_block, int64_t kv_stride_kv, int64_t kv_stride_token,
+         int64_t kv_stride_head, uintptr_t block_tables, int64_t table_stride,
+         uintptr_t context_lens, uintptr_t out, int batch, int num_heads, int num_kv_heads,
+         int head_dim, int block_size, float scale, int type, int num_threads) {
+        EPDRT_ASSERT(type >= 0 && type <= 2, "paged_decode_host: unknown float type ", type);
+        const PagedDecodeArgs args{reinterpret_cast<const void*>(query),
+                                   query_stride_seq,
+                                   query_stride_head,
+                                   reinterpret_cast<const void*>(kv),
+                                   kv_stride_block,
+                                   kv_stride_kv,
+                                   kv_stride_token,
+                                   kv_stride_head,
+                                   reinterpret_cast<const int32_t*>(block_tables),
+                                   table_stride,
+                                   reinterpret_cast<const int32_t*>(context_lens),
+                                   reinterpret_cast<void*>(out),
+                                   batch,
+                                   num_heads,
+                                   num_kv_heads,
+                                   head_dim,
+                                   block_size,
+                                   scale,
+                                   static_cast<FloatType>(type)};
+        py::gil_scoped_release release;
+        paged_decode_host(args, num_threads);
+      },
+      py::arg("query"), py::arg("query_stride_seq"), py::arg("query_stride_head"), py::arg("kv"),
+      py::arg("kv_stride_block"), py::arg("kv_stride_kv"), py::arg("kv_stride_token"),
+      py::arg("kv_stride_head"), py::arg("block_tables"), py::arg("table_stride"),
+      py::arg("context_lens"), py::arg("out"), py::arg("batch"), py::arg("num_heads"),
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("scale"),
+      py::arg("type"), py::arg("num_threads") = 1,
+      "Paged decode attention on host memory (addresses; strides in elements; type 0 fp32,\n"
+      "1 fp16, 2 bf16): one query per sequence over its context_lens[s] tokens, read from the\n"
+      "pages in place. Synchronous; the GIL is released. Nothing is checked: the caller\n"
+      "validates (epdrt.kernels.paged_attention_decode).");
 }
 
 }  // namespace epdrt::bindings

@@ -151,10 +151,11 @@ def observed_metrics(observed: Sequence[Observed]) -> dict[str, float]:
 def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
     """The simulator's config for a runtime deployment.
 
-    The runtime batches a prefill step up to ``prefill_max_batch_tokens`` counted as requests
-    x longest prompt, right-padded to the longest (``prefill_padded``), left-pads a decode
-    step's pasts to the longest one (``decode_padded``), and spreads a request's images over
-    all encoders (``image_split`` = encoders in ``epd``).
+    The runtime batches a prefill step up to ``prefill_max_batch_tokens`` prompt tokens with no
+    padding, runs a decode step over each sequence's own context in the pages (flat batches:
+    neither ``prefill_padded`` nor ``decode_padded``), and spreads a request's images over all
+    encoders (``image_split`` = encoders in ``epd``). NOTE: the simulator runs a prompt longer
+    than the budget alone in one batch; the runtime prefills it in chunks over several steps.
     """
     mode = config.mode
     if mode == "epd":
@@ -174,6 +175,6 @@ def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
         prefill_tokens=config.prefill_max_batch_tokens,
         decode_batch=config.decode_max_batch,
         image_split=split,
-        prefill_padded=True,
-        decode_padded=True,
+        prefill_padded=False,
+        decode_padded=False,
     )
