@@ -12,13 +12,14 @@ for ``block_copy``), the pure-torch reference (``epdrt.kernels.reference``) or h
 from .block_copy import BlockCopy, block_copy
 from .kv_gather import kv_gather
 from .kv_scatter import kv_scatter
-from .mm_embed import assemble_inputs_embeds, mm_embed, mm_source_rows
+from .mm_embed import assemble_inputs_embeds, cached_source_rows, mm_embed, mm_source_rows
 from .paged_attention import paged_attention_decode, paged_attention_prefill
 
 __all__ = [
     "BlockCopy",
     "assemble_inputs_embeds",
     "block_copy",
+    "cached_source_rows",
     "kv_gather",
     "kv_scatter",
     "mm_embed",

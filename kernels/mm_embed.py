@@ -140,6 +140,20 @@ def mm_embed(
     return out
 
 
+def cached_source_rows(
+    num_tokens: int, cache: MMTokenCache, placements: Sequence[tuple[int, MMEntry]]
+) -> torch.Tensor:
+    """``mm_source_rows`` for cached images: ``placements`` are (first row, entry) per image;
+    the row map is on the cache's device. A prompt's map, sliced, serves each of its chunks."""
+    return mm_source_rows(
+        num_tokens,
+        [(start, e.blocks, e.num_tokens) for start, e in placements],
+        cache.block_size,
+        num_blocks=cache.num_blocks,
+        device=cache.device,
+    )
+
+
 def assemble_inputs_embeds(
     text_embeds: torch.Tensor,
     cache: MMTokenCache,
@@ -153,11 +167,6 @@ def assemble_inputs_embeds(
     The caller holds each entry (``MMTokenCache.lookup``) until this returns (on CUDA: until
     the stream has run it).
     """
-    rows = mm_source_rows(
-        text_embeds.shape[0] if isinstance(text_embeds, torch.Tensor) else -1,
-        [(start, e.blocks, e.num_tokens) for start, e in placements],
-        cache.block_size,
-        num_blocks=cache.num_blocks,
-        device=cache.device,
-    )
+    num_tokens = text_embeds.shape[0] if isinstance(text_embeds, torch.Tensor) else -1
+    rows = cached_source_rows(num_tokens, cache, placements)
     return mm_embed(text_embeds, cache.storage, rows, out=out, backend=backend, check_indices=False)

@@ -19,7 +19,7 @@ import torch
 from epdrt.cache.sizing import blocks_for
 from epdrt.device import wait_for_producer
 from epdrt.errors import InvalidArgument, PoolExhausted
-from epdrt.kernels import mm_embed, mm_source_rows
+from epdrt.kernels import cached_source_rows, mm_embed
 from epdrt.models.paged import FlatBatch
 from epdrt.runtime import messages as m
 from epdrt.runtime.mm_claims import WANT_TRANSITIONS, Want, WantEvent, advance
@@ -187,13 +187,7 @@ class PrefillRole:
             self.w.count("prefill_kv_waits")  # decode frees blocks as sequences end or leave
             return False
         placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
-        req.mm_rows = mm_source_rows(
-            n,
-            [(start, e.blocks, e.num_tokens) for start, e in placements],
-            self.mm.block_size,
-            num_blocks=self.mm.num_blocks,
-            device=self.mm.device,
-        )
+        req.mm_rows = cached_source_rows(n, self.mm, placements)
         self.kv.reserve(req.msg.req_id, n)
         del self.admitted[req.msg.req_id]
         self.running[req.msg.req_id] = req
