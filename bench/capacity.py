@@ -232,7 +232,7 @@ class Probe:
         words = max(num_tokens - self._text_overhead, 1)
         req = self.lm.tokenize(" ".join(["the"] * words))
         kv = self._paged(req.num_tokens)
-        kv.reserve(0, req.num_tokens)
+        kv.extend(0, req.num_tokens)
         batch = FlatBatch.build(kv, [(0, req.num_tokens)])
 
         def run() -> Any:
@@ -247,7 +247,7 @@ class Probe:
         self._guard(self.decode_act, context)
         _say(f"  decode step, context {context} tokens ...")
         kv = self._paged(context + 1)
-        kv.reserve(0, context + 1)
+        kv.extend(0, context + 1)
         batch = FlatBatch.build(kv, [(0, 1)])
         extras = self.lm.decode_extras({})
 
@@ -348,7 +348,7 @@ class Probe:
             if _has_kv(stages):
                 tokens = context if "decode" in stages else prompt
                 kv = self.kv_cache(ledger, "KV cache", self.kv_blocks(tokens))
-                kv.reserve(0, tokens)
+                kv.extend(0, tokens)
                 held.append(kv)
             act = self.activation(stages, n, prompt, context)
             if not math.isfinite(act):
@@ -474,7 +474,7 @@ class Probe:
                     if _has_kv(stages):
                         tokens = kv_tokens(stages, n)
                         kv = self.kv_cache(lg, "KV cache", self.kv_blocks(tokens))
-                        kv.reserve(0, tokens)
+                        kv.extend(0, tokens)
                         objs.append(kv)
                 return True
             except Exception as exc:

@@ -29,6 +29,29 @@ int heads_per_item(const PagedDecodeArgs& a) {
   return std::max(1, std::min(a.num_kv_heads, kMaxRows / group));
 }
 
+// One thread's buffers for a block of a work item's KV heads: pointers to each token's K and V
+// rows, and (fp16/bf16 pages) those rows converted to fp32. Made once per thread and call.
+class BlockScratch {
+ public:
+  BlockScratch(const PagedDecodeArgs& a, int heads)
+      : heads_(heads),
+        block_(a.block_size),
+        dim_(a.head_dim),
+        rows_(size_t(2) * heads * a.block_size),
+        converted_(a.type == FloatType::kFloat32 ? 0 : rows_.size() * a.head_dim) {}
+
+  // The block's row pointers of K (kv 0) or V (kv 1) for head h of the item: [block_size].
+  const float** rows(int kv, int h) { return rows_.data() + (size_t(kv) * heads_ + h) * block_; }
+  float* converted_row(int kv, int h, int t) {
+    return converted_.data() + ((size_t(kv) * heads_ + h) * block_ + t) * dim_;
+  }
+
+ private:
+  int heads_, block_, dim_;
+  std::vector<const float*> rows_;
+  std::vector<float> converted_;
+};
+
 namespace baseline {
 #include "paged_attention_host_kernel.inc"
 }  // namespace baseline

@@ -19,6 +19,8 @@ from epdrt.errors import EpdrtError, InvalidArgument
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
+#: Backends of kernels that also have a host implementation in the C++ core.
+NativeBackend = Literal["auto", "native", "triton", "torch"]
 
 #: Integer dtype of the same width, used to move float data bit-exactly.
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -39,6 +41,16 @@ def choose(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend
+
+
+def choose_native(backend: str, device: torch.device) -> str:
+    """Resolves ``backend`` for a kernel with a host implementation in the C++ core: "native"
+    (CPU tensors only; what "auto" takes on CPU), "triton" or "torch"."""
+    if backend == "native" or (backend == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise InvalidArgument(f"the native backend runs on CPU tensors, not {device}")
+        return "native"
+    return choose(backend, device)
 
 
 def triton_module(name: str, device: torch.device) -> ModuleType:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from epdrt import _core
 from epdrt.kernels import reference as refs
 
 from . import _common as c
@@ -16,7 +17,7 @@ def kv_scatter(
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     *,
-    backend: c.Backend = "auto",
+    backend: c.NativeBackend = "auto",
     check_indices: bool = True,
 ) -> None:
     """Writes token ``i``'s K/V into cache slot ``slot_mapping[i]``, in place.
@@ -32,8 +33,9 @@ def kv_scatter(
             ``[num_blocks, L, 2, bs, H, D]`` (``PagedKVCache.storage``); ``[H, D]`` packed.
         slot_mapping: ``[n]`` int64 or int32, contiguous, unique slots in
             ``[0, num_blocks * bs)``, on the cache's device.
-        backend: "auto" (Triton on CUDA, the torch reference on CPU), "triton" (on CPU only
-            under ``TRITON_INTERPRET=1``) or "torch".
+        backend: "auto" (Triton on CUDA, "native" on CPU), "native" (the C++ core's host
+            copy: one ``memcpy`` per row), "triton" (on CPU only under ``TRITON_INTERPRET=1``)
+            or "torch" (the reference).
         check_indices: check slot range and uniqueness (one device sync); pass False only for
             slots known good (e.g. from ``PagedKVCache.reserve``).
 
@@ -60,11 +62,29 @@ def kv_scatter(
     if check_indices:
         c.in_range("slot_mapping", slots, 0, num_blocks * bs)
         c.unique("slot_mapping", slots)
-    if c.choose(backend, cache.device) == "torch":
+    chosen = c.choose_native(backend, cache.device)
+    if chosen == "torch":
         refs.kv_scatter(key, value, kv_cache, slots)
         return
-    kernel = c.triton_module("kv_scatter", cache.device)
     if one_layer:
         key, value = key.unsqueeze(0), value.unsqueeze(0)
+    if chosen == "native":
+        _native(key, value, cache, slots)
+        return
+    kernel = c.triton_module("kv_scatter", cache.device)
     with c.on_device(cache.device):
         kernel.launch(c.as_bits(key), c.as_bits(value), c.as_bits(cache), slots)
+
+
+def _native(
+    key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """The host copy: ``key``/``value`` ``[L, n, H, D]``, ``cache`` 6-D, all checked."""
+    size = cache.element_size()
+    _core.kv_scatter_host(
+        key.data_ptr(), key.stride(0) * size, key.stride(1) * size,
+        value.data_ptr(), value.stride(0) * size, value.stride(1) * size,
+        cache.data_ptr(), *(stride * size for stride in cache.stride()[:4]),
+        slots.data_ptr(), slots.dtype == torch.int64, slots.shape[0], cache.shape[1],
+        cache.shape[3], cache.shape[4] * cache.shape[5] * size,
+    )  # fmt: skip

@@ -25,6 +25,7 @@ import itertools
 from typing import Literal
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from epdrt import _core
 from epdrt.errors import InvalidArgument
@@ -145,13 +146,8 @@ def _resolve(backend: str, device: torch.device, decode: bool) -> str:
     """ "native", "triton" or "torch" for a call on ``device``: "auto" is Triton on CUDA, the
     host kernel (decode) or torch (prefill) on CPU; "native" prefill runs torch (there is no
     host prefill kernel)."""
-    if backend == "native":
-        if device.type != "cpu":
-            raise InvalidArgument(f"the native paged attention runs on CPU tensors, not {device}")
-        return "native" if decode else "torch"
-    if backend == "auto" and device.type == "cpu" and decode:
-        return "native"
-    return c.choose(backend, device)
+    chosen = c.choose_native(backend, device)
+    return "torch" if chosen == "native" and not decode else chosen
 
 
 def _native_decode(
@@ -178,6 +174,17 @@ def _new_output(query: torch.Tensor) -> torch.Tensor:
     return torch.empty(query.shape, dtype=query.dtype, device=query.device)
 
 
+def _plain_eager(query: torch.Tensor) -> bool:
+    """Whether a call may skip the op dispatcher (tens of microseconds a call on CPU): a plain
+    tensor, no torch.compile, no dispatch mode (fake tensors, tracing). Otherwise the op keeps
+    the kernel one opaque node."""
+    return (
+        type(query) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )
+
+
 def _scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
@@ -186,8 +193,7 @@ def _scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
-@torch.library.custom_op("epdrt::paged_attention_decode", mutates_args=())
-def _decode_op(
+def _decode(
     query: torch.Tensor,
     kv_layer: torch.Tensor,
     block_tables: torch.Tensor,
@@ -195,9 +201,9 @@ def _decode_op(
     scale: float,
     backend: str,
     check_indices: bool,
-    max_context_len: int = -1,
+    max_context_len: int,
 ) -> torch.Tensor:
-    _check_shapes(query, kv_layer, block_tables, context_lens, None)
+    """The decode op's body, shapes already checked."""
     max_len = max_context_len
     if check_indices or max_len < 0:
         _, max_len = _check_metadata(
@@ -217,6 +223,24 @@ def _decode_op(
     return out
 
 
+@torch.library.custom_op("epdrt::paged_attention_decode", mutates_args=())
+def _decode_op(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    backend: str,
+    check_indices: bool,
+    max_context_len: int = -1,
+) -> torch.Tensor:
+    _check_shapes(query, kv_layer, block_tables, context_lens, None)
+    return _decode(
+        query, kv_layer, block_tables, context_lens, scale, backend, check_indices,
+        max_context_len,
+    )  # fmt: skip
+
+
 @_decode_op.register_fake
 def _decode_fake(
     query, kv_layer, block_tables, context_lens, scale, backend, check_indices, max_context_len=-1
@@ -225,8 +249,7 @@ def _decode_fake(
     return query.new_empty(query.shape)
 
 
-@torch.library.custom_op("epdrt::paged_attention_prefill", mutates_args=())
-def _prefill_op(
+def _prefill(
     query: torch.Tensor,
     kv_layer: torch.Tensor,
     block_tables: torch.Tensor,
@@ -235,9 +258,9 @@ def _prefill_op(
     scale: float,
     backend: str,
     check_indices: bool,
-    max_query_len: int = -1,
+    max_query_len: int,
 ) -> torch.Tensor:
-    _check_shapes(query, kv_layer, block_tables, context_lens, cu_seqlens_q)
+    """The prefill op's body, shapes already checked."""
     max_q_len = max_query_len
     if check_indices or max_q_len < 0:
         max_q_len, _ = _check_metadata(
@@ -257,6 +280,25 @@ def _prefill_op(
             query, kv_layer, block_tables, cu_seqlens_q, context_lens, max_q_len, scale, out
         )
     return out
+
+
+@torch.library.custom_op("epdrt::paged_attention_prefill", mutates_args=())
+def _prefill_op(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    backend: str,
+    check_indices: bool,
+    max_query_len: int = -1,
+) -> torch.Tensor:
+    _check_shapes(query, kv_layer, block_tables, context_lens, cu_seqlens_q)
+    return _prefill(
+        query, kv_layer, block_tables, cu_seqlens_q, context_lens, scale, backend,
+        check_indices, max_query_len,
+    )  # fmt: skip
 
 
 @_prefill_op.register_fake
@@ -316,7 +358,8 @@ def paged_attention_decode(
             or blocks.
     """
     _check_shapes(query, kv_layer, block_tables, context_lens, None)
-    return torch.ops.epdrt.paged_attention_decode(
+    op = _decode if _plain_eager(query) else torch.ops.epdrt.paged_attention_decode
+    return op(
         query,
         kv_layer,
         block_tables,
@@ -371,7 +414,8 @@ def paged_attention_prefill(
             or blocks.
     """
     _check_shapes(query, kv_layer, block_tables, context_lens, cu_seqlens_q)
-    return torch.ops.epdrt.paged_attention_prefill(
+    op = _prefill if _plain_eager(query) else torch.ops.epdrt.paged_attention_prefill
+    return op(
         query,
         kv_layer,
         block_tables,

@@ -146,8 +146,10 @@ def test_bad_write_arguments_are_rejected():
     with pytest.raises(InvalidArgument, match="slots"):
         cache.write(0, torch.tensor([8]), kv, kv)
     with pytest.raises(InvalidArgument, match="slots"):
-        cache.write(0, torch.tensor([0], dtype=torch.int32), kv, kv)
+        cache.write(0, torch.tensor([0], dtype=torch.int16), kv, kv)
     with pytest.raises(KeyError):
         cache.read("missing")
     with pytest.raises(InvalidArgument):
         cache.reserve("s", -1)
+    with pytest.raises(InvalidArgument):
+        cache.extend("s", 1.5)

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""kv_scatter: the Triton kernel (interpreted on CPU) against the torch reference, bit for bit,
-the reference against a per-token loop, and argument errors raised before any write."""
+"""kv_scatter: the Triton kernel (interpreted on CPU) and the C++ host copy ("native") against
+the torch reference, bit for bit, the reference against a per-token loop, and argument errors
+raised before any write."""
 
 import os
 import subprocess
@@ -49,8 +50,11 @@ def random_slots(cache, n, gen):
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("batch", BATCHES, ids=str)
 @pytest.mark.parametrize("all_layers", [False, True], ids=["layer", "all_layers"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_triton_matches_reference(dtype, block_size, batch, all_layers, device):
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("native", "cpu")] + [pytest.param("triton", *d.values, marks=d.marks) for d in DEVICES],
+)
+def test_kernels_match_reference(dtype, block_size, batch, all_layers, backend, device):
     gen = torch.Generator().manual_seed(len(batch) * 100 + block_size)
     n = sum(batch)
     cache = make_cache(block_size, dtype, batch, gen)
@@ -62,7 +66,7 @@ def test_triton_matches_reference(dtype, block_size, batch, all_layers, device):
     expected = storage.clone()
     target = (lambda s: s) if all_layers else (lambda s: s[:, 1])  # layer 1: a strided view
     refs.kv_scatter(key, value, target(expected), slots)
-    kv_scatter(key, value, target(storage), slots, backend="triton")
+    kv_scatter(key, value, target(storage), slots, backend=backend)
     assert bits_equal(storage, expected)
 
 
@@ -86,7 +90,9 @@ def test_reference_matches_per_token_loop(dtype, n):
     assert bits_equal(one_layer[:, 2], expected[:, 2])
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=CPU_TRITON)])
+@pytest.mark.parametrize(
+    "backend", ["auto", "native", "torch", pytest.param("triton", marks=CPU_TRITON)]
+)
 def test_backends_agree_on_strided_inputs(backend):
     """Key/value strided over tokens (packed [H, D] rows), int32 slots, random slots."""
     gen = torch.Generator().manual_seed(7)
@@ -152,7 +158,7 @@ def _bad_cases():
     }
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
 @pytest.mark.parametrize("case", list(_bad_cases()))
 def test_bad_arguments_raise_before_writing(case, backend):
     cache = PagedKVCache(1, HEADS, HEAD_DIM, 16, 4, torch.float32)

@@ -30,10 +30,10 @@ def test_flat_batch_metadata():
     """Slots, tables, lengths and offsets of a mixed step: a new prompt, a chunk of a prompt
     reserved whole, and a decode token crossing into a new block."""
     kv = _cache()
-    kv.reserve("prompt", 6)
-    kv.reserve("chunked", 10)  # prefilled 4..7 this step
-    kv.reserve("decoding", 4)
-    kv.reserve("decoding", 1)  # its 5th token starts its second block
+    kv.extend("prompt", 6)
+    kv.extend("chunked", 10)  # prefilled 4..7 this step
+    kv.extend("decoding", 4)
+    kv.extend("decoding", 1)  # its 5th token starts its second block
     batch = FlatBatch.build(kv, [("prompt", 6), ("chunked", 4, 4), ("decoding", 1)])
     tables = {s: kv.block_table(s) for s in ("prompt", "chunked", "decoding")}
 
@@ -46,7 +46,8 @@ def test_flat_batch_metadata():
     assert batch.cu_seqlens_q.tolist() == [0, 6, 10, 11]
     assert batch.context_lens.tolist() == [6, 8, 5]
     assert batch.starts.tolist() == [0, 4, 4] and batch.last_rows.tolist() == [5, 9, 10]
-    assert batch.block_tables.dtype == torch.int32 and batch.block_tables.shape == (3, 3)
+    assert batch.block_tables.dtype == batch.slot_mapping.dtype == torch.int32
+    assert batch.block_tables.shape == (3, 3)
     for row, seq in zip(batch.block_tables.tolist(), tables):
         assert row[: len(tables[seq])] == tables[seq]
     assert (batch.max_query_len, batch.max_context_len, batch.is_decode) == (6, 8, False)
@@ -55,14 +56,14 @@ def test_flat_batch_metadata():
 
 def test_flat_batch_errors_before_any_launch():
     kv = _cache()
-    kv.reserve("a", 5)
+    kv.extend("a", 5)
     with pytest.raises(InvalidArgument, match="at least one sequence"):
         FlatBatch.build(kv, [])
-    with pytest.raises(InvalidArgument, match="6 new tokens at position -1, but 5 are reserved"):
+    with pytest.raises(InvalidArgument, match="6 new tokens at position -1, but the cache holds 5"):
         FlatBatch.build(kv, [("a", 6)])
-    with pytest.raises(InvalidArgument, match="at least one per sequence"):
+    with pytest.raises(InvalidArgument, match="at least one new token per sequence"):
         FlatBatch.build(kv, [("a", 0)])
-    with pytest.raises(InvalidArgument, match="3 new tokens at position 3, but 5"):
+    with pytest.raises(InvalidArgument, match="3 new tokens at position 3, but the cache holds 5"):
         FlatBatch.build(kv, [("a", 3, 3)])
     with pytest.raises(KeyError, match="unknown sequence 'b'"):
         FlatBatch.build(kv, [("b", 1)])

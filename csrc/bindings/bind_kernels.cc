@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Kernels that live in the C++ core: many-small-block copy (host and CUDA), paged decode
-// attention on the host.
+// Kernels that live in the C++ core: many-small-block copy (host and CUDA), KV scatter and
+// paged decode attention on the host.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 #include "bindings.h"
 #include "epdrt/block_copy.h"
 #include "epdrt/common.h"
+#include "epdrt/kv_scatter.h"
 #include "epdrt/paged_attention.h"
 
 namespace py = pybind11;
@@ -47,6 +48,40 @@ void bind_kernels(py::module_& m) {
       "CopyOp read from device memory at `ops_device` (int64 [num_ops, 3]). Asynchronous: the\n"
       "ops array and both buffers must stay alive until the stream passes this point.\n"
       "max_op_bytes: an upper bound on every op's nbytes (sizes the grid).");
+  m.def(
+      "kv_scatter_host",
+      [](uintptr_t key, int64_t key_stride_layer, int64_t key_stride_token, uintptr_t value,
+         int64_t value_stride_layer, int64_t value_stride_token, uintptr_t cache,
+         int64_t cache_stride_block, int64_t cache_stride_layer, int64_t cache_stride_kv,
+         int64_t cache_stride_token, uintptr_t slots, bool slots_int64, int64_t num_tokens,
+         int num_layers, int block_size, size_t row_bytes) {
+        const KvScatterArgs args{reinterpret_cast<const void*>(key),
+                                 key_stride_layer,
+                                 key_stride_token,
+                                 reinterpret_cast<const void*>(value),
+                                 value_stride_layer,
+                                 value_stride_token,
+                                 reinterpret_cast<void*>(cache),
+                                 cache_stride_block,
+                                 cache_stride_layer,
+                                 cache_stride_kv,
+                                 cache_stride_token,
+                                 reinterpret_cast<const void*>(slots),
+                                 slots_int64,
+                                 num_tokens,
+                                 num_layers,
+                                 block_size,
+                                 row_bytes};
+        kv_scatter_host(args);
+      },
+      py::arg("key"), py::arg("key_stride_layer"), py::arg("key_stride_token"), py::arg("value"),
+      py::arg("value_stride_layer"), py::arg("value_stride_token"), py::arg("cache"),
+      py::arg("cache_stride_block"), py::arg("cache_stride_layer"), py::arg("cache_stride_kv"),
+      py::arg("cache_stride_token"), py::arg("slots"), py::arg("slots_int64"),
+      py::arg("num_tokens"), py::arg("num_layers"), py::arg("block_size"), py::arg("row_bytes"),
+      "Writes token i's K and V rows (row_bytes each, every layer) into cache slot slots[i]\n"
+      "(host addresses; strides in bytes). Synchronous. Nothing is checked: the caller\n"
+      "validates (epdrt.kernels.kv_scatter).");
   m.def(
       "paged_decode_host",
       [](uintptr_t query, int64_t query_stride_seq, int64_t query_stride_head, uintptr_t kv,

@@ -68,14 +68,16 @@ def prefill(
         if m == 0:
             continue
         blocks = block_tables[s, : -(-n // block_size)].long()
-        key = kv_layer[:, 0][blocks].flatten(0, 1)[:n].transpose(0, 1)  # [Hkv, n, D]
-        value = kv_layer[:, 1][blocks].flatten(0, 1)[:n].transpose(0, 1)
-        q = query[first:last].transpose(0, 1)  # [Hq, m, D]
+        # 4-D [1, H, n, D]: with 3-D inputs, CPU SDPA takes its math path (the whole score
+        # matrix in memory), several times slower at 2k tokens.
+        key = kv_layer[:, 0][blocks].flatten(0, 1)[:n].transpose(0, 1)[None]  # [1, Hkv, n, D]
+        value = kv_layer[:, 1][blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
+        q = query[first:last].transpose(0, 1)[None]  # [1, Hq, m, D]
         if m == n:  # a whole prompt: plain causal attention
             att = sdpa(q, key, value, is_causal=True, scale=scale, enable_gqa=True)
         else:  # a later chunk: query i sits at position n - m + i
             rows = torch.arange(m, device=query.device)[:, None] + (n - m)
             mask = torch.arange(n, device=query.device)[None, :] <= rows
             att = sdpa(q, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[first:last] = att.transpose(0, 1)
+        out[first:last] = att[0].transpose(0, 1)
     return out

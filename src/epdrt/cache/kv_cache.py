@@ -94,28 +94,35 @@ class PagedKVCache:
         """Blocks that ``reserve(seq_id, num_new_tokens)`` would allocate."""
         length = self._lengths.get(seq_id, 0)
         have = len(self._tables.get(seq_id, ()))
-        return max(0, math.ceil((length + num_new_tokens) / self.block_size) - have)
+        return max(0, -(-(length + num_new_tokens) // self.block_size) - have)
 
-    def reserve(self, seq_id: Hashable, num_new_tokens: int) -> torch.Tensor:
-        """Makes room for ``num_new_tokens`` more tokens of ``seq_id`` (created if new).
+    def extend(self, seq_id: Hashable, num_new_tokens: int) -> int:
+        """Makes room for ``num_new_tokens`` more tokens of ``seq_id`` (created if new),
+        allocating blocks as needed; returns the sequence's new length.
 
-        Returns their slots, ``[num_new_tokens] int64`` on the cache's device. All or nothing:
-        raises PoolExhausted, changing nothing, when too few blocks are free.
+        All or nothing: raises PoolExhausted, changing nothing, when too few blocks are free.
+        The runtime's per-step call (no tensor is made; ``FlatBatch`` computes the slots).
         """
         if not isinstance(num_new_tokens, int) or num_new_tokens < 0:
             raise InvalidArgument(f"num_new_tokens must be an int >= 0, got {num_new_tokens!r}")
         need = self.blocks_needed(seq_id, num_new_tokens)
         try:
-            new_blocks = self.pool.allocate(need)
+            new_blocks = self.pool.allocate(need) if need else ()
         except PoolExhausted as exc:
             raise PoolExhausted(
-                f"KV cache full: sequence {seq_id!r} needs {need} more blocks of {self.block_size}"
-                f" tokens, {self.pool.num_free} of {self.num_blocks} are free"
+                f"KV cache full: sequence {seq_id!r} needs {need} more blocks of"
+                f" {self.block_size} tokens, {self.pool.num_free} of {self.num_blocks} are free"
             ) from exc
-        table = self._tables.setdefault(seq_id, [])
-        table.extend(new_blocks)
-        start = self._lengths.get(seq_id, 0)
-        self._lengths[seq_id] = start + num_new_tokens
+        self._tables.setdefault(seq_id, []).extend(new_blocks)
+        length = self._lengths.get(seq_id, 0) + num_new_tokens
+        self._lengths[seq_id] = length
+        return length
+
+    def reserve(self, seq_id: Hashable, num_new_tokens: int) -> torch.Tensor:
+        """``extend``, returning the new tokens' slots: ``[num_new_tokens] int64`` on the
+        cache's device."""
+        start = self.extend(seq_id, num_new_tokens) - num_new_tokens
+        table = self._tables[seq_id]
         positions = torch.arange(start, start + num_new_tokens)
         blocks = torch.tensor(table, dtype=torch.int64)[positions // self.block_size]
         return (blocks * self.block_size + positions % self.block_size).to(self.device)
@@ -135,7 +142,8 @@ class PagedKVCache:
     def write(
         self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> None:
-        """Stores one layer's ``key``/``value`` ``[n, num_kv_heads, head_dim]`` at ``slots [n]``."""
+        """Stores one layer's ``key``/``value`` ``[n, num_kv_heads, head_dim]`` at ``slots [n]``
+        (int64 or int32)."""
         self._check_layer(layer)
         n = self._check_slots(slots)
         shape = (n, self.num_kv_heads, self.head_dim)
@@ -186,7 +194,12 @@ class PagedKVCache:
             raise InvalidArgument(f"layer must be in [0, {self.num_layers}), got {layer!r}")
 
     def _check_slots(self, slots: torch.Tensor) -> int:
-        tensor_arg("slots", slots, (None,), torch.int64, self.device)
+        dtype = (
+            torch.int32
+            if isinstance(slots, torch.Tensor) and slots.dtype == torch.int32
+            else torch.int64
+        )
+        tensor_arg("slots", slots, (None,), dtype, self.device)  # int64, or int32 (FlatBatch's)
         n = slots.shape[0]
         if n and (int(slots.min()) < 0 or int(slots.max()) >= self.num_blocks * self.block_size):
             raise InvalidArgument(

@@ -8,9 +8,9 @@ Typical use::
     feats = adapter.encode(req.images)                        # [n_i, hidden] per image
     embeds = insert_image_tokens(adapter.embed(req.input_ids), req.image_starts, feats)
     kv = PagedKVCache(...)                                    # see epdrt.cache.sizing.kv_cache
-    kv.reserve("r1", req.num_tokens)
+    kv.extend("r1", req.num_tokens)
     logits = adapter.forward(embeds, FlatBatch.build(kv, [("r1", req.num_tokens)]), [req.extras])
-    kv.reserve("r1", 1)                                       # then one token per step
+    kv.extend("r1", 1)                                        # then one token per step
     token = adapter.embed([int(logits[0].argmax())])
     logits = adapter.forward(token, FlatBatch.build(kv, [("r1", 1)]),
                              [adapter.decode_extras(req.extras)])

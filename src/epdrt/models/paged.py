@@ -52,7 +52,7 @@ class FlatBatch:
     #: ``[b]`` host: new tokens per sequence, and the position of the first one.
     query_lens: np.ndarray
     starts: np.ndarray
-    #: ``[T]`` int64: the cache slot of each new token.
+    #: ``[T]`` int32: the cache slot of each new token.
     slot_mapping: torch.Tensor
     #: ``[b, W]`` int32: each sequence's blocks (rows padded with 0).
     block_tables: torch.Tensor
@@ -88,42 +88,45 @@ class FlatBatch:
         """The batch of ``(seq_id, num_new)`` or ``(seq_id, num_new, start)`` entries.
 
         A sequence's new tokens are positions ``start .. start + num_new`` (default: its last
-        ``num_new`` tokens), already reserved in ``cache`` (``PagedKVCache.reserve``): a
-        prompt reserved whole can be prefilled chunk by chunk. The step attends to the
-        sequence's first ``start + num_new`` tokens.
+        ``num_new`` tokens), already in ``cache`` (``PagedKVCache.extend``): a prompt made room
+        for whole can be prefilled chunk by chunk. The step attends to the sequence's first
+        ``start + num_new`` tokens.
 
         Raises:
-            InvalidArgument: no sequence, a count below 1, tokens past the sequence's reserved
-                length, or a block outside the cache; all before anything reaches the device.
+            InvalidArgument: no sequence, a count below 1, tokens past the sequence's length
+                in the cache, or an unknown sequence; all before anything reaches the device.
         """
         if not seqs:
             raise InvalidArgument("a flat batch needs at least one sequence")
+        b = len(seqs)
         ids = tuple(e[0] for e in seqs)
-        q_lens = np.array([e[1] for e in seqs], dtype=np.int64)
         tables = [cache.block_table(s) for s in ids]
-        held = np.array([cache.seq_len(s) for s in ids], dtype=np.int64)
-        starts = np.array(
-            [e[2] if len(e) > 2 else h - e[1] for e, h in zip(seqs, held.tolist())],
-            dtype=np.int64,
+        held = np.fromiter((cache.seq_len(s) for s in ids), np.int64, b)
+        q_lens = np.fromiter((e[1] for e in seqs), np.int64, b)
+        starts = np.fromiter(
+            (e[2] if len(e) > 2 else h - e[1] for e, h in zip(seqs, held.tolist())), np.int64, b
         )
         bad = (q_lens < 1) | (starts < 0) | (starts + q_lens > held)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise InvalidArgument(
                 f"sequence {ids[i]!r}: {int(q_lens[i])} new tokens at position {int(starts[i])},"
-                f" but {int(held[i])} are reserved (reserve them first; at least one per"
-                " sequence)"
+                f" but the cache holds {int(held[i])} (extend it first; at least one new token"
+                " per sequence)"
             )
-        bs = cache.block_size
-        width = max(len(t) for t in tables)
-        table_rows = np.zeros((len(ids), width), dtype=np.int64)
+        width = max(map(len, tables))
+        table_rows = np.zeros((b, width), dtype=np.int32)
         for row, table in zip(table_rows, tables):
             row[: len(table)] = table
-        cu = np.concatenate([[0], np.cumsum(q_lens)])
-        seq_of_row = np.repeat(np.arange(len(ids)), q_lens)
-        pos = np.arange(int(cu[-1])) - cu[:-1][seq_of_row] + starts[seq_of_row]
-        slots = table_rows[seq_of_row, pos // bs] * bs + pos % bs
-        return cls.from_host(cache, ids, q_lens, starts, slots, table_rows, backend)
+        bs = cache.block_size
+        if bool((q_lens == 1).all()):  # decode: one token per sequence, at position start
+            slots = table_rows[np.arange(b), starts // bs] * bs + starts % bs
+        else:
+            seq_of_row = np.repeat(np.arange(b), q_lens)
+            first_row = np.cumsum(q_lens) - q_lens
+            pos = np.arange(int(q_lens.sum())) - first_row[seq_of_row] + starts[seq_of_row]
+            slots = table_rows[seq_of_row, pos // bs] * bs + pos % bs
+        return cls._to_device(cache, ids, q_lens, starts, slots, table_rows, backend)
 
     @classmethod
     def from_host(
@@ -162,21 +165,44 @@ class FlatBatch:
             )
         if total and (slot_mapping.min() < 0 or slot_mapping.max() >= nb * bs):
             raise InvalidArgument(f"slot_mapping points outside the cache's {nb * bs} slots")
-        cu = np.concatenate([[0], np.cumsum(query_lens)])
-        # One host buffer, one copy: [slots T | tables b*W | lens b | cu b+1].
-        host = np.concatenate([slot_mapping.astype(np.int64), block_tables.reshape(-1), lens, cu])
-        dev = torch.from_numpy(host).to(cache.device, non_blocking=True)
-        width = block_tables.shape[1]
+        return cls._to_device(
+            cache, tuple(seq_ids), query_lens.astype(np.int64), starts.astype(np.int64),
+            slot_mapping, block_tables, backend,
+        )  # fmt: skip
+
+    @classmethod
+    def _to_device(
+        cls,
+        cache: PagedKVCache,
+        seq_ids: tuple[Hashable, ...],
+        query_lens: np.ndarray,
+        starts: np.ndarray,
+        slot_mapping: np.ndarray,
+        block_tables: np.ndarray,
+        backend: str,
+    ) -> FlatBatch:
+        """The batch over checked host metadata: one int32 host buffer, one copy."""
+        b, width = block_tables.shape
+        total = slot_mapping.shape[0]
+        lens = starts + query_lens
+        # [slots T | tables b*W | lens b | cu b+1]
         cut = np.cumsum([total, b * width, b])
+        host = np.empty(int(cut[-1]) + b + 1, dtype=np.int32)
+        host[: cut[0]] = slot_mapping
+        host[cut[0] : cut[1]] = block_tables.reshape(-1)
+        host[cut[1] : cut[2]] = lens
+        host[cut[2]] = 0
+        np.cumsum(query_lens, out=host[cut[2] + 1 :])
+        dev = torch.from_numpy(host).to(cache.device, non_blocking=True)
         return cls(
             cache=cache,
-            seq_ids=tuple(seq_ids),
-            query_lens=query_lens.astype(np.int64),
-            starts=starts.astype(np.int64),
+            seq_ids=seq_ids,
+            query_lens=query_lens,
+            starts=starts,
             slot_mapping=dev[: cut[0]],
-            block_tables=dev[cut[0] : cut[1]].view(b, width).to(torch.int32),
-            context_lens=dev[cut[1] : cut[2]].to(torch.int32),
-            cu_seqlens_q=dev[cut[2] :].to(torch.int32),
+            block_tables=dev[cut[0] : cut[1]].view(b, width),
+            context_lens=dev[cut[1] : cut[2]],
+            cu_seqlens_q=dev[cut[2] :],
             max_query_len=int(query_lens.max()),
             max_context_len=int(lens.max()),
             backend=backend,

@@ -197,7 +197,7 @@ class ModelStageRunner:
         req = self._prompt(num_tokens)
         seqs = [("prefill", next(self._seq)) for _ in range(num_requests)]
         for seq in seqs:
-            self.kv.reserve(seq, num_tokens)
+            self.kv.extend(seq, num_tokens)
         try:
             ids = torch.tensor(req.input_ids * num_requests, dtype=torch.int64, device=self.device)
             embeds = assemble_inputs_embeds(self.adapter.embed(ids), self.mm, [])
@@ -232,7 +232,7 @@ class ModelStageRunner:
         self._setup_decode(batch_size, context_tokens)
         seqs = [("decode", i) for i in range(batch_size)]
         for seq in seqs:
-            self.kv.reserve(seq, 1)
+            self.kv.extend(seq, 1)
         batch = FlatBatch.build(self.kv, [(seq, 1) for seq in seqs])
         ids = torch.full((batch_size,), 5, dtype=torch.int64, device=self.device)
         logits = self.adapter.forward(

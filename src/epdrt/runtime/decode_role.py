@@ -72,7 +72,7 @@ class DecodeRole:
         if self.kv.num_free_blocks - self.promised < need - held:
             return False
         if not held:
-            self.kv.reserve(req_id, num_tokens)
+            self.kv.extend(req_id, num_tokens)
         self.life_blocks[req_id] = need
         self.promised += need - len(self.kv.block_table(req_id))
         return True
@@ -156,7 +156,7 @@ class DecodeRole:
         try:
             for seq in batch:  # the new token's slot; a block when it crosses a boundary
                 grown = self.kv.blocks_needed(seq.req_id, 1)
-                self.kv.reserve(seq.req_id, 1)
+                self.kv.extend(seq.req_id, 1)
                 self.promised -= grown
             flat = FlatBatch.build(self.kv, [(seq.req_id, 1) for seq in batch])
             ids = torch.tensor([seq.last_token for seq in batch], device=self.w.device)

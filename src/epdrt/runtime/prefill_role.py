@@ -188,7 +188,7 @@ class PrefillRole:
             return False
         placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
         req.mm_rows = cached_source_rows(n, self.mm, placements)
-        self.kv.reserve(req.msg.req_id, n)
+        self.kv.extend(req.msg.req_id, n)
         del self.admitted[req.msg.req_id]
         self.running[req.msg.req_id] = req
         return True

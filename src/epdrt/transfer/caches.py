@@ -109,7 +109,7 @@ class KVReceiver:
         (tell them to the sender). Raises PoolExhausted, changing nothing, when full."""
         if seq_id in self.cache:
             raise InvalidArgument(f"sequence {seq_id!r} already exists in the cache")
-        self.cache.reserve(seq_id, num_tokens)
+        self.cache.extend(seq_id, num_tokens)
         return self.cache.block_table(seq_id)
 
     def wait(
