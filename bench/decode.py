@@ -180,12 +180,12 @@ def run(args: argparse.Namespace) -> list[Record]:
             for backend in backends:
                 _epdrt(adapter, prompts[:, : min(c, 8)], 1, backend, 8, args.block_size)
             g_runs, e_runs = [], {backend: [] for backend in backends}
+            chunk = args.prefill_chunk
             for _ in range(max(1, repeats)):
                 g_runs.append(_generate(adapter, prompts, steps))
                 for backend in backends:
-                    e_runs[backend].append(
-                        _epdrt(adapter, prompts, steps, backend, args.prefill_chunk, args.block_size)
-                    )
+                    run = _epdrt(adapter, prompts, steps, backend, chunk, args.block_size)
+                    e_runs[backend].append(run)
             g_prefill, g_tpot = _best(g_runs)
             for backend in backends:
                 e_prefill, e_tpot = _best(e_runs[backend])

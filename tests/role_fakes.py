@@ -75,7 +75,7 @@ class FakeWorker:
         self.device = torch.device("cpu")
         self.config = SimpleNamespace(
             encode_max_batch_images=8, encode_max_batch_tokens=8192, prefill_max_batch_tokens=4096,
-            decode_max_batch=8,
+            decode_max_batch=8, max_num_seqs=256,
             verify_transfers=False, request_timeout_s=60.0,
         )  # fmt: skip
         vars(self.config).update(config)

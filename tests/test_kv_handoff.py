@@ -28,7 +28,7 @@ class FakeWorker:
     def __init__(self, kv: PagedKVCache, peers: dict[str, PagedKVCache]) -> None:
         self.name = "d0"
         self.kv, self.mm, self.peers = kv, None, peers
-        self.config = SimpleNamespace(decode_max_batch=8)
+        self.config = SimpleNamespace(decode_max_batch=8, max_num_seqs=256)
         self.sent: list[tuple[str, object]] = []
         self.failed: list[tuple[str, str]] = []
         self.copies: list[tuple] = []

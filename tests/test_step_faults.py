@@ -52,7 +52,7 @@ def test_a_failing_decode_step_fails_its_sequences_and_the_next_step_runs():
     error = "d0: decode step failed: RuntimeError: injected decode fault"
     assert d0.failed == [("a", error), ("b", error)]
     assert sorted(d0.kv.sequences()) == ["c"] and list(d0.decode.active) == ["c"]
-    assert d0.kv.num_free_blocks == 16 - 2 and d0.decode.promised == 1  # c's 9 tokens
+    assert d0.kv.num_free_blocks == 16 - 2 and d0.decode.headroom == 1  # c: 5 tokens, running
     d0.decode.step()
     (tokens,) = d0.take("cluster", m.Tokens)
     assert [(e.req_id, e.token) for e in tokens.events] == [("c", 3)]

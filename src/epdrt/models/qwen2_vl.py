@@ -106,8 +106,9 @@ class Qwen2VLAdapter(ModelAdapter):
         self, extras: Sequence[Extras], starts: np.ndarray, counts: np.ndarray
     ) -> torch.Tensor:
         """``[3, 1, T]``: a prompt's tokens take their M-RoPE positions from the prompt's
-        ``position_ids [3, n]``; later tokens (decode) sit at ``position + rope_delta`` on all
-        three axes, as in ``generate()``."""
+        ``position_ids [3, n]``; later tokens (decode, or generated tokens prefilled again
+        after a preemption) sit at ``position + rope_delta`` on all three axes, as in
+        ``generate()``."""
         text = self._text_positions(starts, counts) + np.repeat(
             np.array([_delta(x) for x in extras], dtype=np.int64), counts
         )
@@ -116,12 +117,10 @@ class Qwen2VLAdapter(ModelAdapter):
         for x, start, count in zip(extras, starts.tolist(), counts.tolist()):
             prompt = x.get("position_ids")
             if prompt is not None:
-                if prompt.dim() != 2 or prompt.shape[0] != 3 or start + count > prompt.shape[1]:
-                    raise ValueError(
-                        f"position_ids [3, n] must cover tokens {start}..{start + count},"
-                        f" got {list(prompt.shape)}"
-                    )
-                pos[:, first : first + count] = prompt[:, start : start + count]
+                if prompt.dim() != 2 or prompt.shape[0] != 3:
+                    raise ValueError(f"position_ids must be [3, n], got {list(prompt.shape)}")
+                covered = max(0, min(count, prompt.shape[1] - start))
+                pos[:, first : first + covered] = prompt[:, start : start + covered]
             first += count
         return pos[:, None].to(self.device)
 

@@ -21,7 +21,10 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   pulls the KV (input tokens) over its link, then the sequence joins its batch at the next
   step boundary. The prefill GPU frees the KV when its batch running at the end of the pull
   ends (the runtime's prefill worker reads the decoder's ``KVPulled`` between batches).
-  Without room anywhere the request waits, holding its prefill KV.
+  Without room anywhere the request waits, holding its prefill KV. NOTE: the runtime's
+  decode admits by the prompt's KV and preempts the newest sequence when the cache fills
+  (recompute, ``runtime/decode_role.py``); reserving the output up front, as here, matches it
+  while KV is not the bottleneck and is conservative when it is (no preemption modelled).
 - Decode: continuous batching; at each step boundary waiting sequences join while the batch
   has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
   gives every sequence one token (``decode_padded``: the total counts every sequence at the

@@ -12,6 +12,7 @@ requests held.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -80,6 +81,10 @@ class _Inflight:
     text: str | None = None
     last_token_at: float | None = None
     encode_s: float = 0.0
+    #: (prefill, decode, encoder per image key): the workers it was routed to
+    route: tuple[str, str, dict[bytes, str]] | None = None
+    #: preempted by its decoder after this many tokens: prefilled again once they are here
+    resume_at: int | None = None
 
 
 def cpu_workers_pinned(num_cpu_workers: int, threads_each: int, cores: int) -> bool:
@@ -327,6 +332,7 @@ class EPDCluster:
             return
         self._inflight[req_id] = state
         self._inflight_tokens += self.tokens_of(state)
+        state.route = (prefill, decode, encoders)
         self._dispatch(state.request, state.prepared, prefill, decode, encoders)
 
     def _admit_queued(self) -> None:
@@ -382,9 +388,10 @@ class EPDCluster:
             self._workers[name].load += amount
         return prefill.name, decode.name, encoders, loads
 
-    def _dispatch(self, request, prepared, prefill, decode, encoders) -> None:
+    def _dispatch(self, request, prepared, prefill, decode, encoders, first_index=0) -> None:
         """Queues the images for their encoders first (encoding starts at once), then the
-        request for its prefill worker."""
+        request for its prefill worker (``first_index``: tokens it already generated, at the
+        end of ``prepared.input_ids``)."""
         per_encoder: dict[str, list] = {}
         for image in prepared.images:
             if image.key in {i.key for i in per_encoder.get(encoders[image.key], [])}:
@@ -410,6 +417,7 @@ class EPDCluster:
             decode,
             entries,
             request.sampling,
+            first_index,
         )
         self._outbox.post(prefill, msg, frames, self._unreachable(request.id))
 
@@ -448,6 +456,11 @@ class EPDCluster:
                     self._deliver(ev.req_id, state, now)
         elif isinstance(msg, m.Failed):
             self._fail(msg.req_id, msg.error)
+        elif isinstance(msg, m.Preempted):
+            state = self._inflight.get(msg.req_id)
+            if state is not None:
+                state.resume_at = msg.generated
+                self._resume_if_ready(msg.req_id, state)
         elif isinstance(msg, m.Stats):
             self._workers[msg.worker].stats = dict(msg.counters)
 
@@ -467,6 +480,19 @@ class EPDCluster:
             if finished:
                 self._resolve(req_id, None)
                 return
+        self._resume_if_ready(req_id, state)
+
+    def _resume_if_ready(self, req_id: str, state: _Inflight) -> None:
+        """Prefills a preempted request again, prompt plus the tokens it generated, once all
+        of them are here (its first came from the prefill worker, on another socket), on the
+        workers it was routed to (its images are in their caches, most likely)."""
+        if state.resume_at is None or len(state.tokens) < state.resume_at:
+            return
+        state.resume_at = None
+        prompt = state.prepared
+        resumed = dataclasses.replace(prompt, input_ids=prompt.input_ids + state.tokens)
+        prefill, decode, encoders = state.route
+        self._dispatch(state.request, resumed, prefill, decode, encoders, len(state.tokens))
 
     def _stop_string_seen(self, state: _Inflight) -> bool:
         """Whether the text so far holds one of the request's stop strings; if so, the text

@@ -43,6 +43,11 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: attending to the earlier chunks in the KV cache.
     prefill_max_batch_tokens: int = 4096
     decode_max_batch: int = 32
+    #: Most sequences one decode worker runs at once (admitted: their KV in its cache, taking
+    #: turns in batches of ``decode_max_batch``); the rest wait for one to end. KV blocks are
+    #: allocated as sequences grow; when a step finds the cache full, the newest running
+    #: sequence is preempted and later prefilled again with what it generated (recompute).
+    max_num_seqs: int = 256
     kv_block_size: int = 16
     kv_cache_tokens: int = 16384
     mm_block_size: int = 16
@@ -72,8 +77,8 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         for name in (
             "num_prefill", "num_decode", "cpu_threads", "encode_max_batch_images",
-            "encode_max_batch_tokens",
-            "prefill_max_batch_tokens", "decode_max_batch", "kv_block_size", "kv_cache_tokens",
+            "encode_max_batch_tokens", "prefill_max_batch_tokens", "decode_max_batch",
+            "max_num_seqs", "kv_block_size", "kv_cache_tokens",
             "mm_block_size", "mm_cache_tokens", "max_images_per_request", "max_image_bytes",
             "max_image_pixels", "max_inflight_requests", "max_inflight_tokens",
             "max_queued_requests",

@@ -1,15 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 """Decode role: admits sequences into its paged KV cache and runs continuous batching.
 
-Admission budgets blocks for a sequence's whole life (prompt + max_new_tokens), so a running
-sequence never meets a full cache; a sequence that does not fit waits (back-pressure). Blocks
-are allocated as sequences grow; the budget only promises them. Each step decodes up to
-``decode_max_batch`` sequences together in one flat batch over the pages (one new token each,
-its K/V written into its slot as the layers run); they join and leave independently.
+Admission takes a sequence when its prompt's blocks fit, keeping one block free per running
+sequence, and while fewer than ``max_num_seqs`` run; the rest wait (back-pressure). Blocks are
+allocated as sequences grow. A step that finds the cache full preempts the newest running
+sequence: its blocks are freed and the cluster prefills it again with what it generated
+(recompute; ``messages.Preempted``), so the oldest sequences always go on. Each step decodes up
+to ``decode_max_batch`` sequences together in one flat batch over the pages (one new token
+each, its K/V written into its slot as the layers run); they join and leave independently.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -33,10 +36,11 @@ ABORTED_REMEMBERED = 65536
 class _Seq:
     req_id: str
     last_token: int
-    generated: int
+    generated: int  # tokens the request has, last_token included (its index + 1)
     max_new_tokens: int
     extras: dict[str, torch.Tensor]
-    sampling: SamplingParams = GREEDY
+    sampling: SamplingParams
+    order: int  # admission order: the newest running sequence is preempted first
 
 
 class DecodeRole:
@@ -46,8 +50,9 @@ class DecodeRole:
         self.kv = worker.kv
         # Sequences whose KV waits in a prefill worker's cache, in arrival order (admission).
         self.ready_queue: deque[tuple[m.KVReady, dict[str, torch.Tensor]]] = deque()
-        # Sequences prefilled in this worker, whose KV is already in this cache.
-        self.local_queue: deque[tuple[str, int, int, dict, SamplingParams]] = deque()
+        # Sequences prefilled in this worker, whose KV is already in this cache:
+        # (req_id, first token, its index, max_new_tokens, extras, sampling).
+        self.local_queue: deque[tuple[str, int, int, int, dict, SamplingParams]] = deque()
         # Admitted sequences whose KV is being copied in from their prefill worker.
         self.pulling: dict[str, tuple[m.KVReady, dict[str, torch.Tensor]]] = {}
         # Aborted while pulling: their blocks are freed once the copy into them ends.
@@ -57,24 +62,27 @@ class DecodeRole:
         # Abort from the cluster, so the Abort can arrive first and the KVReady must then be
         # dropped (its staged blocks are freed by the prefill worker's own Abort).
         self.aborted: OrderedDict[str, None] = OrderedDict()
-        self.life_blocks: dict[str, int] = {}  # blocks each admitted sequence may ever use
-        self.promised = 0  # sum over admitted sequences of life blocks not yet allocated
+        self._admissions = itertools.count()
 
     # ---- admission -------------------------------------------------------------------------
-    def _life_blocks(self, num_tokens: int, max_new_tokens: int) -> int:
-        return blocks_for(num_tokens + max_new_tokens, self.kv.block_size)
+    @property
+    def headroom(self) -> int:
+        """Blocks admission keeps free, and asks a prefill role sharing the cache to: one per
+        running sequence (each one's next token may start a block)."""
+        return len(self.active) + len(self.pulling)
 
-    def _try_admit(self, req_id: str, num_tokens: int, max_new_tokens: int) -> bool:
-        """Budgets ``req_id``'s life blocks; reserves its prompt's unless it is in the cache
-        already (prefilled here). False, changing nothing, when they do not fit."""
-        need = self._life_blocks(num_tokens, max_new_tokens)
-        held = len(self.kv.block_table(req_id)) if req_id in self.kv else 0
-        if self.kv.num_free_blocks - self.promised < need - held:
+    def _try_admit(self, req_id: str, num_tokens: int) -> bool:
+        """Takes ``req_id`` into the running set, making room for its prompt's KV unless it
+        is in the cache already (prefilled here). False, changing nothing, at
+        ``max_num_seqs`` or when the prompt's blocks do not fit beside the headroom."""
+        if self.headroom >= self.w.config.max_num_seqs:
+            self.w.count("decode_seq_limit_waits")
             return False
-        if not held:
+        if req_id not in self.kv:
+            if blocks_for(num_tokens, self.kv.block_size) > self.kv.num_free_blocks - self.headroom:
+                self.w.count("decode_admission_waits")
+                return False
             self.kv.extend(req_id, num_tokens)
-        self.life_blocks[req_id] = need
-        self.promised += need - len(self.kv.block_table(req_id))
         return True
 
     def handle(self, msg: object, frames: list[bytes]) -> bool:
@@ -94,27 +102,30 @@ class DecodeRole:
         max_new_tokens: int,
         extras: dict,
         sampling: SamplingParams = GREEDY,
+        first_index: int = 0,
     ) -> None:
-        """Starts a sequence prefilled in this worker: its prompt's KV is in this cache."""
-        self.local_queue.append((req_id, first_token, max_new_tokens, extras, sampling))
+        """Starts a sequence prefilled in this worker: its prompt's KV is in this cache, and
+        ``first_token`` is its token ``first_index``."""
+        self.local_queue.append(
+            (req_id, first_token, first_index, max_new_tokens, extras, sampling)
+        )
 
     # ---- work ------------------------------------------------------------------------------
     def step(self) -> bool:
         progressed = False
         while self.ready_queue:
             ready, extras = self.ready_queue[0]
-            if not self._try_admit(ready.req_id, ready.num_tokens, ready.max_new_tokens):
-                self.w.count("decode_admission_waits")
+            if not self._try_admit(ready.req_id, ready.num_tokens):
                 break
             self.ready_queue.popleft()
             self._pull(ready, extras)
             progressed = True
         while self.local_queue:
-            req_id, token, max_new, extras, sampling = self.local_queue[0]
-            if not self._try_admit(req_id, self.kv.seq_len(req_id), max_new):
+            req_id, token, index, max_new, extras, sampling = self.local_queue[0]
+            if not self._try_admit(req_id, self.kv.seq_len(req_id)):
                 break
             self.local_queue.popleft()
-            self.active[req_id] = _Seq(req_id, token, 1, max_new, extras, sampling)
+            self._run(req_id, token, index, max_new, extras, sampling)
             progressed = True
         if self.active:
             self._decode_step()
@@ -146,18 +157,53 @@ class DecodeRole:
             self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
             return
         self.w.send(ready.src, m.KVPulled(req_id))
+        self._run(
+            req_id, ready.first_token, ready.first_index, ready.max_new_tokens, extras,
+            ready.sampling,
+        )  # fmt: skip
+
+    def _run(
+        self,
+        req_id: str,
+        token: int,
+        index: int,
+        max_new_tokens: int,
+        extras: dict[str, torch.Tensor],
+        sampling: SamplingParams,
+    ) -> None:
+        """Puts an admitted sequence, whose KV is in this cache, into the running set."""
         self.active[req_id] = _Seq(
-            req_id, ready.first_token, 1, ready.max_new_tokens, extras, ready.sampling
+            req_id, token, index + 1, max_new_tokens, extras, sampling, next(self._admissions)
         )
+
+    def _grow(self, seq: _Seq) -> bool:
+        """Makes room for ``seq``'s next token, preempting the newest running sequences while
+        the cache is full; False when ``seq`` itself was preempted."""
+        while self.kv.blocks_needed(seq.req_id, 1) > self.kv.num_free_blocks:
+            victim = max(self.active.values(), key=lambda s: s.order)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.kv.extend(seq.req_id, 1)
+        return True
+
+    def _preempt(self, seq: _Seq) -> None:
+        """Evicts a running sequence: its blocks are freed, and the cluster prefills it again
+        (prompt and generated tokens) to resume it."""
+        del self.active[seq.req_id]
+        self.kv.free(seq.req_id)
+        self.w.send("cluster", m.Preempted(seq.req_id, seq.generated))
+        self.w.count("decode_preemptions")
 
     def _decode_step(self) -> None:
         start = time.perf_counter()
         batch = list(self.active.values())[: self.w.config.decode_max_batch]
         try:
-            for seq in batch:  # the new token's slot; a block when it crosses a boundary
-                grown = self.kv.blocks_needed(seq.req_id, 1)
-                self.kv.extend(seq.req_id, 1)
-                self.promised -= grown
+            # The new tokens' slots; a block when one crosses a boundary.
+            batch = [seq for seq in batch if seq.req_id in self.active and self._grow(seq)]
+            batch = [seq for seq in batch if seq.req_id in self.active]  # not preempted since
+            if not batch:
+                return
             flat = FlatBatch.build(self.kv, [(seq.req_id, 1) for seq in batch])
             ids = torch.tensor([seq.last_token for seq in batch], device=self.w.device)
             logits = self.w.model.forward(
@@ -189,12 +235,8 @@ class DecodeRole:
         self.w.count("decode_seconds", time.perf_counter() - start)
 
     def _finish(self, req_id: str) -> None:
-        """Frees a sequence's blocks and the part of its budget it never used (none when it was
-        never admitted: prefilled here, still waiting in ``local_queue``)."""
+        """Frees a sequence's blocks."""
         self.active.pop(req_id, None)
-        life = self.life_blocks.pop(req_id, None)
-        if life is not None:
-            self.promised -= life - len(self.kv.block_table(req_id))
         self.kv.free(req_id)
 
     def abort(self, req_id: str) -> None:

@@ -129,11 +129,14 @@ class PrefillRequest(Msg):
     decoder: str
     extras: list[NamedTensor]
     sampling: SamplingParams = GREEDY
+    #: Tokens the request had already generated: ``input_ids`` ends with them (it is resumed
+    #: after a preemption) and the token this prefill produces has this index.
+    first_index: int = 0
 
 
 class KVReady(Msg):
     """Prefill -> decode: a prefilled sequence's KV waits in ``blocks`` of the sender's KV
-    cache. The decoder admits it when it has room for ``num_tokens`` plus its output
+    cache. The decoder admits it when it has room for ``num_tokens`` and a running slot
     (back-pressure), copies the blocks into its own cache itself, and continues from
     ``first_token`` (model extras as tensor frames): the sender's loop takes no part, so a
     hand-off never waits for the sender's next batch."""
@@ -149,6 +152,8 @@ class KVReady(Msg):
     #: (``EPDConfig.verify_transfers``)
     digest: int | None = None
     sampling: SamplingParams = GREEDY
+    #: the index of ``first_token`` (``PrefillRequest.first_index``)
+    first_index: int = 0
 
 
 class KVPulled(Msg):
@@ -182,6 +187,15 @@ class Failed(Msg):
     error: str
 
 
+class Preempted(Msg):
+    """Decode worker -> cluster: a running sequence was evicted to make room in the KV cache
+    (its blocks are freed here) after its first ``generated`` tokens, all of them sent. The
+    cluster prefills it again, prompt plus those tokens, and it goes on (recompute)."""
+
+    req_id: str
+    generated: int
+
+
 class Abort(Msg):
     """Cluster -> workers: forget a request (it failed elsewhere); free what it holds."""
 
@@ -197,7 +211,7 @@ class Stats(Msg):
 
 Message = (
     Hello | Peers | Shutdown | EncodeImages | FetchMM | MMReady | PrefillRequest | KVReady
-    | KVPulled | Tokens | Failed | Abort | Stats
+    | KVPulled | Tokens | Failed | Preempted | Abort | Stats
 )  # fmt: skip
 
 CODEC = Codec(Message)

@@ -179,11 +179,11 @@ class PrefillRole:
 
     def _start(self, req: _Request) -> bool:
         """Reserves KV blocks for ``req``'s whole prompt and moves it to ``running``; False
-        (back-pressure) when too few blocks are free, not counting those a decode role here
-        has promised to its sequences."""
+        (back-pressure) when too few blocks are free, leaving a decode role here its
+        headroom."""
         n = len(req.msg.input_ids)
-        promised = self.w.decode.promised if self.w.decode is not None else 0
-        if blocks_for(n, self.kv.block_size) > self.kv.num_free_blocks - promised:
+        headroom = self.w.decode.headroom if self.w.decode is not None else 0
+        if blocks_for(n, self.kv.block_size) > self.kv.num_free_blocks - headroom:
             self.w.count("prefill_kv_waits")  # decode frees blocks as sequences end or leave
             return False
         placements = [(slot.start, self.mm.peek(slot.key)) for slot in req.msg.images]
@@ -303,7 +303,7 @@ class PrefillRole:
                 continue
             del self.running[req.msg.req_id]
             self._release(req, WantEvent.PREFILLED)
-            token = sample(row, req.msg.sampling, 0)
+            token = sample(row, req.msg.sampling, req.msg.first_index)
             ready = self._hand_off(req, token)
             if ready is not None:
                 staged.append(ready)
@@ -325,11 +325,12 @@ class PrefillRole:
         """
         msg = req.msg
         eos = self.w.model.spec.eos_token_ids
-        finished = msg.max_new_tokens <= 1 or msg.sampling.finishes(token, eos)
+        index = msg.first_index
+        finished = index + 1 >= msg.max_new_tokens or msg.sampling.finishes(token, eos)
         self.w.send(
             "cluster",
             m.Tokens(
-                events=[m.TokenEvent(msg.req_id, 0, token, finished)],
+                events=[m.TokenEvent(msg.req_id, index, token, finished)],
                 encode_s={msg.req_id: req.encode_s},
             ),
         )
@@ -339,7 +340,7 @@ class PrefillRole:
         decode_extras = self.w.model.decode_extras(req.extras)
         if self.w.decode is not None and msg.decoder == self.w.name:
             self.w.decode.start_local(
-                msg.req_id, token, msg.max_new_tokens, decode_extras, msg.sampling
+                msg.req_id, token, msg.max_new_tokens, decode_extras, msg.sampling, index
             )
             return None
         digest = None
@@ -358,6 +359,7 @@ class PrefillRole:
             entries,
             digest,
             msg.sampling,
+            index,
         )
         return msg.decoder, ready, frames
 
