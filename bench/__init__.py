@@ -4,7 +4,7 @@
 Each module has ``HELP``, ``add_arguments(parser)`` and ``run(args) -> list[Record]``.
 """
 
-from epdrt.bench import block_pool, capacity, decode, e2e, kernels, planner, transfer
+from epdrt.bench import block_pool, capacity, decode, e2e, kernels, planner, serve, transfer
 
 BENCHMARKS = {
     "block-pool": block_pool,
@@ -14,4 +14,5 @@ BENCHMARKS = {
     "transfer": transfer,
     "capacity": capacity,
     "planner": planner,
+    "serve": serve,
 }

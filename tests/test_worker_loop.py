@@ -84,6 +84,7 @@ def make_worker(channel: ScriptedChannel, roles: list) -> tuple[Worker, list]:
     w.mm = w.kv = None
     w.device = "cpu"
     w.spec = SimpleNamespace(parent_pid=os.getppid())
+    w.config = SimpleNamespace(stats_interval_s=0)  # no live reports: sends are counted
     w.send = lambda peer, msg, tensors=None: sent.append((peer, msg))
     w._await_peers = lambda: []
     w.stats = lambda: {}

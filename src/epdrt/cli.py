@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "epdrt.commands.bench",
     "epdrt.commands.plan",
     "epdrt.commands.run",
+    "epdrt.commands.serve",
     "epdrt.commands.demo",
     "epdrt.commands.make_tiny_model",
     "epdrt.commands.profile",

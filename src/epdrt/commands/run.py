@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epdrt.commands import UsageError, add_json_option, write_json
+from epdrt.commands import (
+    UsageError,
+    add_cluster_options,
+    add_json_option,
+    cluster_config,
+    write_json,
+)
 from epdrt.errors import InvalidArgument
 from epdrt.runtime.request import Request, RequestError, RequestResult
 from epdrt.runtime.sampling import SamplingParams
@@ -28,15 +34,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="serve a JSONL file of requests (epd, pd or aggregated)", description=__doc__
     )
-    p.add_argument("--model", required=True, help="model directory (config, weights, processor)")
+    add_cluster_options(p)
     p.add_argument("--requests", required=True, help="JSONL file of requests")
-    p.add_argument("--mode", choices=["epd", "pd", "aggregated"], default="epd")
-    p.add_argument("--encode", type=int, default=1, help="encode workers (epd)")
-    p.add_argument(
-        "--prefill", type=int, default=1, help="prefill (pd: E+P; aggregated: all) workers"
-    )
-    p.add_argument("--decode", type=int, default=1, help="decode workers")
-    p.add_argument("--config", help="EPDConfig as JSON (overrides the flags above)")
     p.add_argument("--slo-ttft", type=float, help="TTFT SLO in seconds (for goodput)")
     p.add_argument("--slo-tpot", type=float, help="TPOT SLO in seconds (for goodput)")
     add_json_option(p)
@@ -125,7 +124,9 @@ def load_requests(path: str) -> RequestLines:
                 req_id = f"line{n}"
             what = "not JSON" if isinstance(exc, json.JSONDecodeError) else "bad request"
             error = f"{path}:{n}: {what}: {exc}"
-            lines.rejected[req_id] = RequestResult(req_id, [], "", None, None, 0.0, None, error)
+            lines.rejected[req_id] = RequestResult(
+                req_id, [], "", None, None, 0.0, None, error, "invalid"
+            )
             lines.order.append(req_id)
             seen.add(req_id)
             continue
@@ -137,17 +138,9 @@ def load_requests(path: str) -> RequestLines:
 
 def _run(args: argparse.Namespace) -> int:
     from epdrt.runtime.cluster import EPDCluster
-    from epdrt.runtime.config import EPDConfig
     from epdrt.runtime.driver import replay, summarize
 
-    if args.config:
-        config = EPDConfig.from_json(args.config)
-    else:
-        config = EPDConfig(
-            mode=args.mode, num_encode=args.encode, num_prefill=args.prefill, num_decode=args.decode
-        )
-    if not (Path(args.model) / "config.json").is_file():
-        raise UsageError(f"{args.model} is not a model directory (no config.json in it)")
+    config = cluster_config(args)
     lines = load_requests(args.requests)
     for bad in lines.rejected.values():
         print(f"skipping {bad.id}: {bad.error}", file=sys.stderr)

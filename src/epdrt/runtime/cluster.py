@@ -51,7 +51,8 @@ class _Worker:
     log_path: Path
     load: int = 0  # requests (prefill/decode) or images (encode) in flight
     alive: bool = True
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # its final report (shutdown)
+    live: dict[str, float] = field(default_factory=dict)  # its latest report while running
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -232,7 +233,7 @@ class EPDCluster:
                 w.proc.wait(timeout=timeout_s)
         with self._locked():
             for req_id in [*self._inflight, *self._queue]:
-                self._resolve(req_id, "the cluster shut down")
+                self._resolve(req_id, "the cluster shut down", "unavailable")
         self._outbox.close(timeout_s)
         self._channel.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
@@ -261,7 +262,7 @@ class EPDCluster:
         try:
             prepared = self.pre.prepare(request)
         except RequestError as exc:
-            future.set_result(_failed(request.id, str(exc)))
+            future.set_result(_failed(request.id, str(exc), "invalid"))
             return future
         deadline = submitted + self.config.request_timeout_s
         if not request.sampling.greedy and request.sampling.seed is None:
@@ -269,9 +270,9 @@ class EPDCluster:
             request.sampling = msgspec.structs.replace(request.sampling, seed=secrets.randbits(63))
         state = _Inflight(request, prepared, future, submitted, deadline, on_token)
         with self._locked():
-            error = None
+            error, kind = None, "invalid"
             if self._closing:
-                error = "the cluster is shut down"
+                error, kind = "the cluster is shut down", "unavailable"
             elif request.id in self._inflight or request.id in self._queue:
                 error = "a request with this id is in flight"
             elif not self._queue and self._has_room(state):
@@ -281,10 +282,11 @@ class EPDCluster:
                     f"the router's queue is full ({len(self._queue)} requests wait for"
                     f" {len(self._inflight)} in flight): retry later"
                 )
+                kind = "overloaded"
             else:
                 self._queue[request.id] = state
             if error is not None:
-                self._settle(state, _failed(request.id, error))
+                self._settle(state, _failed(request.id, error, kind))
                 return future
         future.add_done_callback(lambda f: f.cancelled() and self.abort(request.id))
         return future
@@ -295,7 +297,7 @@ class EPDCluster:
         with self._locked():
             if request_id not in self._inflight and request_id not in self._queue:
                 return False
-            self._fail(request_id, "aborted")
+            self._fail(request_id, "aborted", "aborted")
             return True
 
     @contextlib.contextmanager
@@ -328,7 +330,7 @@ class EPDCluster:
         try:
             prefill, decode, encoders, state.loads = self._route(state.prepared)
         except EpdrtError as exc:
-            self._settle(state, _failed(req_id, str(exc)))
+            self._settle(state, _failed(req_id, str(exc), "unavailable"))
             return
         self._inflight[req_id] = state
         self._inflight_tokens += self.tokens_of(state)
@@ -462,7 +464,10 @@ class EPDCluster:
                 state.resume_at = msg.generated
                 self._resume_if_ready(msg.req_id, state)
         elif isinstance(msg, m.Stats):
-            self._workers[msg.worker].stats = dict(msg.counters)
+            worker = self._workers[msg.worker]
+            worker.live = dict(msg.counters)
+            if msg.final:
+                worker.stats = worker.live
 
     def _deliver(self, req_id: str, state: _Inflight, now: float) -> None:
         """Appends (and streams) the request's tokens that are next in order; resolves the
@@ -532,27 +537,31 @@ class EPDCluster:
         now = time.monotonic()
         limit = self.config.request_timeout_s
         for req_id in [r for r, s in self._queue.items() if now > s.deadline]:
-            self._fail(req_id, f"timed out after {limit} s waiting in the router's queue")
+            self._fail(
+                req_id, f"timed out after {limit} s waiting in the router's queue", "timeout"
+            )
         for req_id in [r for r, s in self._inflight.items() if now > s.deadline]:
             tokens = len(self._inflight[req_id].tokens)
             where = f"after {tokens} tokens" if tokens else "before its first token"
-            self._fail(req_id, f"timed out after {limit} s, {where}")
+            self._fail(req_id, f"timed out after {limit} s, {where}", "timeout")
 
-    def _fail(self, req_id: str, error: str) -> None:
+    def _fail(self, req_id: str, error: str, kind: str = "failed") -> None:
         """Fails a request and tells the live workers it touched to free what it holds."""
         state = self._inflight.get(req_id) or self._queue.get(req_id)
         if state is not None:
-            self._fail_or_stop(req_id, state, error)
+            self._fail_or_stop(req_id, state, error, kind)
 
-    def _fail_or_stop(self, req_id: str, state: _Inflight, error: str | None) -> None:
+    def _fail_or_stop(
+        self, req_id: str, state: _Inflight, error: str | None, kind: str = "failed"
+    ) -> None:
         """Ends a request before its workers do (failed, or a stop string seen): they are told
         to free what it holds."""
         for name in state.loads:
             if self._workers[name].alive:
                 self._outbox.post(name, m.Abort(req_id))
-        self._resolve(req_id, error)
+        self._resolve(req_id, error, kind)
 
-    def _resolve(self, req_id: str, error: str | None) -> None:
+    def _resolve(self, req_id: str, error: str | None, kind: str = "failed") -> None:
         """Ends a request held here (queued or in flight) with its result; admits what the
         budget now has room for."""
         state = self._queue.pop(req_id, None)
@@ -576,7 +585,8 @@ class EPDCluster:
         self._settle(
             state,
             RequestResult(state.request.id, state.tokens if error is None else [], text, ttft,
-                          tpot, state.encode_s, e2e, error),
+                          tpot, state.encode_s, e2e, error, None if error is None else kind,
+                          len(state.prepared.input_ids)),
         )  # fmt: skip
 
     def _settle(self, state: _Inflight, result: RequestResult) -> None:
@@ -593,6 +603,25 @@ class EPDCluster:
         """Counters each worker reported at shutdown (empty while running)."""
         return {name: dict(w.stats) for name, w in self._workers.items()}
 
+    def live_stats(self) -> dict[str, dict[str, float]]:
+        """Each worker's latest report while running (``EPDConfig.stats_interval_s``): its
+        counters, blocks in use and peak memory."""
+        with self._locked():
+            return {name: dict(w.live) for name, w in self._workers.items()}
+
+    def load(self) -> dict[str, object]:
+        """Requests waiting in the router's queue and in flight, each worker's load (requests,
+        or images for an encoder) and whether it is alive."""
+        with self._locked():
+            return {
+                "queued": len(self._queue),
+                "inflight": len(self._inflight),
+                "workers": {
+                    n: {"roles": sorted(w.roles), "load": w.load, "alive": w.alive}
+                    for n, w in self._workers.items()
+                },
+            }
+
     def messages_received(self) -> dict[str, int]:
         """Messages the router has taken in from the workers so far, by type (``Tokens``:
         one per request's first token, one per decode step of each decode worker)."""
@@ -607,5 +636,5 @@ class EPDCluster:
         return {name: w.device for name, w in self._workers.items()}
 
 
-def _failed(req_id: str, error: str) -> RequestResult:
-    return RequestResult(req_id, [], "", None, None, 0.0, None, error)
+def _failed(req_id: str, error: str, kind: str) -> RequestResult:
+    return RequestResult(req_id, [], "", None, None, 0.0, None, error, kind)

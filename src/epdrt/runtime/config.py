@@ -63,6 +63,9 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_inflight_tokens: int = 1 << 20
     #: Requests beyond this many waiting in the router's queue are rejected at once.
     max_queued_requests: int = 4096
+    #: Seconds between a worker's live reports of its counters and cache use to the cluster
+    #: (``EPDCluster.live_stats``, the server's /metrics); 0 turns them off.
+    stats_interval_s: float = 1.0
     #: a request not finished this long after submission fails with a timeout error
     request_timeout_s: float = 600.0
     worker_start_timeout_s: float = 300.0
@@ -90,6 +93,8 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidArgument("epd mode needs at least one encode worker")
         if self.request_timeout_s <= 0 or self.worker_start_timeout_s <= 0:
             raise InvalidArgument("timeouts must be positive")
+        if not self.stats_interval_s >= 0:
+            raise InvalidArgument(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
         if self.devices != "auto" and len(self.devices) != len(self.worker_roles()):
             raise InvalidArgument(
                 f"devices lists {len(self.devices)} entries for {len(self.worker_roles())} workers"

@@ -203,10 +203,12 @@ class Abort(Msg):
 
 
 class Stats(Msg):
-    """Worker -> cluster, on shutdown: counters and peak memory."""
+    """Worker -> cluster: counters, cache use and peak memory, every
+    ``EPDConfig.stats_interval_s`` while running and once more (``final``) on shutdown."""
 
     worker: str
     counters: dict[str, float]
+    final: bool = True
 
 
 Message = (

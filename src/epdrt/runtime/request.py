@@ -62,10 +62,18 @@ class RequestResult:
     encode_s: float
     e2e_s: float | None
     error: str | None = None
+    #: Why it failed: "invalid" (the request itself: a bad image, too long for the model or
+    #: the caches), "overloaded" (the router's queue is full: retry later), "unavailable" (no
+    #: live worker, or the cluster is shut down), "aborted", "timeout" or "failed" (a worker
+    #: failed it); None when it succeeded.
+    error_kind: str | None = None
+    #: the prompt's tokens (image tokens included), once tokenized
+    prompt_tokens: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "token_ids": self.token_ids, "text": self.text, "ttft_s": self.ttft_s,
             "tpot_s": self.tpot_s, "encode_s": self.encode_s, "e2e_s": self.e2e_s,
-            "error": self.error,
+            "error": self.error, "error_kind": self.error_kind,
+            "prompt_tokens": self.prompt_tokens,
         }  # fmt: skip

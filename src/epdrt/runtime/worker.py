@@ -230,7 +230,12 @@ class Worker:
         )
         inbox = self._await_peers()
         busy = False
+        next_report = time.monotonic()
         while True:
+            interval = self.config.stats_interval_s
+            if interval and time.monotonic() >= next_report:
+                self.send("cluster", m.Stats(self.name, self.stats(), final=False))
+                next_report = time.monotonic() + interval
             got = self._recv(0.0 if busy or inbox else IDLE_POLL_S)
             if got is not None:
                 inbox.append(got)
@@ -330,8 +335,8 @@ class Worker:
             out["peak_memory_bytes"] = float(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             )
-        # Blocks still held when the worker reports (at shutdown, after every request ended):
-        # anything but 0 is a leak.
+        # Blocks held when the worker reports; at shutdown, after every request ended, anything
+        # but 0 is a leak.
         for name, cache in (("mm", self.mm), ("kv", self.kv)):
             if cache is not None:
                 out[f"{name}_blocks_in_use"] = float(cache.num_blocks - cache.num_free_blocks)
