@@ -127,7 +127,7 @@ def test_ctrl_c_shuts_down_cleanly(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("victim", ["e0", "p0"])
 def test_killed_stage_reports_reason(tiny_model_dir, victim):
-    config = EPDConfig(mode="epd", request_timeout_s=60)
+    config = EPDConfig(mode="epd", request_timeout_s=60, max_worker_restarts=0)
     ph = "<image>"
     with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
         pids = list(cluster.worker_pids().values())

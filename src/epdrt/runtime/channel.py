@@ -54,6 +54,16 @@ class Channel:
             if name not in self._peers:
                 self._peers[name] = (self._push(endpoint), threading.Lock())
 
+    def reconnect(self, name: str, endpoint: str) -> None:
+        """Connects to ``name`` afresh (a restarted peer): what was queued for the old process
+        is dropped, not delivered to the new one."""
+        with self._peers_lock:
+            old = self._peers.pop(name, None)
+            self._peers[name] = (self._push(endpoint), threading.Lock())
+        if old is not None:
+            with old[1]:
+                old[0].close(linger=0)
+
     def _push(self, endpoint: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)

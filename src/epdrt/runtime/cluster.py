@@ -49,8 +49,14 @@ class _Worker:
     device: str
     proc: subprocess.Popen
     log_path: Path
+    argv: list[str]  # how it was started (a restart runs the same)
     load: int = 0  # requests (prefill/decode) or images (encode) in flight
     alive: bool = True
+    restarts: int = 0
+    #: dead: when it is started again (None: not to be); starting: a new process that has not
+    #: said Hello yet
+    restart_at: float | None = None
+    starting: bool = False
     stats: dict[str, float] = field(default_factory=dict)  # its final report (shutdown)
     live: dict[str, float] = field(default_factory=dict)  # its latest report while running
 
@@ -114,6 +120,9 @@ class EPDCluster:
         self._inflight_tokens = 0  # tokens_of() of the requests in _inflight
         self._received: Counter[str] = Counter()  # messages taken in, by type
         self._key_home: OrderedDict[bytes, str] = OrderedDict()
+        # Every worker's region descriptors (from its latest Hello), for Peers messages.
+        self._mm_regions: dict[str, bytes] = {}
+        self._kv_regions: dict[str, bytes] = {}
         self._lock = threading.Lock()
         # What must not run under the lock (future results, token callbacks), queued under it
         # by the thread that holds it and run by that thread once it lets go (see _locked).
@@ -174,24 +183,30 @@ class EPDCluster:
                 "epdrt.runtime.worker",
                 msgspec.json.encode(spec).decode(),
             ]
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-                )
-            self._workers[name] = _Worker(name, roles, device, proc, log_path)
+            proc = _spawn(argv, log_path)
+            self._workers[name] = _Worker(name, roles, device, proc, log_path, argv)
             self._channel.connect(name, spec.endpoint)
-        hellos = self._await_hellos()
-        peers = m.Peers(
-            endpoints={n: f"ipc://{self._run_dir}/{n}.sock" for n in self._workers},
-            mm_regions={h.worker: h.mm_region for h in hellos if h.mm_region is not None},
-            kv_regions={h.worker: h.kv_region for h in hellos if h.kv_region is not None},
-        )
+        for hello in self._await_hellos():
+            self._note_regions(hello)
         for name in self._workers:
-            self._channel.send(name, peers)
+            self._channel.send(name, self._peers())
         self._receiver = threading.Thread(
             target=self._receive_loop, name="epdrt-receiver", daemon=True
         )
         self._receiver.start()
+
+    def _endpoint(self, name: str) -> str:
+        return f"ipc://{self._run_dir}/{name}.sock"
+
+    def _note_regions(self, hello: m.Hello) -> None:
+        for regions, desc in ((self._mm_regions, hello.mm_region),
+                              (self._kv_regions, hello.kv_region)):  # fmt: skip
+            if desc is not None:
+                regions[hello.worker] = desc
+
+    def _peers(self, restarted: list[str] | None = None) -> m.Peers:
+        endpoints = {n: self._endpoint(n) for n in self._workers}
+        return m.Peers(endpoints, dict(self._mm_regions), dict(self._kv_regions), restarted or [])
 
     def _await_hellos(self) -> list[m.Hello]:
         deadline = time.monotonic() + self.config.worker_start_timeout_s
@@ -220,7 +235,9 @@ class EPDCluster:
         with self._locked():
             self._closing = True
             for w in self._workers.values():
-                if w.alive and w.proc.poll() is None:
+                if w.starting:  # a restart under way holds nothing yet
+                    w.proc.kill()
+                elif w.alive and w.proc.poll() is None:
                     self._outbox.post(w.name, m.Shutdown())
         if self._receiver is not None:
             self._receiver.join(timeout=timeout_s)
@@ -436,6 +453,7 @@ class EPDCluster:
                 if got is not None:
                     self._on_message(got[0])
                 self._check_workers()
+                self._check_restarts()
                 self._check_deadlines()
                 if self._closing:
                     live = [w for w in self._workers.values() if w.alive and w.proc.poll() is None]
@@ -463,6 +481,8 @@ class EPDCluster:
             if state is not None:
                 state.resume_at = msg.generated
                 self._resume_if_ready(msg.req_id, state)
+        elif isinstance(msg, m.Hello):
+            self._restarted(msg)
         elif isinstance(msg, m.Stats):
             worker = self._workers[msg.worker]
             worker.live = dict(msg.counters)
@@ -523,15 +543,49 @@ class EPDCluster:
 
     def _check_workers(self) -> None:
         for w in self._workers.values():
-            if not w.alive or w.proc.poll() is None:
+            if not (w.alive or w.starting) or w.proc.poll() is None:
                 continue
-            w.alive = False
+            was_alive, w.alive, w.starting = w.alive, False, False
             if self._closing and w.proc.returncode == 0:
                 continue
             roles = "+".join(sorted(w.roles))
             reason = f"worker {w.name} ({roles}) died with exit code {w.proc.returncode}"
-            for req_id in [r for r, s in self._inflight.items() if w.name in s.loads]:
-                self._fail(req_id, reason)
+            print(f"epdrt cluster: {reason}", file=sys.stderr)
+            if was_alive:
+                for req_id in [r for r, s in self._inflight.items() if w.name in s.loads]:
+                    self._fail(req_id, reason)
+            if not self._closing and w.restarts < self.config.max_worker_restarts:
+                delay = self.config.restart_backoff_s * 2**w.restarts
+                w.restart_at = time.monotonic() + delay
+
+    def _check_restarts(self) -> None:
+        """Starts again the dead workers whose back-off has passed; each comes back once its
+        Hello is here (``_restarted``)."""
+        now = time.monotonic()
+        for w in self._workers.values():
+            if w.restart_at is None or now < w.restart_at or self._closing:
+                continue
+            w.restart_at = None
+            w.restarts += 1
+            self._channel.reconnect(w.name, self._endpoint(w.name))  # drop what was queued
+            w.proc = _spawn(w.argv, w.log_path, append=True)
+            w.starting = True
+            print(f"epdrt cluster: restarting worker {w.name} ({w.restarts} of"
+                  f" {self.config.max_worker_restarts})", file=sys.stderr)  # fmt: skip
+
+    def _restarted(self, hello: m.Hello) -> None:
+        """A restarted worker is ready: it gets every peer, every other worker its new
+        regions, and it takes requests again."""
+        w = self._workers.get(hello.worker)
+        if w is None or not w.starting or hello.pid != w.proc.pid:
+            return
+        self._note_regions(hello)
+        w.starting, w.alive, w.stats, w.live = False, True, {}, {}
+        for name, other in self._workers.items():
+            if other.alive:
+                restarted = [] if name == w.name else [w.name]
+                self._outbox.post(name, self._peers(restarted))
+        self._admit_queued()
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -611,13 +665,18 @@ class EPDCluster:
 
     def load(self) -> dict[str, object]:
         """Requests waiting in the router's queue and in flight, each worker's load (requests,
-        or images for an encoder) and whether it is alive."""
+        or images for an encoder), whether it is alive and how often it was restarted."""
         with self._locked():
             return {
                 "queued": len(self._queue),
                 "inflight": len(self._inflight),
                 "workers": {
-                    n: {"roles": sorted(w.roles), "load": w.load, "alive": w.alive}
+                    n: {
+                        "roles": sorted(w.roles),
+                        "load": w.load,
+                        "alive": w.alive,
+                        "restarts": w.restarts,
+                    }
                     for n, w in self._workers.items()
                 },
             }
@@ -634,6 +693,14 @@ class EPDCluster:
     def worker_devices(self) -> dict[str, str]:
         """The device each worker runs on ("cpu", "cuda:0", ...)."""
         return {name: w.device for name, w in self._workers.items()}
+
+
+def _spawn(argv: list[str], log_path: Path, *, append: bool = False) -> subprocess.Popen:
+    """Starts a worker process, its output into ``log_path``."""
+    with open(log_path, "ab" if append else "wb") as log:
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
 
 def _failed(req_id: str, error: str, kind: str) -> RequestResult:

@@ -66,6 +66,10 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds between a worker's live reports of its counters and cache use to the cluster
     #: (``EPDCluster.live_stats``, the server's /metrics); 0 turns them off.
     stats_interval_s: float = 1.0
+    #: A worker that dies is started again (its requests fail with the reason), at most this
+    #: many times per worker, after ``restart_backoff_s`` doubled at each restart.
+    max_worker_restarts: int = 3
+    restart_backoff_s: float = 0.5
     #: a request not finished this long after submission fails with a timeout error
     request_timeout_s: float = 600.0
     worker_start_timeout_s: float = 300.0
@@ -93,6 +97,12 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidArgument("epd mode needs at least one encode worker")
         if self.request_timeout_s <= 0 or self.worker_start_timeout_s <= 0:
             raise InvalidArgument("timeouts must be positive")
+        if not isinstance(self.max_worker_restarts, int) or self.max_worker_restarts < 0:
+            raise InvalidArgument(
+                f"max_worker_restarts must be an int >= 0, got {self.max_worker_restarts!r}"
+            )
+        if not self.restart_backoff_s >= 0:
+            raise InvalidArgument(f"restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
         if not self.stats_interval_s >= 0:
             raise InvalidArgument(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
         if self.devices != "auto" and len(self.devices) != len(self.worker_roles()):

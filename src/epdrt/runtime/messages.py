@@ -62,11 +62,14 @@ class Hello(Msg):
 
 
 class Peers(Msg):
-    """Cluster -> worker: every worker's endpoint and regions (the one-time handshake)."""
+    """Cluster -> worker: every worker's endpoint and regions. First the handshake; later an
+    update after ``restarted`` workers came back (new processes, new regions): a worker drops
+    what it sent them before (their connections are made anew) and opens their new regions."""
 
     endpoints: dict[str, str]
     mm_regions: dict[str, bytes]
     kv_regions: dict[str, bytes]
+    restarted: list[str] = []
 
 
 class Shutdown(Msg):

@@ -314,6 +314,9 @@ class Worker:
             for role in self.roles:
                 role.abort(msg.req_id)
             return
+        if isinstance(msg, m.Peers):
+            self._peers_restarted(msg)
+            return
         try:
             for role in self.roles:
                 if role.handle(msg, frames):
@@ -322,6 +325,19 @@ class Worker:
             self._drop(exc)
             return
         self._drop(RuntimeError(f"no role here handles {type(msg).__name__}"))
+
+    def _peers_restarted(self, msg: m.Peers) -> None:
+        """Restarted peers: new connections (nothing queued for the dead process is sent to
+        the new one) and their new regions, opened when first used. A copy still running on
+        an old region keeps it mapped until the copy ends."""
+        for name in msg.restarted:
+            if name == self.name:
+                continue
+            self.channel.reconnect(name, msg.endpoints[name])
+            self.peer_mm.pop(name, None)
+            self.peer_kv.pop(name, None)
+        self._mm_descs, self._kv_descs = msg.mm_regions, msg.kv_regions
+        self.count("peer_restarts_seen", len(msg.restarted))
 
     def stats(self) -> dict[str, float]:
         out = dict(self.counters)

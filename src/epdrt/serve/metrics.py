@@ -102,11 +102,17 @@ class _ClusterCollector(Collector):
             "epdrt_worker_load", "requests (images for an encoder) a worker has in flight",
             labels=["worker", "roles"],
         )  # fmt: skip
+        restarts = GaugeMetricFamily(
+            "epdrt_worker_restarts", "times a worker was started again after dying",
+            labels=["worker"],
+        )  # fmt: skip
         for name, w in load["workers"].items():
             up.add_metric([name], 1.0 if w["alive"] else 0.0)
             busy.add_metric([name, "+".join(w["roles"])], w["load"])
+            restarts.add_metric([name], w["restarts"])
         yield up
         yield busy
+        yield restarts
         live = self.cluster.live_stats()
         for key, help_text in WORKER_GAUGES.items():
             family = GaugeMetricFamily(f"epdrt_worker_{key}", help_text, labels=["worker"])
