@@ -4,7 +4,17 @@
 Each module has ``HELP``, ``add_arguments(parser)`` and ``run(args) -> list[Record]``.
 """
 
-from epdrt.bench import block_pool, capacity, decode, e2e, kernels, planner, serve, transfer
+from epdrt.bench import (
+    block_pool,
+    capacity,
+    decode,
+    e2e,
+    kernels,
+    planner,
+    serve,
+    soak,
+    transfer,
+)
 
 BENCHMARKS = {
     "block-pool": block_pool,
@@ -15,4 +25,5 @@ BENCHMARKS = {
     "capacity": capacity,
     "planner": planner,
     "serve": serve,
+    "soak": soak,
 }

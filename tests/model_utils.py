@@ -14,6 +14,15 @@ from PIL import Image
 from epdrt.cache import sizing
 from epdrt.models import FlatBatch, ModelAdapter, PreparedRequest, insert_image_tokens
 
+#: A chat template for the tiny LLaVA (which has none): "role: text <image> ...", then
+#: "assistant:". The server tests render with it and compare with the prompt it gives.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {% if m.content is string %}{{ m.content }}"
+    "{% else %}{% for p in m.content %}{% if p.type == 'image' %}<image> {% else %}{{ p.text }} "
+    "{% endif %}{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:"
+    "{% endif %}"
+)
+
 
 def make_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
     """A deterministic noisy gradient image (distinct per seed)."""

@@ -18,26 +18,20 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from model_utils import make_image, png_bytes, reference_tokens
+from model_utils import CHAT_TEMPLATE, make_image, png_bytes, reference_tokens
 from prometheus_client.parser import text_string_to_metric_families
 
 from epdrt.models import load_adapter
 
 TIMEOUT_S = 120.0
 KEY = "sk-test"
-TEMPLATE = (
-    "{% for m in messages %}{{ m.role }}: {% if m.content is string %}{{ m.content }}"
-    "{% else %}{% for p in m.content %}{% if p.type == 'image' %}<image> {% else %}{{ p.text }} "
-    "{% endif %}{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:"
-    "{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """``(url, model_dir)`` of an ``epdrt serve`` process; stopped with SIGTERM after."""
     tmp = tmp_path_factory.mktemp("serve")
-    (tmp / "template.jinja").write_text(TEMPLATE)
+    (tmp / "template.jinja").write_text(CHAT_TEMPLATE)
     model = tiny_model_dir("llava")
     proc = subprocess.Popen(
         [sys.executable, "-m", "epdrt.cli", "serve", "--model", model, "--port", "0",

@@ -292,8 +292,8 @@ class EPDCluster:
                 error, kind = "the cluster is shut down", "unavailable"
             elif request.id in self._inflight or request.id in self._queue:
                 error = "a request with this id is in flight"
-            elif not self._queue and self._has_room(state):
-                self._admit(state)
+            elif not self._queue and self._has_room(state) and self._admit(state):
+                pass
             elif len(self._queue) >= self.config.max_queued_requests:
                 error = (
                     f"the router's queue is full ({len(self._queue)} requests wait for"
@@ -341,18 +341,22 @@ class EPDCluster:
             self._inflight_tokens + self.tokens_of(state) <= cfg.max_inflight_tokens
         )
 
-    def _admit(self, state: _Inflight) -> None:
-        """Routes an admitted request and queues its messages (under the lock)."""
+    def _admit(self, state: _Inflight) -> bool:
+        """Routes an admitted request and queues its messages (under the lock); False when it
+        must wait (a role it needs has no live worker, but one is being restarted)."""
         req_id = state.request.id
         try:
             prefill, decode, encoders, state.loads = self._route(state.prepared)
+        except _Restarting:
+            return False
         except EpdrtError as exc:
             self._settle(state, _failed(req_id, str(exc), "unavailable"))
-            return
+            return True
         self._inflight[req_id] = state
         self._inflight_tokens += self.tokens_of(state)
         state.route = (prefill, decode, encoders)
         self._dispatch(state.request, state.prepared, prefill, decode, encoders)
+        return True
 
     def _admit_queued(self) -> None:
         while self._queue and not self._closing:
@@ -360,7 +364,10 @@ class EPDCluster:
             if not self._has_room(state):
                 return
             del self._queue[state.request.id]
-            self._admit(state)
+            if not self._admit(state):  # back at the head: it waits for a restart
+                self._queue[state.request.id] = state
+                self._queue.move_to_end(state.request.id, last=False)
+                return
 
     def _unreachable(self, req_id: str) -> Callable[[ChannelError], None]:
         """A send failure handler: fails ``req_id`` (called on a sender thread)."""
@@ -374,10 +381,17 @@ class EPDCluster:
     def _live(self, role: str) -> list[_Worker]:
         return [w for w in self._workers.values() if w.alive and role in w.roles]
 
+    def _wait_for_restart(self, role: str) -> None:
+        """Raises _Restarting when a worker of ``role`` is dead but coming back."""
+        for w in self._workers.values():
+            if role in w.roles and (w.starting or w.restart_at is not None):
+                raise _Restarting(role)
+
     def _route(self, prepared) -> tuple[str, str, dict[bytes, str], dict[str, int]]:
         """Picks the workers of a request and adds its load to them."""
         prefills, decodes = self._live("prefill"), self._live("decode")
         if not prefills or not decodes:
+            self._wait_for_restart("prefill" if not prefills else "decode")
             raise EpdrtError("no live prefill or decode worker")
         prefill = min(prefills, key=lambda w: w.load)
         decode = prefill if self.config.mode == "aggregated" else min(decodes, key=lambda w: w.load)
@@ -390,6 +404,7 @@ class EPDCluster:
             if home is None or not self._workers[home].alive:
                 live = self._live("encode")
                 if not live:
+                    self._wait_for_restart("encode")
                     raise EpdrtError("no live encode worker")
                 # Least loaded, counting this request's images already placed: a request's
                 # images spread across encoders.
@@ -693,6 +708,10 @@ class EPDCluster:
     def worker_devices(self) -> dict[str, str]:
         """The device each worker runs on ("cpu", "cuda:0", ...)."""
         return {name: w.device for name, w in self._workers.items()}
+
+
+class _Restarting(EpdrtError):
+    """Every worker of a role a request needs is dead, and one is being restarted."""
 
 
 def _spawn(argv: list[str], log_path: Path, *, append: bool = False) -> subprocess.Popen:
