@@ -168,8 +168,10 @@ async def drive(url: str, model: str, items, rate: float, seed: int, headers: di
     """Sends ``items`` with Poisson arrivals at ``rate``; returns outcomes and wall seconds."""
     import httpx
 
+    from epdrt.serve.background import client_limits
+
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    limits = client_limits()
     async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits,
                                  headers=headers) as client:  # fmt: skip
         tasks = []

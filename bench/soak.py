@@ -10,7 +10,7 @@ in use, and /dev/shm nothing of ours. Every request must get an answer or a clea
 
 - good: 200 with ``--max-tokens`` tokens, or (around the kill) an error naming the worker
   that died or saying none was available;
-- bad image: 400;
+- bad image: 400 (or 503 while the router's queue is full);
 - disconnect: the client closes after its first chunk (the server aborts the request).
 
 Anything else (no answer, a bad image accepted, an error without a message) is counted as
@@ -111,12 +111,10 @@ async def _one(client, kind: str, content: list[dict], max_tokens: int) -> tuple
                 error = json.loads(await resp.aread()).get("error", {}).get("message", "")
                 if not error:
                     return "unexpected", f"HTTP {resp.status_code} without a message"
-                if kind == "bad":
-                    return (
-                        ("rejected", error)
-                        if resp.status_code == 400
-                        else ("unexpected", f"bad image: HTTP {resp.status_code}: {error}")
-                    )
+                if kind == "bad" and resp.status_code == 400:
+                    return "rejected", error
+                if kind == "bad" and resp.status_code != 503:  # 503: overloaded, a clear error
+                    return "unexpected", f"bad image: HTTP {resp.status_code}: {error}"
                 return "failed", f"HTTP {resp.status_code}: {error}"
             tokens = 0
             async for line in resp.aiter_lines():
@@ -141,8 +139,10 @@ async def _one(client, kind: str, content: list[dict], max_tokens: int) -> tuple
 async def _drive(url: str, plan, args, on_half) -> list[tuple[str, str, str]]:
     import httpx
 
+    from epdrt.serve.background import client_limits
+
     rng = random.Random(args.seed + 1)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    limits = client_limits()
     async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
         tasks = []
         for i, (kind, content) in enumerate(plan):

@@ -87,6 +87,7 @@ def _run_server(args, model: Path, config, listener: socket.socket, url: str, me
 
     from epdrt.runtime.cluster import EPDCluster
     from epdrt.serve.app import ServeSettings, build_app
+    from epdrt.serve.background import KEEP_ALIVE_S
     from epdrt.serve.chat import load_template
 
     with EPDCluster.launch(model, config) as cluster:
@@ -101,7 +102,11 @@ def _run_server(args, model: Path, config, listener: socket.socket, url: str, me
         app = build_app(cluster, settings)
         server = uvicorn.Server(
             uvicorn.Config(
-                app, log_level=args.log_level, lifespan="off", timeout_graceful_shutdown=5
+                app,
+                log_level=args.log_level,
+                lifespan="off",
+                timeout_graceful_shutdown=5,
+                timeout_keep_alive=KEEP_ALIVE_S,
             )
         )
         workers = {n: sorted(r) for n, r in config.worker_roles()}

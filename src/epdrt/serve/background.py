@@ -8,13 +8,21 @@ import time
 
 import uvicorn
 
+#: Seconds an idle connection stays open on the server (uvicorn's default is 5 s, the same as
+#: httpx's pool expiry: a client may then send on a connection the server is closing).
+KEEP_ALIVE_S = 30.0
+
 
 class BackgroundServer:
     """Serves ``app`` on ``host`` (loopback) at a free port until ``stop()``; ``url`` once
     started. A context manager."""
 
     def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 60.0) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="error"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=host, port=0, log_level="error", timeout_keep_alive=KEEP_ALIVE_S
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, name="epdrt-http", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + start_timeout_s
@@ -34,3 +42,11 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def client_limits():
+    """``httpx`` pool limits for load generators: no connection cap, and idle connections
+    dropped well before the server would close them (no send on a closing connection)."""
+    import httpx
+
+    return httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
