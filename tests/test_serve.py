@@ -31,7 +31,8 @@ MODEL = "tiny-llava"
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    config = EPDConfig(mode="epd", max_images_per_request=2, stats_interval_s=0.2,
+    config = EPDConfig(mode="epd", max_images_per_request=2, max_image_pixels=200 * 200,
+                       stats_interval_s=0.2,
                        request_timeout_s=TIMEOUT_S)  # fmt: skip
     with EPDCluster.launch(tiny_model_dir("llava"), config) as c:
         yield c
@@ -165,6 +166,7 @@ def _bad_requests(media: Path) -> dict[str, tuple[dict | bytes, int]]:
         "bad base64": (chat_body(image("data:image/png;base64,@@@")), 400),
         "corrupt image": (chat_body(image(data_url(b"\x89PNG\r\n\x1a\nnot really"))), 400),
         "too many images": (chat_body(image(data_url(png)) * 3), 400),
+        "oversized image": (chat_body(image(data_url(png_bytes(make_image(300, 300, 4))))), 400),
         "prompt over the context": (chat_body("word " * 5000), 400),
         "body too large": (chat_body("x" * (2 << 20)), 413),
         "unknown part": (chat_body([{"type": "audio_url"}]), 400),

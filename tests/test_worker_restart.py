@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """A worker that dies is started again (bounded, with back-off): its requests fail with the
-reason, the others learn its new endpoint and regions, and the cluster serves again with the
-tokens of ``generate()``; past ``max_worker_restarts`` it stays down."""
+reason, the server's /health shows the gap, the others learn its new endpoint and regions,
+and the cluster serves again with the tokens of ``generate()``; past ``max_worker_restarts``
+it stays down."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import threading
 import time
 
 import pytest
+from fastapi.testclient import TestClient
 from model_utils import make_image, reference_tokens
 
 from epdrt.models import load_adapter
 from epdrt.runtime import EPDCluster, EPDConfig, Request
 from epdrt.runtime.sampling import SamplingParams
+from epdrt.serve.app import ServeSettings, build_app
 
 TIMEOUT_S = 60.0
 
@@ -49,7 +52,11 @@ def test_a_dead_worker_comes_back_and_the_cluster_serves_again(tiny_model_dir, v
         os.kill(old_pid, signal.SIGKILL)
         result = long.result(timeout=TIMEOUT_S)
         assert result.error is not None and f"worker {victim}" in result.error, result.error
+        health = TestClient(build_app(cluster, ServeSettings(served_model_name="m")))
+        gap = health.get("/health")  # it takes seconds to start again
+        assert gap.status_code == 503 and gap.json()["dead_workers"] == [victim]
         wait_until(lambda: cluster.load()["workers"][victim]["alive"], f"{victim} is back")
+        assert health.get("/health").status_code == 200
         assert cluster.load()["workers"][victim]["restarts"] == 1
         assert cluster.worker_pids()[victim] != old_pid
         results = cluster.generate(after)
