@@ -56,7 +56,7 @@ def test_a_dead_worker_comes_back_and_the_cluster_serves_again(tiny_model_dir, v
         gap = health.get("/health")  # it takes seconds to start again
         assert gap.status_code == 503 and gap.json()["dead_workers"] == [victim]
         wait_until(lambda: cluster.load()["workers"][victim]["alive"], f"{victim} is back")
-        assert health.get("/health").status_code == 200
+        wait_until(lambda: health.get("/health").status_code == 200, "every worker is up")
         assert cluster.load()["workers"][victim]["restarts"] == 1
         assert cluster.worker_pids()[victim] != old_pid
         results = cluster.generate(after)
