@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 BUILD_DEPS := 'scikit-build-core>=0.10' 'pybind11>=2.12'  # quoted: >= is a shell redirect
-SOURCES := $(shell find csrc kernels -type f \( -name '*.cc' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null) CMakeLists.txt pyproject.toml
+SOURCES := $(shell find csrc src/epdrt/kernels -type f \( -name '*.cc' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null) CMakeLists.txt pyproject.toml
 STAMP := $(VENV)/.epdrt-installed
 
 .PHONY: setup demo test lint format bench clean
@@ -29,12 +29,12 @@ test: setup lint
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench kernels
-	$(VENV)/bin/ruff format --check src tests bench kernels
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 format: setup
-	$(VENV)/bin/ruff format src tests bench kernels
-	$(VENV)/bin/ruff check --fix src tests bench kernels
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
 
 clean:
 	rm -rf build out $(STAMP)

@@ -49,3 +49,20 @@ def test_import_epdrt_without_zeromq_or_msgspec(blocked):
 def test_the_runtime_says_what_it_misses():
     done = _run("import epdrt\nepdrt.EPDCluster\n", {"zmq"})
     assert done.returncode != 0 and "zmq is not installed" in done.stderr
+
+
+def test_the_checkout_shadows_no_installed_package():
+    """A package directory at the top of the checkout is importable under its bare name
+    whenever the checkout is on ``sys.path`` (``python -m pytest`` or ``python -m epdrt...``
+    from the repository root): it must not share that name with an installed distribution's
+    module (a top-level ``kernels/`` once hid the ``kernels`` package ``transformers``
+    requires)."""
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ours = {p.parent.name for p in root.glob("*/__init__.py")}
+    installed = packages_distributions()
+    clashes = {name: installed[name] for name in ours if name in installed}
+    assert not clashes, f"top-level packages of the checkout hide installed ones: {clashes}"
+    assert "bench" in ours  # the glob sees the checkout's packages
