@@ -125,13 +125,11 @@ def workload(args: argparse.Namespace) -> list[tuple[list[dict], int]]:
 
 async def _one(client: httpx.AsyncClient, model: str, content: list[dict], max_tokens: int
                ) -> Outcome:  # fmt: skip
-    body = {
-        "model": model, "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-        "ignore_eos": True,
-    }  # fmt: skip
     import httpx
 
+    from epdrt.serve.client import chat_stream_body, sse_events
+
+    body = chat_stream_body(model, content, max_tokens)
     out = Outcome()
     start = time.perf_counter()
     last = start
@@ -140,10 +138,7 @@ async def _one(client: httpx.AsyncClient, model: str, content: list[dict], max_t
             if resp.status_code != 200:
                 out.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return out
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
+            async for event in sse_events(resp):
                 if "error" in event:
                     out.error = event["error"]["message"]
                     return out
@@ -168,7 +163,7 @@ async def drive(url: str, model: str, items, rate: float, seed: int, headers: di
     """Sends ``items`` with Poisson arrivals at ``rate``; returns outcomes and wall seconds."""
     import httpx
 
-    from epdrt.serve.background import client_limits
+    from epdrt.serve.client import client_limits
 
     rng = random.Random(seed)
     limits = client_limits()

@@ -102,9 +102,9 @@ async def _one(client, kind: str, content: list[dict], max_tokens: int) -> tuple
     reason), disconnected, or unexpected."""
     import httpx
 
-    body = {"model": "m", "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    from epdrt.serve.client import chat_stream_body, sse_events
+
+    body = chat_stream_body("m", content, max_tokens)
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -117,10 +117,7 @@ async def _one(client, kind: str, content: list[dict], max_tokens: int) -> tuple
                     return "unexpected", f"bad image: HTTP {resp.status_code}: {error}"
                 return "failed", f"HTTP {resp.status_code}: {error}"
             tokens = 0
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
+            async for event in sse_events(resp):
                 if kind == "disconnect":
                     return "disconnected", ""  # leaving the block closes the connection
                 if "error" in event:
@@ -139,7 +136,7 @@ async def _one(client, kind: str, content: list[dict], max_tokens: int) -> tuple
 async def _drive(url: str, plan, args, on_half) -> list[tuple[str, str, str]]:
     import httpx
 
-    from epdrt.serve.background import client_limits
+    from epdrt.serve.client import client_limits
 
     rng = random.Random(args.seed + 1)
     limits = client_limits()
@@ -158,21 +155,24 @@ async def _drive(url: str, plan, args, on_half) -> list[tuple[str, str, str]]:
     return [(kind, outcome, detail) for (kind, _), (outcome, detail) in zip(plan, results)]
 
 
+def _blocks_in_use(cluster) -> dict[str, float]:
+    """Blocks in use per worker cache ("d0.kv_blocks_in_use": n), from the latest reports."""
+    live = cluster.live_stats()
+    return {f"{w}.{k}": v for w, s in live.items() for k, v in s.items()
+            if k.endswith("_blocks_in_use")}  # fmt: skip
+
+
 def _settled(cluster, timeout_s: float) -> dict[str, float]:
     """Waits until no request is in flight, every worker is alive and its latest report
     shows no block in use; returns the blocks in use per cache (0s when settled)."""
     deadline = time.monotonic() + timeout_s
     while True:
         load = cluster.load()
-        live = cluster.live_stats()
-        in_use = {f"{w}.{k}": v for w, s in live.items() for k, v in s.items()
-                  if k.endswith("_blocks_in_use")}  # fmt: skip
+        in_use = _blocks_in_use(cluster)
         alive = all(w["alive"] for w in load["workers"].values())
         if alive and not load["inflight"] and not any(in_use.values()):
             time.sleep(2 * cluster.config.stats_interval_s)  # one more report to be sure
-            live = cluster.live_stats()
-            return {f"{w}.{k}": v for w, s in live.items() for k, v in s.items()
-                    if k.endswith("_blocks_in_use")}  # fmt: skip
+            return _blocks_in_use(cluster)
         if time.monotonic() > deadline:
             return in_use
         time.sleep(0.1)

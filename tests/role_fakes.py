@@ -99,7 +99,7 @@ class FakeWorker:
     def peer_kv_cache(self, name: str) -> PagedKVCache:
         return self.peers[name].kv
 
-    def copy_blocks(self, src, dst, src_blocks, dst_blocks, block_nbytes, then) -> None:
+    def copy_blocks(self, src, dst, src_blocks, dst_blocks, block_nbytes, then, link) -> None:
         self.copies.append((src, dst, list(src_blocks), list(dst_blocks), block_nbytes, then))
 
     def count(self, name: str, amount: float = 1.0) -> None:

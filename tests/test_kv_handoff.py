@@ -38,7 +38,7 @@ class FakeWorker:
     def peer_kv_cache(self, name: str) -> PagedKVCache:
         return self.peers[name]
 
-    def copy_blocks(self, src, dst, src_blocks, dst_blocks, block_nbytes, then) -> None:
+    def copy_blocks(self, src, dst, src_blocks, dst_blocks, block_nbytes, then, link) -> None:
         self.copies.append((src, dst, list(src_blocks), list(dst_blocks), block_nbytes, then))
 
     def finish_copy(self, error: str | None = None) -> None:

@@ -7,7 +7,6 @@ client that goes away aborts its request; the CLI stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -19,6 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 from model_utils import CHAT_TEMPLATE, make_image, png_bytes
+from serve_cases import (
+    MAX_BODY_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES,
+    MODEL,
+    bad_requests,
+    chat_body,
+    data_url,
+)
 
 from epdrt.runtime import EPDCluster, EPDConfig
 from epdrt.runtime import Request as ClusterRequest
@@ -26,13 +34,12 @@ from epdrt.serve.app import ServeSettings, build_app
 from epdrt.serve.background import BackgroundServer
 
 TIMEOUT_S = 60.0
-MODEL = "tiny-llava"
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    config = EPDConfig(mode="epd", max_images_per_request=2, max_image_pixels=200 * 200,
-                       stats_interval_s=0.2,
+    config = EPDConfig(mode="epd", max_images_per_request=MAX_IMAGES,
+                       max_image_pixels=MAX_IMAGE_PIXELS, stats_interval_s=0.2,
                        request_timeout_s=TIMEOUT_S)  # fmt: skip
     with EPDCluster.launch(tiny_model_dir("llava"), config) as c:
         yield c
@@ -47,7 +54,9 @@ def settings(**changes) -> ServeSettings:
 def server(cluster, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     (media / "cat.png").write_bytes(png_bytes(make_image(40, 30, 5)))
-    s = BackgroundServer(build_app(cluster, settings(allowed_media=media, max_body_bytes=1 << 20)))
+    s = BackgroundServer(
+        build_app(cluster, settings(allowed_media=media, max_body_bytes=MAX_BODY_BYTES))
+    )
     s.media = media
     yield s
     s.stop()
@@ -57,15 +66,6 @@ def server(cluster, tmp_path_factory):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as c:
         yield c
-
-
-def data_url(img_bytes: bytes, media: str = "image/png") -> str:
-    return f"data:{media};base64,{base64.b64encode(img_bytes).decode()}"
-
-
-def chat_body(content, **extra) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-            **extra}  # fmt: skip
 
 
 def stream_events(client: httpx.Client, path: str, body: dict) -> list[dict | str]:
@@ -149,33 +149,9 @@ def test_a_local_file_under_the_allowed_path_is_read(client, server):
     assert client.post("/v1/chat/completions", json=chat_body(content)).status_code == 200
 
 
-def _bad_requests(media: Path) -> dict[str, tuple[dict | bytes, int]]:
-    png = png_bytes(make_image(40, 30, 2))
-    image = lambda url: [{"type": "image_url", "image_url": {"url": url}}]  # noqa: E731
-    outside = Path(__file__).resolve()
-    return {
-        "malformed JSON": (b'{"model": ', 400),
-        "wrong type": ({"model": MODEL, "messages": "hi"}, 400),
-        "unknown model": ({**chat_body("hi"), "model": "gpt-9"}, 404),
-        "n > 1": (chat_body("hi", n=2), 400),
-        "bad temperature": (chat_body("hi", temperature=-1), 400),
-        "zero max_tokens": (chat_body("hi", max_tokens=0), 400),
-        "remote URL": (chat_body(image("https://example.com/cat.png")), 400),
-        "file outside": (chat_body(image(outside.as_uri())), 403),
-        "not an image type": (chat_body(image(data_url(png, "text/plain"))), 400),
-        "bad base64": (chat_body(image("data:image/png;base64,@@@")), 400),
-        "corrupt image": (chat_body(image(data_url(b"\x89PNG\r\n\x1a\nnot really"))), 400),
-        "too many images": (chat_body(image(data_url(png)) * 3), 400),
-        "oversized image": (chat_body(image(data_url(png_bytes(make_image(300, 300, 4))))), 400),
-        "prompt over the context": (chat_body("word " * 5000), 400),
-        "body too large": (chat_body("x" * (2 << 20)), 413),
-        "unknown part": (chat_body([{"type": "audio_url"}]), 400),
-    }
-
-
-@pytest.mark.parametrize("case", list(_bad_requests(Path("."))))
+@pytest.mark.parametrize("case", list(bad_requests(None)))
 def test_bad_input_is_a_4xx_with_an_error_body(client, server, case):
-    body, status = _bad_requests(server.media)[case]
+    body, status = bad_requests(server.media)[case]
     if isinstance(body, bytes):
         resp = client.post("/v1/chat/completions", content=body,
                            headers={"content-type": "application/json"})  # fmt: skip
@@ -232,18 +208,40 @@ def test_a_client_that_goes_away_aborts_its_request(client, cluster):
     assert _count(client, "aborted") == before + 1
     time.sleep(0.5)  # a live report after the abort
     metrics = client.get("/metrics").text
-    in_use = [line for line in metrics.splitlines() if line.startswith("epdrt_worker_kv_blocks")]
+    in_use = [
+        line for line in metrics.splitlines() if line.startswith("epdrt_worker_kv_blocks_in_use")
+    ]
     assert in_use and all(line.endswith(" 0.0") for line in in_use), in_use
 
 
-def test_metrics_report_requests_latencies_and_workers(client):
-    client.post("/v1/chat/completions", json=chat_body("hi"))
+def _gauge(text: str, name: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[-1])
+
+
+def test_metrics_report_requests_latencies_workers_queues_and_links(client):
+    image = png_bytes(make_image(40, 30, 77))
+    content = [{"type": "image_url", "image_url": {"url": data_url(image)}},
+               {"type": "text", "text": "what is it?"}]  # fmt: skip
+    assert client.post("/v1/chat/completions", json=chat_body(content)).status_code == 200
+    time.sleep(0.5)  # a live report after the request
     text = client.get("/metrics").text
     for name in ('epdrt_requests_total{outcome="ok"}', "epdrt_time_to_first_token_seconds_bucket",
                  "epdrt_time_per_output_token_seconds_count", "epdrt_e2e_request_latency_seconds",
                  'epdrt_worker_up{worker="d0"} 1.0', "epdrt_router_queued_requests",
-                 'epdrt_worker_mm_blocks_in_use{worker="e0"}'):  # fmt: skip
+                 'epdrt_worker_mm_hit_rate{worker="e0"}'):  # fmt: skip
         assert name in text, name
+    # Queue depths per stage: all idle once the request is answered.
+    for name in ('epdrt_worker_encode_queued_images{worker="e0"}',
+                 'epdrt_worker_prefill_queued{worker="p0"}',
+                 'epdrt_worker_decode_queued{worker="d0"}',
+                 'epdrt_worker_decode_running{worker="d0"}'):  # fmt: skip
+        assert _gauge(text, name) == 0.0, name
+    assert _gauge(text, 'epdrt_worker_kv_blocks_total{worker="d0"}') > 0
+    # Bytes per link: the image's tokens went e0 -> p0, its KV p0 -> d0 (whole blocks).
+    mm = _gauge(text, 'epdrt_link_bytes_total{dst="p0",src="e0",what="mm"}')
+    kv = _gauge(text, 'epdrt_link_bytes_total{dst="d0",src="p0",what="kv"}')
+    assert mm > 0 and kv > 0
 
 
 def _worker_pids(model_dir: str) -> list[int]:

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The official ``openai`` client against a real ``epdrt serve`` process on a free port (tiny
 LLaVA, ``epd``): plain and streamed chat with an image, text-only chat, greedy text equal to
-``generate()`` on the rendered prompt, concurrent requests, a disconnect, bad input, auth, and
-``/metrics`` read with ``prometheus-client``'s own parser."""
+``generate()`` on the rendered prompt, concurrent requests, a disconnect, every kind of bad
+input (``serve_cases``: the same as the in-process server's), auth, and ``/metrics`` read with
+``prometheus-client``'s own parser."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from model_utils import CHAT_TEMPLATE, make_image, png_bytes, reference_tokens
 from prometheus_client.parser import text_string_to_metric_families
+from serve_cases import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES, MODEL, bad_requests
 
 from epdrt.models import load_adapter
 
@@ -33,10 +34,13 @@ def server(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "template.jinja").write_text(CHAT_TEMPLATE)
     model = tiny_model_dir("llava")
+    limits = {"mode": "epd", "max_images_per_request": MAX_IMAGES,
+              "max_image_pixels": MAX_IMAGE_PIXELS}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "epdrt.cli", "serve", "--model", model, "--port", "0",
          "--json", str(tmp / "info.json"), "--chat-template", str(tmp / "template.jinja"),
-         "--served-model-name", "tiny", "--api-key", KEY],
+         "--served-model-name", MODEL, "--api-key", KEY, "--config", json.dumps(limits),
+         "--max-body-mib", str(MAX_BODY_BYTES / (1 << 20))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
@@ -63,7 +67,7 @@ def image_part(seed: int) -> dict:
 def test_chat_with_an_image_gives_the_greedy_text_of_generate(client, server):
     content = [{"type": "text", "text": "what is in the picture"}, image_part(1)]
     answer = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=8
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=8
     )
     adapter = load_adapter(server[1])
     prompt = "user: what is in the picture <image> \nassistant:"
@@ -71,17 +75,17 @@ def test_chat_with_an_image_gives_the_greedy_text_of_generate(client, server):
     want = adapter.detokenize(reference_tokens(adapter, [prepared], 8)[0])
     assert answer.choices[0].message.content == want
     assert answer.usage.prompt_tokens == prepared.num_tokens
-    assert answer.model == "tiny" and answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.model == MODEL and answer.choices[0].finish_reason in ("stop", "length")
 
 
 def test_streamed_chat_with_an_image_adds_up_to_the_plain_answer(client):
     messages = [{"role": "user", "content": [image_part(2), {"type": "text", "text": "and?"}]}]
     extra = {"ignore_eos": True}
     plain = client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=10, extra_body=extra
+        model=MODEL, messages=messages, max_tokens=10, extra_body=extra
     )
     chunks = list(client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=10, extra_body=extra, stream=True,
+        model=MODEL, messages=messages, max_tokens=10, extra_body=extra, stream=True,
         stream_options={"include_usage": True},
     ))  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -92,7 +96,7 @@ def test_streamed_chat_with_an_image_adds_up_to_the_plain_answer(client):
 def test_text_only_chat_and_concurrent_requests(client):
     def ask(i: int) -> str:
         answer = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"count to {i}"}], max_tokens=6
+            model=MODEL, messages=[{"role": "user", "content": f"count to {i}"}], max_tokens=6
         )
         return answer.choices[0].message.content
 
@@ -104,7 +108,7 @@ def test_text_only_chat_and_concurrent_requests(client):
 
 def test_a_disconnected_stream_is_aborted(client, server):
     stream = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "go on and on"}], max_tokens=400,
+        model=MODEL, messages=[{"role": "user", "content": "go on and on"}], max_tokens=400,
         extra_body={"ignore_eos": True}, stream=True,
     )  # fmt: skip
     for _, _chunk in zip(range(3), stream):
@@ -121,33 +125,42 @@ def test_a_disconnected_stream_is_aborted(client, server):
         time.sleep(0.1)
 
 
-def test_bad_input_and_auth_are_openai_errors(client, server):
-    messages = [{"role": "user", "content": [image_part(3)] * 9}]  # over the image limit
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
-    remote = [
-        {
-            "role": "user",
-            "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}],
-        }
-    ]
-    with pytest.raises(openai.BadRequestError, match="remote image URLs"):
-        client.chat.completions.create(model="tiny", messages=remote, max_tokens=4)
+@pytest.mark.parametrize("case", list(bad_requests(None)))
+def test_bad_input_is_an_openai_error_and_harms_nothing(client, server, case):
+    body, status = bad_requests(None)[case]
+    if isinstance(body, bytes):  # not JSON: the client cannot send it
+        resp = httpx.post(f"{server[0]}/v1/chat/completions", content=body, timeout=TIMEOUT_S,
+                          headers={"authorization": f"Bearer {KEY}",
+                                   "content-type": "application/json"})  # fmt: skip
+        assert resp.status_code == status
+        error = resp.json()["error"]
+    else:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.post("/chat/completions", body=body, cast_to=httpx.Response)
+        assert caught.value.status_code == status
+        error = caught.value.body
+    assert error["message"] and error["type"] and error["code"] == status
+    if case == "file outside":  # no --allowed-local-media-path: file:// is off
+        assert "allowed-local-media-path" in error["message"]
+    # ... and the server goes on serving.
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_auth_and_the_model_list(client, server):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(
-            model="tiny", n=2, messages=[{"role": "user", "content": "hi"}]
-        )
     wrong = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="nope", timeout=TIMEOUT_S)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == [MODEL]
 
 
 def test_metrics_parse_with_prometheus_clients_parser(client, server):
     client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=3
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=3
     )
     families = _metrics(server[0])
     assert families["epdrt_requests"][("outcome", "ok")] >= 1
@@ -170,21 +183,3 @@ def _metrics(url: str) -> dict[str, dict[tuple, float]]:
             label = next(iter(sorted(s.labels.items())), ())
             samples[label] = s.value
     return out
-
-
-def test_images_need_no_path_on_the_server(server):
-    assert Path(server[1]).is_dir()  # the model directory, not a media path: file:// is off
-    body = {
-        "model": "tiny",
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": f"file://{server[1]}/config.json"}}
-                ],
-            }
-        ],
-    }
-    resp = httpx.post(f"{server[0]}/v1/chat/completions", json=body, timeout=TIMEOUT_S,
-                      headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
-    assert resp.status_code == 400 and "allowed-local-media-path" in resp.json()["error"]["message"]

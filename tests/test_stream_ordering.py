@@ -70,13 +70,14 @@ class RecordingEngine:
 @pytest.mark.parametrize("dev", ["cpu", "cuda:0"])
 def test_copy_blocks_waits_for_the_producer_stream(dev, fake_cuda_stream):
     w = Worker.__new__(Worker)
-    w.device, w.engine, w.outbox = torch.device(dev), RecordingEngine(), []
-    w.copy_blocks("src", "dst", [3, 1], [0, 7], 256, then=lambda error: None)
+    w.device, w.engine, w.outbox, w.counters = torch.device(dev), RecordingEngine(), [], {}
+    w.copy_blocks("src", "dst", [3, 1], [0, 7], 256, lambda error: None, ("kv", "p0", "d0"))
     (call,) = w.engine.calls
     assert call["after_stream"] == (0xC0FFEE if dev.startswith("cuda") else None)
     assert np.array_equal(call["src_offsets"], [768, 256])
     assert np.array_equal(call["dst_offsets"], [0, 1792])
     assert len(w.outbox) == 1
+    assert w.counters == {"link_bytes/kv/p0/d0": 512.0}
 
 
 def test_prefill_finishes_its_staging_writes_before_telling_decoders(monkeypatch):

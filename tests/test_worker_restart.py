@@ -57,7 +57,10 @@ def test_a_dead_worker_comes_back_and_the_cluster_serves_again(tiny_model_dir, v
         assert gap.status_code == 503 and gap.json()["dead_workers"] == [victim]
         wait_until(lambda: cluster.load()["workers"][victim]["alive"], f"{victim} is back")
         wait_until(lambda: health.get("/health").status_code == 200, "every worker is up")
-        assert cluster.load()["workers"][victim]["restarts"] == 1
+        workers = cluster.load()["workers"]
+        assert workers[victim]["restarts"] == 1
+        others = {n: w["restarts"] for n, w in workers.items() if n != victim}
+        assert set(others.values()) == {0}, f"another worker died with {victim}: {others}"
         assert cluster.worker_pids()[victim] != old_pid
         results = cluster.generate(after)
         for r, want in zip(results, expected):

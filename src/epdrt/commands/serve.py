@@ -43,6 +43,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting beyond this get 503 with Retry-After")  # fmt: skip
     p.add_argument("--max-tokens-default", type=int, default=256,
                    help="output limit of a request that sets none")  # fmt: skip
+    p.add_argument("--max-body-mib", type=float, default=64.0,
+                   help="request bodies over this many MiB get 413")  # fmt: skip
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     add_json_option(p)
     p.set_defaults(func=_serve)
@@ -63,8 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
     media = args.allowed_local_media_path
     if media is not None and not Path(media).is_dir():
         raise UsageError(f"--allowed-local-media-path {media} is not a directory")
-    if args.max_queued < 0 or args.max_tokens_default <= 0:
-        raise UsageError("--max-queued must be >= 0 and --max-tokens-default > 0")
+    if args.max_queued < 0 or args.max_tokens_default <= 0 or args.max_body_mib <= 0:
+        raise UsageError("--max-queued must be >= 0, --max-tokens-default and --max-body-mib > 0")
     listener = socket.create_server((args.host, args.port))  # bound before the slow start-up
     host, port = listener.getsockname()[:2]
     print(f"epdrt serve: starting {config.mode} workers {[n for n, _ in config.worker_roles()]}",
@@ -98,6 +100,7 @@ def _run_server(args, model: Path, config, listener: socket.socket, url: str, me
             allowed_media=Path(media) if media else None,
             max_queued=args.max_queued,
             default_max_tokens=args.max_tokens_default,
+            max_body_bytes=int(args.max_body_mib * (1 << 20)),
         )
         app = build_app(cluster, settings)
         server = uvicorn.Server(

@@ -141,8 +141,8 @@ class DecodeRole:
         self.w.copy_blocks(
             src.region, self.kv.region, list(ready.blocks), self.kv.block_table(req_id),
             self.kv.block_nbytes, lambda error: self._pulled(req_id, error),
+            ("kv", ready.src, self.w.name),
         )  # fmt: skip
-        self.w.count("kv_bytes_received", len(ready.blocks) * self.kv.block_nbytes)
 
     def _pulled(self, req_id: str, error: str | None) -> None:
         if req_id in self.orphans:  # aborted meanwhile: nothing writes into its blocks now
@@ -238,6 +238,15 @@ class DecodeRole:
         """Frees a sequence's blocks."""
         self.active.pop(req_id, None)
         self.kv.free(req_id)
+
+    def queue_depths(self) -> dict[str, float]:
+        """Sequences waiting for admission (their KV in a prefill cache, or prefilled here),
+        being pulled in, and running."""
+        return {
+            "decode_queued": float(len(self.ready_queue) + len(self.local_queue)),
+            "decode_pulling": float(len(self.pulling)),
+            "decode_running": float(len(self.active)),
+        }
 
     def abort(self, req_id: str) -> None:
         self.aborted[req_id] = None

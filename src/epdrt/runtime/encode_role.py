@@ -265,9 +265,8 @@ class EncodeRole:
         dst = self.w.peer_mm_cache(fetch.dst)
         self.w.copy_blocks(
             self.mm.region, dst.region, list(entry.blocks), list(fetch.blocks),
-            self.mm.block_nbytes, done,
+            self.mm.block_nbytes, done, ("mm", self.w.name, fetch.dst),
         )  # fmt: skip
-        self.w.count("mm_bytes_sent", len(fetch.blocks) * self.mm.block_nbytes)
 
     def _answer(self, c: _Claim, error: str | None, digest: int | None = None) -> None:
         """Ends a fetched claim: its prefill gets the MMReady."""
@@ -280,6 +279,12 @@ class EncodeRole:
     ) -> None:
         ready = m.MMReady(fetch.req_id, fetch.key, encode_s, error, digest)
         self.w.send(fetch.dst, ready)
+
+    def queue_depths(self) -> dict[str, float]:
+        """Images waiting to be encoded (one per distinct image) and claims being sent."""
+        waiting = {c.key for c in self.claims.values() if c.state in (Claim.QUEUED, Claim.WANTED)}
+        sending = sum(c.state is Claim.SENDING for c in self.claims.values())
+        return {"encode_queued_images": float(len(waiting)), "encode_sending": float(sending)}
 
     def abort(self, req_id: str) -> None:
         """Ends ``req_id``'s claims: holds dropped, fetches answered with an error, except a

@@ -205,8 +205,13 @@ class Abort(Msg):
     req_id: str
 
 
+#: Prefix of the ``Stats`` counters of bytes copied per link, counted by the worker that
+#: copies: ``link_bytes/<kv|mm>/<source worker>/<destination worker>``.
+LINK_BYTES = "link_bytes/"
+
+
 class Stats(Msg):
-    """Worker -> cluster: counters, cache use and peak memory, every
+    """Worker -> cluster: counters, cache use, queue depths and peak memory, every
     ``EPDConfig.stats_interval_s`` while running and once more (``final``) on shutdown."""
 
     worker: str

@@ -393,6 +393,17 @@ class PrefillRole:
         self._release(req, event)
         self.kv.free(req.msg.req_id)
 
+    def queue_depths(self) -> dict[str, float]:
+        """Requests not yet admitted, admitted (room for their images reserved) and waiting for
+        their images or for KV room, prefilling, and prefilled with their KV waiting here for a
+        decoder to pull it."""
+        return {
+            "prefill_queued": float(len(self.queue)),
+            "prefill_admitted": float(len(self.admitted)),
+            "prefill_running": float(len(self.running)),
+            "prefill_staged": float(len(self.staged)),
+        }
+
     def abort(self, req_id: str) -> None:
         for req in [r for r in self.queue if r.msg.req_id == req_id]:
             self.queue.remove(req)

@@ -135,9 +135,12 @@ class Worker:
         dst_blocks: list[int],
         block_nbytes: int,
         then: Callable[[str | None], None],
+        link: tuple[str, str, str],
     ) -> None:
         """Starts copying whole blocks ``src_blocks[i]`` -> ``dst_blocks[i]`` between two
-        block regions; ``then(error)`` runs in the main loop once the copy is done.
+        block regions; ``then(error)`` runs in the main loop once the copy is done. The bytes
+        are counted on ``link``, (what: "kv" or "mm", source worker, destination worker), as
+        the counter ``m.LINK_BYTES + "<what>/<source>/<destination>"``.
 
         On a GPU the copy starts only after the work already on torch's current stream: it may
         have produced the source (an image's tokens) or still read the destination (blocks
@@ -152,6 +155,7 @@ class Worker:
             after_stream=producer_stream(self.device),
         )
         self.outbox.append(PendingCopy(transfer, then))
+        self.count(m.LINK_BYTES + "/".join(link), len(src_blocks) * block_nbytes)
 
     def _finish_transfers(self, wait_s: float = 0.0) -> bool:
         """Runs the callbacks of finished copies, in submission order; True if any ran.
@@ -351,11 +355,14 @@ class Worker:
             out["peak_memory_bytes"] = float(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             )
+        for role in self.roles:
+            out.update(role.queue_depths())
         # Blocks held when the worker reports; at shutdown, after every request ended, anything
         # but 0 is a leak.
         for name, cache in (("mm", self.mm), ("kv", self.kv)):
             if cache is not None:
                 out[f"{name}_blocks_in_use"] = float(cache.num_blocks - cache.num_free_blocks)
+                out[f"{name}_blocks_total"] = float(cache.num_blocks)
         if self.mm is not None:
             out.update(
                 mm_hits=self.mm.hits, mm_misses=self.mm.misses, mm_evictions=self.mm.evictions

@@ -42,11 +42,3 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def client_limits():
-    """``httpx`` pool limits for load generators: no connection cap, and idle connections
-    dropped well before the server would close them (no send on a closing connection)."""
-    import httpx
-
-    return httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from epdrt.runtime.messages import LINK_BYTES
 from epdrt.runtime.request import RequestResult
 
 #: Latency buckets (seconds): from a fast decode step to a long request.
@@ -22,11 +23,20 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 #: Worker counters exported as gauges (their latest live report), by metric name.
 WORKER_GAUGES = {
     "kv_blocks_in_use": "KV-cache blocks held",
+    "kv_blocks_total": "KV-cache blocks",
     "mm_blocks_in_use": "MM-token cache blocks held",
+    "mm_blocks_total": "MM-token cache blocks",
     "mm_hits": "MM-token cache lookups that hit",
     "mm_misses": "MM-token cache lookups that missed",
-    "kv_bytes_received": "KV bytes pulled from prefill workers",
-    "mm_bytes_sent": "MM-token bytes copied to prefill workers",
+    "encode_queued_images": "images waiting to be encoded",
+    "encode_sending": "images being copied to prefill workers",
+    "prefill_queued": "requests waiting for admission to prefill",
+    "prefill_admitted": "requests admitted to prefill, waiting for images or KV room",
+    "prefill_running": "requests prefilling",
+    "prefill_staged": "prefilled requests whose KV waits for a decoder to pull it",
+    "decode_queued": "sequences waiting for admission to decode",
+    "decode_pulling": "sequences whose KV is being pulled in",
+    "decode_running": "sequences in the running decode batch",
     "images_encoded": "images encoded",
     "decode_tokens": "tokens decoded",
     "decode_preemptions": "sequences preempted for KV room (recomputed)",
@@ -120,3 +130,20 @@ class _ClusterCollector(Collector):
                 if key in counters:
                     family.add_metric([name], counters[key])
             yield family
+        hit_rate = GaugeMetricFamily(
+            "epdrt_worker_mm_hit_rate", "MM-token cache lookups that hit, of all so far",
+            labels=["worker"],
+        )  # fmt: skip
+        links = CounterMetricFamily(
+            "epdrt_link_bytes", "bytes copied between two workers' caches (kv or mm), counted "
+            "by the worker that copies", labels=["what", "src", "dst"],
+        )  # fmt: skip
+        for name, counters in live.items():
+            lookups = counters.get("mm_hits", 0.0) + counters.get("mm_misses", 0.0)
+            if lookups:
+                hit_rate.add_metric([name], counters["mm_hits"] / lookups)
+            for key, value in counters.items():
+                if key.startswith(LINK_BYTES):
+                    links.add_metric(key[len(LINK_BYTES) :].split("/"), value)
+        yield hit_rate
+        yield links
