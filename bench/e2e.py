@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import msgspec
 import torch
 
 from epdrt.benchmarking import Record, model_dir_or_tiny
@@ -53,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=120.0,
         help="seconds before a request fails (a lost request must not stall the whole run)",
     )
+    parser.add_argument(
+        "--kv-handoff", default="layerwise",
+        help="KV hand-off of every deployment (layerwise or pull); each further value after a "
+        "comma adds an epd run with that hand-off as a peer (e.g. layerwise,pull)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -71,7 +77,8 @@ def run(args: argparse.Namespace) -> list[Record]:
     # Same devices for all: EPD's E+P+D worker count, pd's E+P and D, aggregated's workers.
     total = args.encode + args.prefill + args.decode
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    common = dict(dtype=dtype, request_timeout_s=args.request_timeout)
+    handoff, *peers = args.kv_handoff.split(",")
+    common = dict(dtype=dtype, request_timeout_s=args.request_timeout, kv_handoff=handoff)
     configs = [
         ("epd", EPDConfig(mode="epd", num_encode=args.encode, num_prefill=args.prefill,
                           num_decode=args.decode, **common)),
@@ -79,6 +86,9 @@ def run(args: argparse.Namespace) -> list[Record]:
                          num_decode=args.decode, **common)),
         ("aggregated", EPDConfig(mode="aggregated", num_prefill=total, **common)),
     ]  # fmt: skip
+    for peer in peers:
+        epd = configs[0][1]
+        configs.append((f"epd-{peer}", msgspec.structs.replace(epd, kv_handoff=peer)))
     runs = run_modes(
         model_dir, workload, configs, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
     )
@@ -119,6 +129,15 @@ def _records(runs, args: argparse.Namespace) -> list[Record]:
                     bench="e2e", case=f"{case} vs {base.label}", metric=metric, value=value,
                     baseline=base.label, baseline_value=baseline,
                     ratio=value / baseline if higher else baseline / value, extra=placement,
+                )
+            )  # fmt: skip
+        if epd.kv_handoff_s and base.kv_handoff_s:
+            records.append(
+                Record(
+                    bench="e2e", case=f"{case} vs {base.label}", metric="KV hand-off mean s",
+                    value=epd.kv_handoff_s, baseline=base.label,
+                    baseline_value=base.kv_handoff_s, ratio=base.kv_handoff_s / epd.kv_handoff_s,
+                    extra={**placement, "kv_handoff": epd.config.kv_handoff},
                 )
             )  # fmt: skip
         epd_mem, base_mem = epd.peak_memory_by_stage(), base.peak_memory_by_stage()

@@ -56,6 +56,8 @@ class FakeModel:
         for layer in range(kv.num_layers):
             k, v = (torch.randn(batch.num_tokens, kv.num_kv_heads, kv.head_dim) for _ in "kv")
             kv.write(layer, batch.slot_mapping, k.to(kv.dtype), v.to(kv.dtype))
+            if batch.on_layer_written is not None:
+                batch.on_layer_written(layer)
         logits = torch.zeros(len(batch.seq_ids), self.vocab)
         logits[:, self.token] = 1.0
         return logits
@@ -75,7 +77,7 @@ class FakeWorker:
         self.device = torch.device("cpu")
         self.config = SimpleNamespace(
             encode_max_batch_images=8, encode_max_batch_tokens=8192, prefill_max_batch_tokens=4096,
-            decode_max_batch=8, max_num_seqs=256,
+            decode_max_batch=8, max_num_seqs=256, kv_handoff="pull",
             verify_transfers=False, request_timeout_s=60.0,
         )  # fmt: skip
         vars(self.config).update(config)
@@ -99,8 +101,13 @@ class FakeWorker:
     def peer_kv_cache(self, name: str) -> PagedKVCache:
         return self.peers[name].kv
 
-    def copy_blocks(self, src, dst, src_blocks, dst_blocks, block_nbytes, then, link) -> None:
-        self.copies.append((src, dst, list(src_blocks), list(dst_blocks), block_nbytes, then))
+    def copy_blocks(
+        self, src, dst, src_blocks, dst_blocks, block_nbytes, then, link, span=None
+    ) -> None:
+        self.copies.append((src, dst, list(src_blocks), list(dst_blocks), block_nbytes, then, span))
+
+    def finish_copies(self, wait_s: float) -> None:
+        """Copies end only when the test says so."""
 
     def count(self, name: str, amount: float = 1.0) -> None:
         self.counters[name] = self.counters.get(name, 0.0) + amount
@@ -134,12 +141,14 @@ class FakeWorker:
     def finish_copy(self, index: int = 0, error: str | None = None) -> None:
         """Ends copy ``index`` (0: the oldest): its bytes land unless it failed, then its
         callback runs."""
-        src, dst, src_blocks, dst_blocks, nbytes, then = self.copies.pop(index)
+        src, dst, src_blocks, dst_blocks, nbytes, then, span = self.copies.pop(index)
+        offset, length = span or (0, nbytes)
         if error is None:
             src_bytes = src.tensor(torch.uint8, (src.nbytes,))
             dst_bytes = dst.tensor(torch.uint8, (dst.nbytes,))
             for s, d in zip(src_blocks, dst_blocks, strict=True):
-                dst_bytes[d * nbytes : (d + 1) * nbytes] = src_bytes[s * nbytes : (s + 1) * nbytes]
+                at_s, at_d = s * nbytes + offset, d * nbytes + offset
+                dst_bytes[at_d : at_d + length] = src_bytes[at_s : at_s + length]
         then(error)
 
     def take(self, peer: str | None = None, kind: type | None = None) -> list[object]:
@@ -180,5 +189,7 @@ def encode_msg(req_id: str, *slots: m.ImageSlot) -> m.EncodeImages:
     return m.EncodeImages(req_id, [m.EncodeItem(s.key, s.num_tokens, []) for s in slots])
 
 
-def prefill_msg(req_id: str, *slots: m.ImageSlot, prompt: int = 24) -> m.PrefillRequest:
-    return m.PrefillRequest(req_id, list(range(prompt)), list(slots), 4, "d0", [])
+def prefill_msg(
+    req_id: str, *slots: m.ImageSlot, prompt: int = 24, max_new_tokens: int = 4
+) -> m.PrefillRequest:
+    return m.PrefillRequest(req_id, list(range(prompt)), list(slots), max_new_tokens, "d0", [])

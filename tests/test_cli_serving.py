@@ -117,11 +117,14 @@ def test_demo_and_bench_e2e(tmp_path):
     records = tmp_path / "e2e.jsonl"
     model = str(out / "tiny-llava")
     args = ["bench", "e2e", "--model", model, "--requests", "4", "--rate", "20"]
-    assert main([*args, "--json", str(records)]) == 0
+    assert main([*args, "--kv-handoff", "layerwise,pull", "--json", str(records)]) == 0
     rows = [json.loads(line) for line in records.read_text().splitlines()]
-    assert {r["baseline"] for r in rows} == {"pd", "aggregated"}
+    assert {r["baseline"] for r in rows} == {"pd", "aggregated", "epd-pull"}
     assert all(r["bench"] == "e2e" and r["value"] > 0 and r["ratio"] > 0 for r in rows)
+    (handoff,) = [r for r in rows if r["metric"] == "KV hand-off mean s" and
+                  r["baseline"] == "epd-pull"]  # fmt: skip
+    assert handoff["extra"]["kv_handoff"] == "layerwise"
     placement = rows[0]["extra"]
     assert placement["devices"]["epd"] == {"e0": "cpu", "p0": "cpu", "d0": "cpu"}
-    assert placement["workers_share_devices"] == {"epd": False, "pd": False, "aggregated": False}
+    assert not any(placement["workers_share_devices"].values())
     assert records.with_suffix(".png").exists()

@@ -88,6 +88,21 @@ def test_tokens_equal_generate(arch, mode, tiny_model_dir, references):
     assert encoded == len(distinct)  # a repeated image is encoded once
 
 
+@pytest.mark.parametrize("handoff", ["layerwise", "pull"])
+def test_both_kv_handoffs_give_the_tokens_of_generate(tiny_model_dir, references, handoff):
+    ph, expected = references["qwen2-vl"]
+    single, batch = _fresh(ph, list(expected))
+    config = EPDConfig(mode="epd", kv_handoff=handoff, request_timeout_s=TIMEOUT_S)
+    with EPDCluster.launch(tiny_model_dir("qwen2-vl"), config) as cluster:
+        results = cluster.generate([single, *batch])
+    assert {r.id: r.token_ids for r in results} == expected
+    stats = cluster.worker_stats()
+    assert stats["d0"]["kv_handoffs"] == sum(len(tokens) > 1 for tokens in expected.values())
+    copier = "p0" if handoff == "layerwise" else "d0"  # the side that copies counts the bytes
+    assert stats[copier]["link_bytes/kv/p0/d0"] > 0
+    assert stats["d0"]["kv_blocks_in_use"] == stats["p0"]["kv_blocks_in_use"] == 0
+
+
 def test_images_split_across_encoders(tiny_model_dir, references):
     ph, expected = references["llava"]
     single, batch = _fresh(ph, list(expected))

@@ -89,7 +89,8 @@ def test_prefill_finishes_its_staging_writes_before_telling_decoders(monkeypatch
         name="p0", device=torch.device("cpu"), decode=None, encode=None,
         mm=MMTokenCache(16, 4, 8, torch.float32), kv=kv,
         model=FakeModel(hidden=16),
-        config=SimpleNamespace(prefill_max_batch_tokens=4096, verify_transfers=False),
+        config=SimpleNamespace(prefill_max_batch_tokens=4096, verify_transfers=False,
+                              kv_handoff="pull"),
         count=lambda *a: None, digest=lambda t: None,
         send=lambda peer, msg, frames=None: log.append((peer, type(msg).__name__)),
     )  # fmt: skip

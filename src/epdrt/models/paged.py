@@ -18,7 +18,7 @@ no mask tensor, no device-to-host read.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +63,10 @@ class FlatBatch:
     max_context_len: int
     #: The attention kernels' backend: "auto", "triton" or "torch" (``epdrt.kernels``).
     backend: str = "auto"
+    #: Called with each layer's index once the step's K/V of that layer are in the cache
+    #: (enqueued on the current stream, on a GPU), before its attention runs: a layer-wise
+    #: KV hand-off starts copying the layer there. Attach with ``dataclasses.replace``.
+    on_layer_written: Callable[[int], None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -240,6 +244,8 @@ def paged_attention_forward(
     k = key[0].transpose(0, 1).to(layer.dtype).contiguous()  # [T, Hkv, D]
     v = value[0].transpose(0, 1).to(layer.dtype).contiguous()
     kv_scatter(k, v, layer, batch.slot_mapping, check_indices=False)
+    if batch.on_layer_written is not None:
+        batch.on_layer_written(module.layer_idx)
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     if batch.is_decode:
         out = paged_attention_decode(

@@ -46,6 +46,13 @@ class ModeRun:
     def counter(self, name: str) -> float:
         return sum(s.get(name, 0.0) for s in self.worker_stats.values())
 
+    @property
+    def kv_handoff_s(self) -> float | None:
+        """Mean seconds from the end of a sequence's prefill to its decoder having its KV
+        (None: no sequence went from one worker to another)."""
+        n = self.counter("kv_handoffs")
+        return self.counter("kv_handoff_seconds") / n if n else None
+
 
 def run_modes(
     model_dir: str | os.PathLike[str],
@@ -80,7 +87,8 @@ def token_mismatches(a: ModeRun, b: ModeRun) -> list[str]:
 
 
 def format_runs(runs: list[ModeRun]) -> str:
-    """A table: TTFT p50/p90, TPOT p50, requests/s, failures and peak memory per stage."""
+    """A table: TTFT p50/p90, TPOT p50, requests/s, failures, the mean KV hand-off and peak
+    memory per stage."""
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{1000 * v:.1f}"
@@ -93,6 +101,7 @@ def format_runs(runs: list[ModeRun]) -> str:
             "TPOT p50 ms",
             "req/s",
             "failed",
+            "KV hand-off ms",
             "peak MiB by stage",
         )
     ]
@@ -103,7 +112,8 @@ def format_runs(runs: list[ModeRun]) -> str:
         )
         rows.append((
             run.label, ms(s["ttft_p50_s"]), ms(s["ttft_p90_s"]), ms(s["tpot_p50_s"]),
-            f"{s['requests_per_s']:.2f}" if s["requests_per_s"] else "-", str(s["failed"]), mem,
+            f"{s['requests_per_s']:.2f}" if s["requests_per_s"] else "-", str(s["failed"]),
+            ms(run.kv_handoff_s), mem,
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -73,6 +73,13 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: a request not finished this long after submission fails with a timeout error
     request_timeout_s: float = 600.0
     worker_start_timeout_s: float = 300.0
+    #: How a prefilled sequence's KV reaches a decode worker in another process. "layerwise":
+    #: the decoder reserves blocks when the prefill starts (``KVReserve`` / ``KVDest``), and
+    #: the prefill worker pushes each layer's slice of the new blocks as soon as the layer is
+    #: written, so the copy overlaps the remaining layers; the decoder starts when the last
+    #: layer has landed (``KVReady(pushed=True)``). "pull": the decoder reserves blocks and
+    #: copies the whole KV once the prefill has ended (``KVReady``), holding nothing before.
+    kv_handoff: Literal["layerwise", "pull"] = "layerwise"
     #: Digest every hand-off (an image's MM tokens, a sequence's KV) on both sides and fail a
     #: request whose bytes arrived different (``runtime/integrity.py``; costs a read of each).
     verify_transfers: bool = False
@@ -105,6 +112,10 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidArgument(f"restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
         if not self.stats_interval_s >= 0:
             raise InvalidArgument(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
+        if self.kv_handoff not in ("layerwise", "pull"):
+            raise InvalidArgument(
+                f"kv_handoff must be 'layerwise' or 'pull', got {self.kv_handoff!r}"
+            )
         if self.devices != "auto" and len(self.devices) != len(self.worker_roles()):
             raise InvalidArgument(
                 f"devices lists {len(self.devices)} entries for {len(self.worker_roles())} workers"

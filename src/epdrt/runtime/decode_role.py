@@ -8,6 +8,12 @@ sequence: its blocks are freed and the cluster prefills it again with what it ge
 (recompute; ``messages.Preempted``), so the oldest sequences always go on. Each step decodes up
 to ``decode_max_batch`` sequences together in one flat batch over the pages (one new token
 each, its K/V written into its slot as the layers run); they join and leave independently.
+
+A sequence prefilled in another worker arrives one of two ways (``EPDConfig.kv_handoff``):
+``layerwise``, its blocks are reserved here when its prefill starts (``KVReserve``, answered
+with ``KVDest``) and the prefill worker pushes each layer into them as it is written; it runs
+once the last layer has landed (``KVReady(pushed=True)``). ``pull``, it is admitted once
+prefilled (``KVReady``) and this worker copies its KV in.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ class DecodeRole:
         self.w = worker
         assert worker.kv is not None
         self.kv = worker.kv
-        # Sequences whose KV waits in a prefill worker's cache, in arrival order (admission).
-        self.ready_queue: deque[tuple[m.KVReady, dict[str, torch.Tensor]]] = deque()
+        # Sequences waiting for admission, in arrival order: prefilled elsewhere, their KV in
+        # the prefill worker's cache (KVReady), or starting their prefill there (KVReserve).
+        self.ready_queue: deque[tuple[m.KVReady | m.KVReserve, dict[str, torch.Tensor]]] = deque()
         # Sequences prefilled in this worker, whose KV is already in this cache:
         # (req_id, first token, its index, max_new_tokens, extras, sampling).
         self.local_queue: deque[tuple[str, int, int, int, dict, SamplingParams]] = deque()
@@ -57,6 +64,13 @@ class DecodeRole:
         self.pulling: dict[str, tuple[m.KVReady, dict[str, torch.Tensor]]] = {}
         # Aborted while pulling: their blocks are freed once the copy into them ends.
         self.orphans: set[str] = set()
+        # Admitted sequences whose KV a prefill worker is pushing into their blocks: the
+        # prefill worker's name.
+        self.receiving: dict[str, str] = {}
+        # Aborted while receiving: (prefill worker, monotonic deadline). Their blocks are
+        # freed once that worker says it writes no more (KVReady or KVPushEnded), once it is
+        # restarted, or at the deadline (it died).
+        self.push_orphans: dict[str, tuple[str, float]] = {}
         self.active: OrderedDict[str, _Seq] = OrderedDict()
         # Requests aborted here, most recent last: a KVReady comes from the prefill worker, an
         # Abort from the cluster, so the Abort can arrive first and the KVReady must then be
@@ -69,7 +83,7 @@ class DecodeRole:
     def headroom(self) -> int:
         """Blocks admission keeps free, and asks a prefill role sharing the cache to: one per
         running sequence (each one's next token may start a block)."""
-        return len(self.active) + len(self.pulling)
+        return len(self.active) + len(self.pulling) + len(self.receiving)
 
     def _try_admit(self, req_id: str, num_tokens: int) -> bool:
         """Takes ``req_id`` into the running set, making room for its prompt's KV unless it
@@ -88,10 +102,21 @@ class DecodeRole:
     def handle(self, msg: object, frames: list[bytes]) -> bool:
         if isinstance(msg, m.KVReady):
             extras = m.named_tensors(msg.extras, frames)
-            if msg.req_id in self.aborted:
+            if msg.pushed:
+                self._landed(msg, extras)
+            elif msg.req_id in self.aborted:
                 self.w.count("kv_ready_dropped")
             else:
                 self.ready_queue.append((msg, extras))
+            return True
+        if isinstance(msg, m.KVReserve):
+            if msg.req_id in self.aborted:  # its prefill worker was told too: it sends nothing
+                self.w.count("kv_reserve_dropped")
+            else:
+                self.ready_queue.append((msg, {}))
+            return True
+        if isinstance(msg, m.KVPushEnded):
+            self._push_ended(msg)
             return True
         return False
 
@@ -113,12 +138,18 @@ class DecodeRole:
     # ---- work ------------------------------------------------------------------------------
     def step(self) -> bool:
         progressed = False
+        self._expire_push_orphans()
         while self.ready_queue:
             ready, extras = self.ready_queue[0]
             if not self._try_admit(ready.req_id, ready.num_tokens):
                 break
             self.ready_queue.popleft()
-            self._pull(ready, extras)
+            if isinstance(ready, m.KVReserve):
+                self.receiving[ready.req_id] = ready.src
+                blocks = self.kv.block_table(ready.req_id)
+                self.w.send(ready.src, m.KVDest(ready.req_id, self.w.name, blocks))
+            else:
+                self._pull(ready, extras)
             progressed = True
         while self.local_queue:
             req_id, token, index, max_new, extras, sampling = self.local_queue[0]
@@ -157,8 +188,67 @@ class DecodeRole:
             self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
             return
         self.w.send(ready.src, m.KVPulled(req_id))
+        self._start(ready, extras)
+
+    def _landed(self, ready: m.KVReady, extras: dict[str, torch.Tensor]) -> None:
+        """A pushed sequence's last layer is in its blocks: it joins the running set."""
+        req_id = ready.req_id
+        if self.push_orphans.pop(req_id, None) is not None:  # aborted meanwhile
+            self.kv.free(req_id)
+            return
+        if self.receiving.pop(req_id, None) is None:
+            self.w.count("kv_ready_dropped")
+            return
+        if ready.digest is not None:
+            k, v = self.kv.read(req_id)
+            error = self.w.digest_mismatch(ready.digest, torch.stack([k, v], dim=1))
+            if error is not None:
+                self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
+                return
+        self._start(ready, extras)
+
+    def _push_ended(self, msg: m.KVPushEnded) -> None:
+        """The prefill worker writes no more into a sequence's blocks, and it will not come:
+        they are freed (and the request failed, when the push failed)."""
+        req_id = msg.req_id
+        if self.push_orphans.pop(req_id, None) is not None:
+            self.kv.free(req_id)
+            return
+        src = self.receiving.pop(req_id, None)
+        if src is None:
+            return
+        if msg.error is None:  # it finished at its first token
+            self.kv.free(req_id)
+        else:
+            self.w.fail(req_id, f"KV transfer from {src} failed: {msg.error}")
+
+    def _expire_push_orphans(self) -> None:
+        now = time.monotonic()
+        for req_id, (_, deadline) in list(self.push_orphans.items()):
+            if now > deadline:
+                del self.push_orphans[req_id]
+                self.kv.free(req_id)
+                self.w.count("kv_push_orphans_expired")
+
+    def peer_restarted(self, name: str) -> None:
+        """Worker ``name`` was started again: its old process writes nothing more, so the
+        blocks of sequences it was pushing into are freed (the cluster failed those)."""
+        for req_id, (src, _) in list(self.push_orphans.items()):
+            if src == name:
+                del self.push_orphans[req_id]
+                self.kv.free(req_id)
+        for req_id in [r for r, src in self.receiving.items() if src == name]:
+            del self.receiving[req_id]  # failing it frees its blocks now
+            self.w.fail(req_id, f"prefill worker {name} restarted while pushing its KV")
+
+    def _start(self, ready: m.KVReady, extras: dict[str, torch.Tensor]) -> None:
+        """Runs a sequence prefilled elsewhere whose KV is now here; counts the seconds from
+        the end of its prefill (``kv_handoff_seconds`` over ``kv_handoffs``)."""
+        if ready.prefilled_at:
+            self.w.count("kv_handoff_seconds", time.monotonic() - ready.prefilled_at)
+            self.w.count("kv_handoffs")
         self._run(
-            req_id, ready.first_token, ready.first_index, ready.max_new_tokens, extras,
+            ready.req_id, ready.first_token, ready.first_index, ready.max_new_tokens, extras,
             ready.sampling,
         )  # fmt: skip
 
@@ -241,10 +331,10 @@ class DecodeRole:
 
     def queue_depths(self) -> dict[str, float]:
         """Sequences waiting for admission (their KV in a prefill cache, or prefilled here),
-        being pulled in, and running."""
+        being pulled or pushed in, and running."""
         return {
             "decode_queued": float(len(self.ready_queue) + len(self.local_queue)),
-            "decode_pulling": float(len(self.pulling)),
+            "decode_pulling": float(len(self.pulling) + len(self.receiving)),
             "decode_running": float(len(self.active)),
         }
 
@@ -256,6 +346,11 @@ class DecodeRole:
         self.local_queue = deque(x for x in self.local_queue if x[0] != req_id)
         if self.pulling.pop(req_id, None) is not None:
             self.orphans.add(req_id)  # a copy still writes into its blocks
+            return
+        src = self.receiving.pop(req_id, None)
+        if src is not None:  # its prefill worker may still write into its blocks
+            deadline = time.monotonic() + self.w.config.request_timeout_s
+            self.push_orphans[req_id] = (src, deadline)
             return
         self.active.pop(req_id, None)
         if req_id in self.kv:

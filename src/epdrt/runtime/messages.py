@@ -137,12 +137,43 @@ class PrefillRequest(Msg):
     first_index: int = 0
 
 
+class KVReserve(Msg):
+    """Prefill -> decode (``kv_handoff="layerwise"``): a sequence of ``num_tokens`` prompt
+    tokens starts prefilling at ``src``. The decoder admits it as it would a ``KVReady``
+    (room, a running slot) and answers with the blocks reserved for it (``KVDest``)."""
+
+    req_id: str
+    src: str
+    num_tokens: int
+
+
+class KVDest(Msg):
+    """Decode -> prefill: push the sequence's KV into these blocks of my cache (in order).
+    The prefill worker answers every ``KVDest`` with ``KVReady(pushed=True)`` once the last
+    byte has landed, or with ``KVPushEnded`` (aborted, failed): after either, nothing more
+    is written into the blocks."""
+
+    req_id: str
+    src: str
+    blocks: list[int]
+
+
+class KVPushEnded(Msg):
+    """Prefill -> decode: no more bytes will be written into the blocks of a ``KVDest``, and
+    the sequence will not come: it failed (``error``: aborted, a failed copy) or finished at
+    its first token (None)."""
+
+    req_id: str
+    error: str | None
+
+
 class KVReady(Msg):
     """Prefill -> decode: a prefilled sequence's KV waits in ``blocks`` of the sender's KV
     cache. The decoder admits it when it has room for ``num_tokens`` and a running slot
     (back-pressure), copies the blocks into its own cache itself, and continues from
     ``first_token`` (model extras as tensor frames): the sender's loop takes no part, so a
-    hand-off never waits for the sender's next batch."""
+    hand-off never waits for the sender's next batch. With ``pushed`` the KV is already in
+    the blocks the decoder gave (``KVDest``) and nothing is copied."""
 
     req_id: str
     src: str
@@ -157,6 +188,10 @@ class KVReady(Msg):
     sampling: SamplingParams = GREEDY
     #: the index of ``first_token`` (``PrefillRequest.first_index``)
     first_index: int = 0
+    pushed: bool = False
+    #: ``time.monotonic()`` on the sender when the prefill's forward ended (one host's
+    #: clock: the decoder counts the hand-off's seconds from it, ``kv_handoff_seconds``).
+    prefilled_at: float = 0.0
 
 
 class KVPulled(Msg):
@@ -220,8 +255,8 @@ class Stats(Msg):
 
 
 Message = (
-    Hello | Peers | Shutdown | EncodeImages | FetchMM | MMReady | PrefillRequest | KVReady
-    | KVPulled | Tokens | Failed | Preempted | Abort | Stats
+    Hello | Peers | Shutdown | EncodeImages | FetchMM | MMReady | PrefillRequest | KVReserve
+    | KVDest | KVPushEnded | KVReady | KVPulled | Tokens | Failed | Preempted | Abort | Stats
 )  # fmt: skip
 
 CODEC = Codec(Message)

@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Prefill role: admits requests by MM-token bytes, gathers their images' tokens from the
-encoders, runs the LM prefill, emits the first token and stages the KV for a decode worker,
-which pulls it (``KVReady``; ``KVPulled`` frees it here).
+encoders, runs the LM prefill, emits the first token and hands the KV to a decode worker.
+
+The hand-off (``EPDConfig.kv_handoff``): ``layerwise``, the decoder is asked for blocks when
+a request starts prefilling (``KVReserve`` / ``KVDest``) and each layer's slice of the blocks a
+step wrote is copied into them as soon as the layer is written, so the copy overlaps the
+layers after it; the decoder is told once the last byte has landed (``KVReady(pushed=True)``).
+``pull``, the KV is staged here and the decoder copies it after the prefill (``KVReady``;
+``KVPulled`` frees it here).
 
 Admission is FIFO and per request: a request enters only when blocks for all of its missing
 images can be reserved in this worker's MM cache (back-pressure, no worst-case reservation).
@@ -9,11 +15,13 @@ images can be reserved in this worker's MM cache (back-pressure, no worst-case r
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from epdrt.cache.sizing import blocks_for
@@ -27,6 +35,11 @@ from epdrt.runtime.sampling import sample
 
 if TYPE_CHECKING:
     from epdrt.runtime.worker import Worker
+
+
+#: Seconds a prefill step waits, at its end, for the copies of the sequences it finished
+#: pushing (the rest of the step's pushes overlapped its forward).
+PUSH_TAIL_WAIT_S = 1.0
 
 
 @dataclass
@@ -61,9 +74,31 @@ class _Request:
     def ready(self) -> bool:
         return all(w.state is Want.HELD for w in self.wants.values())
 
+    def blocks_of_next(self, take: int, block_size: int) -> range:
+        """Indices into the block table of the blocks the next ``take`` tokens write."""
+        return range(self.done // block_size, (self.done + take - 1) // block_size + 1)
+
     @property
     def remaining(self) -> int:
         return len(self.msg.input_ids) - self.done
+
+
+@dataclass
+class _Push:
+    """A layer-wise hand-off of one sequence's KV into its decoder's blocks, from the
+    ``KVReserve`` until the decoder is told that the last byte landed (``KVReady``) or that
+    none will come (``KVPushEnded``); the decoder's blocks are not written after either."""
+
+    decoder: str
+    dest: np.ndarray | None = None  #: the decoder's blocks (``KVDest``), int64
+    in_flight: int = 0  #: copies submitted and not yet ended
+    error: str | None = None  #: the first copy that failed, why
+    #: Once prefilled: the ``KVReady`` (and its frames) to send when the copies have ended.
+    ready: tuple[m.KVReady, list[torch.Tensor]] | None = None
+    #: It ends without a sequence to decode: aborted (``reason``), or finished at its first
+    #: token (``reason`` None).
+    ended: bool = False
+    reason: str | None = None
 
 
 class PrefillRole:
@@ -78,6 +113,7 @@ class PrefillRole:
         self.staged: set[str] = set()  # requests whose KV waits here for its decoder to pull
         # image key -> the want whose reservation it is (RESERVED, RECEIVING or ORPHAN)
         self.receiving: dict[bytes, _Want] = {}
+        self.pushes: dict[str, _Push] = {}  # layer-wise hand-offs under way, by request
 
     # ---- messages --------------------------------------------------------------------------
     def handle(self, msg: object, frames: list[bytes]) -> bool:
@@ -91,6 +127,9 @@ class PrefillRole:
             return True
         if isinstance(msg, m.KVPulled):
             self._unstage(msg.req_id)
+            return True
+        if isinstance(msg, m.KVDest):
+            self._dest(msg)
             return True
         return False
 
@@ -167,7 +206,7 @@ class PrefillRole:
             take = min(req.remaining, budget)
             batch.append((req, take))
             budget -= take
-        for req in [r for r in self.admitted.values() if r.ready]:
+        for req in [r for r in self.admitted.values() if r.ready and self._has_dest(r)]:
             if budget == 0 or not self._start(req):
                 break
             take = min(req.remaining, budget)
@@ -208,6 +247,7 @@ class PrefillRole:
                 continue
             self.queue.popleft()
             self.admitted[req.msg.req_id] = req
+            self._reserve_decoder(req)
             for want in req.wants.values():
                 if want.state is Want.RESERVED:
                     want.advance(WantEvent.FETCH_SENT)
@@ -286,7 +326,11 @@ class PrefillRole:
             text = self.w.model.embed(torch.tensor(ids, dtype=torch.int64, device=self.w.device))
             embeds = mm_embed(text, self.mm.storage, torch.cat(rows), check_indices=False)
             flat = FlatBatch.build(self.kv, seqs)
+            hook = self._layer_pusher(batch)
+            if hook is not None:
+                flat = dataclasses.replace(flat, on_layer_written=hook)
             logits = self.w.model.forward(embeds, flat, [req.extras for req, _ in batch])
+            prefilled_at = time.monotonic()
         except Exception as exc:  # e.g. out of memory: these requests fail, the worker goes on
             for req, _ in batch:
                 self._drop_running(req, WantEvent.ABORT)
@@ -304,7 +348,7 @@ class PrefillRole:
             del self.running[req.msg.req_id]
             self._release(req, WantEvent.PREFILLED)
             token = sample(row, req.msg.sampling, req.msg.first_index)
-            ready = self._hand_off(req, token)
+            ready = self._hand_off(req, token, prefilled_at)
             if ready is not None:
                 staged.append(ready)
         if staged:
@@ -313,15 +357,20 @@ class PrefillRole:
             wait_for_producer(self.w.device)
         for decoder, ready, frames in staged:
             self.w.send(decoder, ready, frames)
+        if any(p.ready is not None for p in self.pushes.values()):
+            # The last layers' copies end now, the others overlapped the forward: their
+            # decoders are told here, not after this worker's next step.
+            self.w.finish_copies(PUSH_TAIL_WAIT_S)
 
     def _hand_off(
-        self, req: _Request, token: int
+        self, req: _Request, token: int, prefilled_at: float
     ) -> tuple[str, m.KVReady, list[torch.Tensor]] | None:
         """Reports the first token; returns the decoder and the ``KVReady`` (with its frames)
-        to send once the KV writes are done, or hands the sequence over in-process (None).
+        to send once the KV writes are done, or None: the sequence is handed over in-process,
+        or its KV is being pushed (the ``KVReady`` goes once the copies have ended).
 
         The prompt's KV is already in this worker's cache, under the request id: it stays
-        there (staged) until the decoder has pulled it.
+        there (staged) until the decoder has pulled it, or the push has ended.
         """
         msg = req.msg
         eos = self.w.model.spec.eos_token_ids
@@ -334,8 +383,12 @@ class PrefillRole:
                 encode_s={msg.req_id: req.encode_s},
             ),
         )
+        push = self.pushes.get(msg.req_id)
         if finished:
             self.kv.free(msg.req_id)
+            if push is not None:
+                push.ended, push.reason = True, None
+                self._settle(msg.req_id)
             return None
         decode_extras = self.w.model.decode_extras(req.extras)
         if self.w.decode is not None and msg.decoder == self.w.name:
@@ -360,8 +413,115 @@ class PrefillRole:
             digest,
             msg.sampling,
             index,
+            pushed=push is not None,
+            prefilled_at=prefilled_at,
         )
-        return msg.decoder, ready, frames
+        if push is None:
+            return msg.decoder, ready, frames
+        push.ready = (ready, frames)
+        self._settle(msg.req_id)
+        return None
+
+    # ---- layer-wise push -------------------------------------------------------------------
+    def _has_dest(self, req: _Request) -> bool:
+        """Whether ``req`` may start: it pushes no KV, or its decoder's blocks are known.
+
+        NOTE: starting a push only then keeps every request that holds this cache's blocks
+        free of waits on its decoder's room, so reservations made as requests are admitted
+        (in any order of readiness) cannot deadlock the two caches.
+        """
+        push = self.pushes.get(req.msg.req_id)
+        if push is None or push.dest is not None:
+            return True
+        self.w.count("prefill_kv_dest_waits")
+        return False
+
+    def _reserve_decoder(self, req: _Request) -> None:
+        """Asks a remote decoder for blocks as the request is admitted: its answer has the
+        request's image fetches (and the queue ahead) to arrive in before the prefill may
+        start, and every layer is pushed as soon as it is written."""
+        decoder = req.msg.decoder
+        if self.w.config.kv_handoff == "layerwise" and decoder != self.w.name:
+            self.pushes[req.msg.req_id] = _Push(decoder)
+            n = len(req.msg.input_ids)
+            self.w.send(decoder, m.KVReserve(req.msg.req_id, self.w.name, n))
+
+    def _layer_pusher(self, batch: list[tuple[_Request, int]]):
+        """The step's ``on_layer_written`` hook: each layer's slice of the blocks the step
+        writes is copied into the decoder's blocks (one copy per decoder and layer); None
+        when no request of the batch pushes."""
+        plan: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str]]] = {}
+        bs = self.kv.block_size
+        for req, take in batch:
+            push = self.pushes.get(req.msg.req_id)
+            if push is None:
+                continue
+            assert push.dest is not None  # a push starts prefilling once its blocks are known
+            idx = req.blocks_of_next(take, bs)
+            table = np.asarray(self.kv.block_table(req.msg.req_id), dtype=np.int64)
+            src, dst, ids = plan.setdefault(push.decoder, ([], [], []))
+            src.append(table[idx.start : idx.stop])
+            dst.append(push.dest[idx.start : idx.stop])
+            ids.append(req.msg.req_id)
+        if not plan:
+            return None
+        groups = [(d, np.concatenate(s), np.concatenate(t), ids) for d, (s, t, ids) in plan.items()]
+        nbytes = self.kv.layer_nbytes
+
+        def pushed_layer(layer: int) -> None:
+            for decoder, src, dst, ids in groups:
+                self._copy(ids, decoder, src, dst, (layer * nbytes, nbytes))
+
+        return pushed_layer
+
+    def _copy(
+        self, ids: list[str], decoder: str, src: np.ndarray, dst: np.ndarray,
+        span: tuple[int, int],
+    ) -> None:  # fmt: skip
+        """Copies ``span`` of blocks ``src`` of this cache into blocks ``dst`` of
+        ``decoder``'s for the pushes of ``ids`` (each counts it in flight until it ends)."""
+        for req_id in ids:
+            self.pushes[req_id].in_flight += 1
+        self.w.copy_blocks(
+            self.kv.region, self.w.peer_kv_cache(decoder).region, src, dst,
+            self.kv.block_nbytes, lambda error: self._pushed(ids, error),
+            ("kv", self.w.name, decoder), span,
+        )  # fmt: skip
+
+    def _dest(self, msg: m.KVDest) -> None:
+        """The decoder's blocks for a sequence that has not started prefilling (it starts
+        once they are known)."""
+        push = self.pushes.get(msg.req_id)
+        if push is None:  # aborted, or ended before the decoder answered
+            self.w.send(msg.src, m.KVPushEnded(msg.req_id, "aborted before its KV was pushed"))
+            return
+        push.dest = np.asarray(msg.blocks, dtype=np.int64)
+
+    def _pushed(self, ids: list[str], error: str | None) -> None:
+        for req_id in ids:
+            push = self.pushes[req_id]
+            push.in_flight -= 1
+            push.error = push.error or error
+            self._settle(req_id)
+
+    def _settle(self, req_id: str) -> None:
+        """Ends a push whose copies have all ended once it has an outcome: the decoder gets
+        the ``KVReady`` (or ``KVPushEnded``: failed, aborted, finished at its first token),
+        and the staged KV here is freed."""
+        push = self.pushes[req_id]
+        if push.in_flight:
+            return
+        if push.ended:
+            if push.dest is not None:  # else the KVDest still to come is answered then
+                self.w.send(push.decoder, m.KVPushEnded(req_id, push.reason))
+        elif push.dest is None or push.ready is None:
+            return  # the decoder's blocks, or the prefill's end, are still to come
+        elif push.error is not None:
+            self.w.send(push.decoder, m.KVPushEnded(req_id, push.error))
+        else:
+            self.w.send(push.decoder, *push.ready)
+        del self.pushes[req_id]
+        self._unstage(req_id)
 
     # ---- cleanup ---------------------------------------------------------------------------
     def _unstage(self, req_id: str) -> None:
@@ -413,4 +573,8 @@ class PrefillRole:
         req = self.running.get(req_id)
         if req is not None:
             self._drop_running(req, WantEvent.ABORT)
+        push = self.pushes.get(req_id)
+        if push is not None:
+            push.ended, push.reason = True, "aborted"
+            self._settle(req_id)
         self._unstage(req_id)

@@ -131,31 +131,39 @@ class Worker:
         self,
         src: Region,
         dst: Region,
-        src_blocks: list[int],
-        dst_blocks: list[int],
+        src_blocks: list[int] | np.ndarray,
+        dst_blocks: list[int] | np.ndarray,
         block_nbytes: int,
         then: Callable[[str | None], None],
         link: tuple[str, str, str],
+        span: tuple[int, int] | None = None,
     ) -> None:
         """Starts copying whole blocks ``src_blocks[i]`` -> ``dst_blocks[i]`` between two
-        block regions; ``then(error)`` runs in the main loop once the copy is done. The bytes
-        are counted on ``link``, (what: "kv" or "mm", source worker, destination worker), as
-        the counter ``m.LINK_BYTES + "<what>/<source>/<destination>"``.
+        block regions, or with ``span = (offset, nbytes)`` only those bytes of each block (one
+        layer's slice of KV blocks); ``then(error)`` runs in the main loop once the copy is
+        done. The bytes are counted on ``link``, (what: "kv" or "mm", source worker,
+        destination worker), as the counter ``m.LINK_BYTES + "<what>/<source>/<destination>"``.
 
         On a GPU the copy starts only after the work already on torch's current stream: it may
         have produced the source (an image's tokens) or still read the destination (blocks
         freed by a finished sequence).
         """
+        offset, nbytes = span or (0, block_nbytes)
         transfer = self.engine.submit_blocks(
             src,
             dst,
-            np.asarray(src_blocks, dtype=np.int64) * block_nbytes,
-            np.asarray(dst_blocks, dtype=np.int64) * block_nbytes,
-            block_nbytes,
+            np.asarray(src_blocks, dtype=np.int64) * block_nbytes + offset,
+            np.asarray(dst_blocks, dtype=np.int64) * block_nbytes + offset,
+            nbytes,
             after_stream=producer_stream(self.device),
         )
         self.outbox.append(PendingCopy(transfer, then))
-        self.count(m.LINK_BYTES + "/".join(link), len(src_blocks) * block_nbytes)
+        self.count(m.LINK_BYTES + "/".join(link), len(src_blocks) * nbytes)
+
+    def finish_copies(self, wait_s: float) -> None:
+        """Waits up to ``wait_s`` seconds for the copies in flight and runs the callbacks of
+        those that ended (a layer-wise push's last copies, at the end of its prefill step)."""
+        self._finish_transfers(wait_s)
 
     def _finish_transfers(self, wait_s: float = 0.0) -> bool:
         """Runs the callbacks of finished copies, in submission order; True if any ran.
@@ -340,6 +348,8 @@ class Worker:
             self.channel.reconnect(name, msg.endpoints[name])
             self.peer_mm.pop(name, None)
             self.peer_kv.pop(name, None)
+            if self.decode is not None:
+                self.decode.peer_restarted(name)
         self._mm_descs, self._kv_descs = msg.mm_regions, msg.kv_regions
         self.count("peer_restarts_seen", len(msg.restarted))
 
