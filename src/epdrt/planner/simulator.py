@@ -25,6 +25,10 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   decode admits by the prompt's KV and preempts the newest sequence when the cache fills
   (recompute, ``runtime/decode_role.py``); reserving the output up front, as here, matches it
   while KV is not the bottleneck and is conservative when it is (no preemption modelled).
+  NOTE: this is the runtime's ``kv_handoff="pull"``; its default, ``"layerwise"``, reserves
+  the decoder's blocks as prefill admits a request and pushes the KV during the prefill
+  (``runtime/prefill_role.py``): a shorter hand-off than modelled here, a round trip before
+  each prefill starts, and decode KV held while a request's images encode.
 - Decode: continuous batching; at each step boundary waiting sequences join while the batch
   has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
   gives every sequence one token (``decode_padded``: the total counts every sequence at the
