@@ -48,6 +48,17 @@ def test_prefill_batches_whatever_is_queued_up_to_the_token_budget():
     np.testing.assert_allclose(res.ttft_s, [0.2, 0.35, 0.3, 0.45], atol=1e-12)
 
 
+def test_a_prompt_over_the_budget_is_prefilled_in_chunks_as_the_runtime_does():
+    """epdrt.scheduler.prefill_chunks forms the steps: 40 tokens at 16 a step take three
+    (16, 16, then 8 with a request of 8 that came meanwhile: the running chunk goes first)."""
+    p = linear_profile(prefill_fixed_s=0.1, prefill_per_token_s=0.01)
+    reqs = [_text(0, 0.0, prompt=40), _text(1, 0.05, prompt=8)]
+    res = simulate(p, DeployConfig("aggregated", 1, 1, 1, prefill_tokens=16), reqs)
+    end = 2 * (0.1 + 16 * 0.01) + (0.1 + 16 * 0.01)
+    np.testing.assert_allclose(res.ttft_s, [end, end - 0.05], atol=1e-12)
+    assert res.utilization["prefill"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(("padded", "batch_s"), [(False, 0.1 + 48 * 0.01), (True, 0.1 + 64 * 0.01)])
 def test_a_padded_prefill_batch_computes_requests_times_the_longest_prompt(padded, batch_s):
     # A 64-token request runs alone (0.74 s); prompts of 16 and 32 tokens queued meanwhile are

@@ -49,6 +49,8 @@ class DeployConfig:
         decode_padded: a decode step left-pads every sequence's past to the longest one, so
             it attends over sequences x longest context tokens (epdrt's Hugging Face
             adapters); False: paged attention over the sum of the contexts.
+        encode_tokens: most MM tokens in one encode batch (a larger image runs alone;
+            ``EPDConfig.encode_max_batch_tokens``).
     """
 
     mode: str
@@ -61,6 +63,7 @@ class DeployConfig:
     image_split: int = 1
     prefill_padded: bool = False
     decode_padded: bool = False
+    encode_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -7,15 +7,21 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
   (``aggregated``: the fewest unfinished requests). Its images are cut into up to
   ``image_split`` near-equal chunks on the least-loaded encoders (``pd``/``aggregated``: its
   prefill GPU encodes them all).
-- Encode: FIFO over images; a batch takes up to ``encode_batch`` images (a request's images may
-  span batches) and lasts ``encode(images, mean tokens per image)``. A finished chunk's MM
-  tokens go to the prefill GPU (no transfer when it is the same GPU).
-- Prefill: FIFO over requests whose MM tokens have all arrived; a batch takes requests while
-  their tokens (``prefill_padded``: requests x longest prompt) fit ``prefill_tokens`` (the
-  first always) and their KV fits the GPU's free KV
-  (back-pressure: the batch waits, nothing is dropped); it lasts
-  ``profile.prefill_batch_latency`` (the fixed cost of a call once, every request's own work;
-  ``prefill_padded``: each at the longest prompt) and ends with every request's first token.
+- Batch formation is the runtime's own (``epdrt.scheduler``, called here with simulated
+  queues): encode batches (``encode_batch``), flat prefill steps with chunking
+  (``prefill_chunks``) and the stages' turn order (``ROLE_ORDER``).
+- Encode: FIFO over images; a batch takes up to ``encode_batch`` images and ``encode_tokens``
+  MM tokens, the first always (a request's images may span batches), and lasts
+  ``encode(images, mean tokens per image)``. A finished chunk's MM tokens go to the prefill
+  GPU (no transfer when it is the same GPU).
+- Prefill: FIFO over requests whose MM tokens have all arrived. A flat step takes the
+  running prompts' next chunks, then queued requests while their KV fits the GPU's free KV
+  (reserved for the whole prompt as one starts; back-pressure: it waits, nothing is
+  dropped), up to ``prefill_tokens`` tokens: a longer prompt is prefilled over several steps.
+  A step lasts ``profile.prefill_batch_latency`` of its chunks (the fixed cost of a call once,
+  every chunk's own work) and gives the requests it completes their first token.
+  ``prefill_padded`` (other systems' right-padded batches): no chunks; a batch takes requests
+  while requests x longest prompt fits ``prefill_tokens`` (the first always).
 - Hand-off (``epd``/``pd``/``ed``): the decode GPU with the fewest sequences among those with
   KV room for input + output tokens is reserved; a message tells it the KV is ready, and it
   pulls the KV (input tokens) over its link, then the sequence joins its batch at the next
@@ -66,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from epdrt import scheduler
 from epdrt.errors import InvalidArgument
 from epdrt.planner.config import DeployConfig, check_memory, memory_plan, role_stages
 from epdrt.planner.metrics import SLO, quantile, summarize
@@ -80,6 +87,7 @@ class _Req:
         "dgpu",
         "inp",
         "out",
+        "pdone",
         "pending",
         "pgpu",
         "t_finish",
@@ -93,6 +101,7 @@ class _Req:
         self.arrival = r.arrival_s
         self.inp = r.input_tokens
         self.out = r.output_tokens
+        self.pdone = 0  # prompt tokens prefilled (a prompt over the budget takes several steps)
         self.pending = 0
         self.pgpu: _Gpu | None = None
         self.dgpu: _Gpu | None = None
@@ -129,6 +138,7 @@ class _Gpu:
         "name",
         "pi",
         "pre_q",
+        "pre_run",
         "pulled",
         "rate",
         "run_ctx",
@@ -153,6 +163,7 @@ class _Gpu:
         self.enc_q: deque[tuple[list[Any], int]] = deque()  # (chunk, tokens) per image
         self.ei = -1  # index into _Sim.enc_load (encode GPUs)
         self.pre_q: deque[_Req] = deque()
+        self.pre_run: list[_Req] = []  # prefilling over several steps (chunks), in start order
         self.pi = -1  # index into _Sim.pre_load (prefill GPUs)
         self.kv_cap = kv_cap
         self.kv_used = 0
@@ -353,7 +364,11 @@ class _Sim:
         )
         self.lines: dict[int, PiecewiseLinear] = {}  # decode latency against context, by batch
         # A shared GPU's stages take turns in this order (g.last indexes it).
-        self.starts = (self._start_encode, self._start_prefill, self._start_decode)
+        by_role = {
+            "encode": self._start_encode, "prefill": self._start_prefill,
+            "decode": self._start_decode,
+        }  # fmt: skip
+        self.starts = tuple(by_role[role] for role in scheduler.ROLE_ORDER)
 
     # -- plumbing --------------------------------------------------------------------------
     def _at(self, t: float, fn: Callable[[Any], None], arg: Any) -> None:
@@ -753,7 +768,8 @@ class _Sim:
         if g.busy:
             # New work waits for the current batch; a run of decode steps ends at the next
             # step boundary when the work could start then.
-            if g.mac_k > 1 and (g.enc_q or g.pre_q or (g.dec_wait and g.run_n < c.decode_batch)):
+            prefill = g.pre_q or g.pre_run
+            if g.mac_k > 1 and (g.enc_q or prefill or (g.dec_wait and g.run_n < c.decode_batch)):
                 self._truncate(g)
             return
         for k in range(1, 4):
@@ -766,12 +782,14 @@ class _Sim:
         q = g.enc_q
         if not q:
             return False
-        n = min(len(q), self.c.encode_batch)
+        n = scheduler.encode_batch((t for _, t in q), self.c.encode_batch, self.c.encode_tokens)
         batch = [q.popleft() for _ in range(n)]
         seconds = self.p.encode(n, sum(t for _, t in batch) / n) * self._factor()
         return self._begin(g, "encode", seconds, self._enc_done, (g, batch))
 
     def _start_prefill(self, g: _Gpu) -> bool:
+        if not self.c.prefill_padded:
+            return self._start_prefill_flat(g)
         c = self.c
         pbatch: list[_Req] = []
         tokens = kv = longest = 0
@@ -796,6 +814,43 @@ class _Sim:
         prompts = [rq.inp for rq in pbatch]
         seconds = self.p.prefill_batch_latency(prompts, c.prefill_padded) * self._factor()
         return self._begin(g, "prefill", seconds, self._pre_done, (g, pbatch))
+
+    def _start_prefill_flat(self, g: _Gpu) -> bool:
+        """A flat (packed) prefill step, formed as the runtime forms it
+        (``scheduler.prefill_chunks``): running prompts' next chunks, then queued requests
+        while their KV fits (reserved for the whole prompt as one starts). A chunk costs what
+        a prompt of its length does (NOTE: its attention to the earlier chunks is left out)."""
+        free = g.kv_cap - g.kv_used
+        started: list[_Req] = []
+
+        def start(rq: _Req) -> bool:
+            nonlocal free
+            need = rq.inp + (rq.out if self.agg else 0)
+            if need > free:
+                return False  # back-pressure: it waits for KV
+            free -= need
+            started.append(rq)
+            return True
+
+        chunks = scheduler.prefill_chunks(
+            ((rq, rq.inp - rq.pdone) for rq in g.pre_run),
+            ((rq, rq.inp) for rq in g.pre_q),
+            self.c.prefill_tokens,
+            start,
+        )
+        if not chunks:
+            return False
+        for rq in started:
+            g.pre_q.popleft()
+            rq.t_pstart = self.now
+            g.pre_run.append(rq)
+        g.kv_used = g.kv_cap - free
+        for rq, take in chunks:
+            rq.pdone += take
+        seconds = self.p.prefill_batch_latency([t for _, t in chunks], False) * self._factor()
+        done = [rq for rq, _ in chunks if rq.pdone == rq.inp]
+        g.pre_run = [rq for rq in g.pre_run if rq.pdone < rq.inp]
+        return self._begin(g, "prefill", seconds, self._pre_done, (g, done))
 
     def _begin(
         self, g: _Gpu, stage: str, seconds: float, done: Callable[[Any], None], arg: Any
@@ -835,7 +890,7 @@ class _Sim:
         line = self.lines.get(g.run_n)
         if line is None:
             line = self.lines[g.run_n] = self.p.decode.at_x(g.run_n)
-        k = 1 if g.enc_q or g.pre_q else g.fin[0][0] - g.step
+        k = 1 if g.enc_q or g.pre_q or g.pre_run else g.fin[0][0] - g.step
         f = self._factor(k)
         ctx = self._step_context(g)
         dur = f * line.sum_arithmetic(ctx, g.run_n, k) + k * self.step_s

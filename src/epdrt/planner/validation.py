@@ -177,4 +177,5 @@ def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
         image_split=split,
         prefill_padded=False,
         decode_padded=False,
+        encode_tokens=config.encode_max_batch_tokens,
     )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from epdrt import scheduler
 from epdrt.cache.sizing import blocks_for
 from epdrt.models.paged import FlatBatch
 from epdrt.runtime import messages as m
@@ -139,29 +140,39 @@ class DecodeRole:
     def step(self) -> bool:
         progressed = False
         self._expire_push_orphans()
-        while self.ready_queue:
-            ready, extras = self.ready_queue[0]
-            if not self._try_admit(ready.req_id, ready.num_tokens):
-                break
+        # Each admission takes effect before the next is weighed (the headroom counts it).
+        for _ in scheduler.decode_admissions(self.ready_queue, self._admit_remote):
             self.ready_queue.popleft()
-            if isinstance(ready, m.KVReserve):
-                self.receiving[ready.req_id] = ready.src
-                blocks = self.kv.block_table(ready.req_id)
-                self.w.send(ready.src, m.KVDest(ready.req_id, self.w.name, blocks))
-            else:
-                self._pull(ready, extras)
             progressed = True
-        while self.local_queue:
-            req_id, token, index, max_new, extras, sampling = self.local_queue[0]
-            if not self._try_admit(req_id, self.kv.seq_len(req_id)):
-                break
+        for _ in scheduler.decode_admissions(self.local_queue, self._admit_local):
             self.local_queue.popleft()
-            self._run(req_id, token, index, max_new, extras, sampling)
             progressed = True
         if self.active:
             self._decode_step()
             progressed = True
         return progressed
+
+    def _admit_remote(self, item: tuple[m.KVReady | m.KVReserve, dict]) -> bool:
+        """Admits a sequence prefilled (or starting its prefill) in another worker: its KV is
+        pulled in, or its blocks go to the prefill worker to push into (``KVDest``)."""
+        ready, extras = item
+        if not self._try_admit(ready.req_id, ready.num_tokens):
+            return False
+        if isinstance(ready, m.KVReserve):
+            self.receiving[ready.req_id] = ready.src
+            blocks = self.kv.block_table(ready.req_id)
+            self.w.send(ready.src, m.KVDest(ready.req_id, self.w.name, blocks))
+        else:
+            self._pull(ready, extras)
+        return True
+
+    def _admit_local(self, item: tuple) -> bool:
+        """Admits a sequence prefilled in this worker (its KV is in this cache)."""
+        req_id, token, index, max_new, extras, sampling = item
+        if not self._try_admit(req_id, self.kv.seq_len(req_id)):
+            return False
+        self._run(req_id, token, index, max_new, extras, sampling)
+        return True
 
     def _pull(self, ready: m.KVReady, extras: dict[str, torch.Tensor]) -> None:
         """Copies an admitted sequence's KV blocks from its prefill worker's cache into the
@@ -270,7 +281,9 @@ class DecodeRole:
         """Makes room for ``seq``'s next token, preempting the newest running sequences while
         the cache is full; False when ``seq`` itself was preempted."""
         while self.kv.blocks_needed(seq.req_id, 1) > self.kv.num_free_blocks:
-            victim = max(self.active.values(), key=lambda s: s.order)
+            victim = self.active[
+                scheduler.preemption_victim({k: s.order for k, s in self.active.items()})
+            ]
             self._preempt(victim)
             if victim is seq:
                 return False
@@ -287,7 +300,7 @@ class DecodeRole:
 
     def _decode_step(self) -> None:
         start = time.perf_counter()
-        batch = list(self.active.values())[: self.w.config.decode_max_batch]
+        batch = scheduler.decode_batch(list(self.active.values()), self.w.config.decode_max_batch)
         try:
             # The new tokens' slots; a block when one crosses a boundary.
             batch = [seq for seq in batch if seq.req_id in self.active and self._grow(seq)]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from epdrt import scheduler
 from epdrt.errors import EpdrtError
 from epdrt.runtime import messages as m
 from epdrt.runtime.mm_claims import CLAIM_TRANSITIONS, Claim, ClaimEvent, advance
@@ -173,21 +174,19 @@ class EncodeRole:
                 if c.state is state:
                     todo.setdefault(c.key, c)
         cfg = self.w.config
+        order = list(todo.values())
+        n = scheduler.encode_batch(
+            (c.num_tokens for c in order), cfg.encode_max_batch_images, cfg.encode_max_batch_tokens
+        )
         batch: list[_Claim] = []
         taken = 0  # blocks the batch will take
-        tokens = 0  # image tokens the batch encodes
-        for c in todo.values():
-            if len(batch) == cfg.encode_max_batch_images:
-                break
-            if batch and tokens + c.num_tokens > cfg.encode_max_batch_tokens:
-                break
+        for c in order[:n]:
             need = self.mm.blocks_for(c.num_tokens)
             if c.state is Claim.WANTED or self.w.prefill is not None:
                 self._preempt(taken + need, c)
             if self.mm.num_free_blocks - taken < need:
                 break
             taken += need
-            tokens += c.num_tokens
             batch.append(c)
         if todo and not batch:
             self.w.count("encode_cache_waits")

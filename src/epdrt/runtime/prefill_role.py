@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from epdrt import scheduler
 from epdrt.cache.sizing import blocks_for
 from epdrt.device import wait_for_producer
 from epdrt.errors import InvalidArgument, PoolExhausted
@@ -195,23 +196,16 @@ class PrefillRole:
         self._expire_orphans()
         progressed = self._admit()
         progressed = self._poll_local_encoder() or progressed
-        # One flat forward of at most prefill_max_batch_tokens prompt tokens: the running
-        # prompts' next chunks first, then new ready requests; a prompt longer than what is
-        # left of the budget runs its first chunk now and the rest in later steps.
-        budget = self.w.config.prefill_max_batch_tokens
-        batch: list[tuple[_Request, int]] = []
-        for req in self.running.values():
-            if budget == 0:
-                break
-            take = min(req.remaining, budget)
-            batch.append((req, take))
-            budget -= take
-        for req in [r for r in self.admitted.values() if r.ready and self._has_dest(r)]:
-            if budget == 0 or not self._start(req):
-                break
-            take = min(req.remaining, budget)
-            batch.append((req, take))
-            budget -= take
+        # One flat forward of at most prefill_max_batch_tokens prompt tokens (the policy is
+        # epdrt.scheduler's, shared with the planner's simulator).
+        ready = [r for r in self.admitted.values() if r.ready and self._has_dest(r)]
+        chunks = scheduler.prefill_chunks(
+            ((r.msg.req_id, r.remaining) for r in self.running.values()),
+            ((r.msg.req_id, r.remaining) for r in ready),
+            self.w.config.prefill_max_batch_tokens,
+            lambda req_id: self._start(self.admitted[req_id]),
+        )
+        batch = [(self.running[req_id], take) for req_id, take in chunks]
         if batch:
             self._prefill(batch)
         return progressed or bool(batch)

@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 import torch
 
+from epdrt import scheduler
 from epdrt.cache import MMTokenCache, PagedKVCache, sizing
 from epdrt.device import producer_stream
 from epdrt.errors import TransferError
@@ -91,11 +92,11 @@ class Worker:
         self.encode = EncodeRole(self) if "encode" in roles else None
         self.decode = DecodeRole(self) if "decode" in roles else None
         self.prefill = PrefillRole(self) if "prefill" in roles else None
-        # Each loop iteration steps every role once, in pipeline order: a new request's images
-        # are encoded, then (MM tokens local) prefilled in the same iteration, before the next
-        # decode step of the running sequences; under load the stages take turns, as the
-        # planner's simulator models.
-        self.roles = [r for r in (self.encode, self.prefill, self.decode) if r is not None]
+        # Each loop iteration steps every role once, in pipeline order (scheduler.ROLE_ORDER,
+        # which the planner's simulator uses too): a new request's images are encoded, then
+        # (MM tokens local) prefilled in the same iteration, before the next decode step of
+        # the running sequences; under load the stages take turns.
+        self.roles = [r for r in (getattr(self, n) for n in scheduler.ROLE_ORDER) if r is not None]
 
     # ---- caches ----------------------------------------------------------------------------
     def _mm_cache(self, region: Region | None = None) -> MMTokenCache:
