@@ -9,6 +9,7 @@
 #include "epdrt/common.h"
 #include "epdrt/epdrt.h"
 #include "epdrt/region.h"
+#include "epdrt/transfer_engine.h"
 
 struct epdrt_block_pool {
   explicit epdrt_block_pool(int32_t num_blocks) : pool(num_blocks) {}
@@ -19,8 +20,34 @@ struct epdrt_region {
   std::shared_ptr<epdrt::Region> region;
 };
 
+struct epdrt_transfer_engine {
+  explicit epdrt_transfer_engine(int32_t num_threads) : engine(num_threads) {}
+  epdrt::TransferEngine engine;
+};
+
+struct epdrt_transfer {
+  std::shared_ptr<epdrt::Transfer> transfer;
+};
+
 static_assert(EPDRT_REGION_DESCRIPTOR_BYTES == epdrt::Region::kDescriptorBytes,
               "C header and core disagree on the descriptor size");
+
+// Every core status has its value in the C header.
+#define EPDRT_SAME_STATUS(c, core) \
+  static_assert(static_cast<int>(c) == static_cast<int>(epdrt::Status::core), #c)
+EPDRT_SAME_STATUS(EPDRT_OK, kOk);
+EPDRT_SAME_STATUS(EPDRT_ERR_INVALID_ARGUMENT, kInvalidArgument);
+EPDRT_SAME_STATUS(EPDRT_ERR_POOL_EXHAUSTED, kPoolExhausted);
+EPDRT_SAME_STATUS(EPDRT_ERR_CUDA_UNAVAILABLE, kCudaUnavailable);
+EPDRT_SAME_STATUS(EPDRT_ERR_SYSTEM, kSystemError);
+EPDRT_SAME_STATUS(EPDRT_ERR_INTERNAL, kInternal);
+EPDRT_SAME_STATUS(EPDRT_ERR_TRANSFER_FAILED, kTransferFailed);
+#undef EPDRT_SAME_STATUS
+static_assert(
+    static_cast<int>(EPDRT_TRANSFER_PENDING) == static_cast<int>(epdrt::TransferState::kPending) &&
+        static_cast<int>(EPDRT_TRANSFER_DONE) == static_cast<int>(epdrt::TransferState::kDone) &&
+        static_cast<int>(EPDRT_TRANSFER_FAILED) == static_cast<int>(epdrt::TransferState::kFailed),
+    "C header and core disagree on the transfer states");
 
 namespace {
 
@@ -58,6 +85,8 @@ EPDRT_COLD epdrt_status lookup_guarded(epdrt_block_pool* pool, const void* key, 
 extern "C" {
 
 const char* epdrt_version(void) { return EPDRT_VERSION; }
+
+int epdrt_api_version(void) { return EPDRT_API_VERSION; }
 
 int epdrt_cuda_compiled(void) { return epdrt::cuda_compiled() ? 1 : 0; }
 
@@ -155,10 +184,94 @@ epdrt_status epdrt_region_export(const epdrt_region* region, void* out) {
   });
 }
 
-void* epdrt_region_data(const epdrt_region* region) { return region->region->data(); }
+void* epdrt_region_data(const epdrt_region* region) {
+  return region != nullptr ? region->region->data() : nullptr;
+}
 
-uint64_t epdrt_region_nbytes(const epdrt_region* region) { return region->region->nbytes(); }
+uint64_t epdrt_region_nbytes(const epdrt_region* region) {
+  return region != nullptr ? region->region->nbytes() : 0;
+}
+
+epdrt_status epdrt_region_close(epdrt_region* region) {
+  return guarded([&] {
+    EPDRT_ASSERT(region != nullptr, "region must not be NULL");
+    region->region->close();
+  });
+}
 
 void epdrt_region_destroy(epdrt_region* region) { delete region; }
+
+epdrt_status epdrt_transfer_engine_create(int32_t num_threads, epdrt_transfer_engine** out) {
+  return guarded([&] {
+    EPDRT_ASSERT(out != nullptr, "out must not be NULL");
+    *out = new epdrt_transfer_engine(num_threads);
+  });
+}
+
+void epdrt_transfer_engine_destroy(epdrt_transfer_engine* engine) { delete engine; }
+
+int epdrt_transfer_engine_completion_fd(const epdrt_transfer_engine* engine) {
+  return engine != nullptr ? engine->engine.completion_fd() : -1;
+}
+
+epdrt_status epdrt_transfer_submit_blocks(epdrt_transfer_engine* engine, epdrt_region* src,
+                                          epdrt_region* dst, const int32_t* src_blocks,
+                                          const int32_t* dst_blocks, size_t n,
+                                          uint64_t block_nbytes, epdrt_transfer** out) {
+  return guarded([&] {
+    EPDRT_ASSERT(engine != nullptr && src != nullptr && dst != nullptr && out != nullptr &&
+                     (n == 0 || (src_blocks != nullptr && dst_blocks != nullptr)),
+                 "NULL argument");
+    EPDRT_ASSERT(block_nbytes > 0, "block_nbytes must be positive");
+    std::vector<uint64_t> offsets(2 * n);
+    for (size_t i = 0; i < n; ++i) {
+      EPDRT_ASSERT(src_blocks[i] >= 0 && dst_blocks[i] >= 0, "block ", i, " has a negative id");
+      offsets[i] = static_cast<uint64_t>(src_blocks[i]) * block_nbytes;
+      offsets[n + i] = static_cast<uint64_t>(dst_blocks[i]) * block_nbytes;
+    }
+    auto t = engine->engine.submit_blocks(src->region, dst->region, offsets.data(),
+                                          offsets.data() + n, nullptr, block_nbytes, n);
+    *out = new epdrt_transfer{std::move(t)};
+  });
+}
+
+epdrt_status epdrt_transfer_submit(epdrt_transfer_engine* engine, epdrt_region* src,
+                                   epdrt_region* dst, const uint64_t* src_offsets,
+                                   const uint64_t* dst_offsets, const uint64_t* sizes,
+                                   uint64_t uniform_nbytes, size_t n, epdrt_transfer** out) {
+  return guarded([&] {
+    EPDRT_ASSERT(engine != nullptr && src != nullptr && dst != nullptr && out != nullptr &&
+                     (n == 0 || (src_offsets != nullptr && dst_offsets != nullptr)),
+                 "NULL argument");
+    auto t = engine->engine.submit_blocks(src->region, dst->region, src_offsets, dst_offsets, sizes,
+                                          uniform_nbytes, n);
+    *out = new epdrt_transfer{std::move(t)};
+  });
+}
+
+epdrt_status epdrt_transfer_poll(epdrt_transfer* transfer, epdrt_transfer_state* out) {
+  return guarded([&] {
+    EPDRT_ASSERT(transfer != nullptr && out != nullptr, "NULL argument");
+    *out = static_cast<epdrt_transfer_state>(transfer->transfer->state());
+  });
+}
+
+epdrt_status epdrt_transfer_wait(epdrt_transfer* transfer, double timeout_s,
+                                 epdrt_transfer_state* out) {
+  return guarded([&] {
+    EPDRT_ASSERT(transfer != nullptr && out != nullptr, "NULL argument");
+    const epdrt::TransferState state = transfer->transfer->wait(timeout_s);
+    *out = static_cast<epdrt_transfer_state>(state);
+    if (state == epdrt::TransferState::kFailed) {
+      throw epdrt::TransferFailed(transfer->transfer->error());
+    }
+  });
+}
+
+uint64_t epdrt_transfer_nbytes(const epdrt_transfer* transfer) {
+  return transfer != nullptr ? transfer->transfer->nbytes() : 0;
+}
+
+void epdrt_transfer_destroy(epdrt_transfer* transfer) { delete transfer; }
 
 }  // extern "C"

@@ -1,9 +1,13 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Uses libepdrt through its C header only: block pool semantics and a CPU region round trip.
- * Exits non-zero, naming the failed check, on any mismatch. */
+/* Uses libepdrt through its C header only: block pool semantics, a CPU region round trip, and
+ * block transfers between regions (bytes checked end to end). Exits non-zero, naming the failed
+ * check, on any mismatch. */
 #include <epdrt/epdrt.h>
+#include <poll.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 static int failures = 0;
 
@@ -160,12 +164,104 @@ static void test_region(void) {
   }
 }
 
+enum { BLOCK = 4096, BLOCKS = 16 };
+
+/* FNV-1a of n bytes. */
+static uint64_t checksum(const unsigned char* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+static unsigned char* block_of(epdrt_region* r, int32_t id) {
+  return (unsigned char*)epdrt_region_data(r) + (size_t)id * BLOCK;
+}
+
+/* Blocks between a region and a peer's handle to another (opened from its descriptor, as
+ * another process would): scattered and adjacent ids, the completion fd, and every rejected
+ * submit leaving the destination untouched. */
+static void test_transfer(void) {
+  epdrt_transfer_engine* engine = NULL;
+  CHECK(epdrt_transfer_engine_create(2, &engine) == EPDRT_OK);
+  const int fd = epdrt_transfer_engine_completion_fd(engine);
+  CHECK(fd >= 0);
+  epdrt_region *src = NULL, *dst = NULL, *peer = NULL;
+  CHECK(epdrt_region_create(BLOCK * BLOCKS, EPDRT_DEVICE_CPU, 0, &src) == EPDRT_OK);
+  CHECK(epdrt_region_create(BLOCK * BLOCKS, EPDRT_DEVICE_CPU, 0, &dst) == EPDRT_OK);
+  unsigned char desc[EPDRT_REGION_DESCRIPTOR_BYTES];
+  CHECK(epdrt_region_export(dst, desc) == EPDRT_OK);
+  CHECK(epdrt_region_open(desc, sizeof(desc), &peer) == EPDRT_OK);
+  for (int i = 0; i < BLOCK * BLOCKS; ++i) block_of(src, 0)[i] = (unsigned char)(i * 7 + i / 251);
+  memset(epdrt_region_data(dst), 0, BLOCK * BLOCKS);
+
+  /* 3 -> 0, then the adjacent run 5, 6, 7 -> 9, 10, 11 (coalesced into one copy). */
+  const int32_t from[] = {3, 5, 6, 7}, to[] = {0, 9, 10, 11};
+  epdrt_transfer* t = NULL;
+  CHECK(epdrt_transfer_submit_blocks(engine, src, peer, from, to, 4, BLOCK, &t) == EPDRT_OK);
+  epdrt_transfer_state state = EPDRT_TRANSFER_PENDING;
+  CHECK(epdrt_transfer_wait(t, 10.0, &state) == EPDRT_OK && state == EPDRT_TRANSFER_DONE);
+  CHECK(epdrt_transfer_poll(t, &state) == EPDRT_OK && state == EPDRT_TRANSFER_DONE);
+  CHECK(epdrt_transfer_nbytes(t) == 4 * BLOCK);
+  epdrt_transfer_destroy(t);
+  for (int i = 0; i < 4; ++i) {
+    CHECK(checksum(block_of(dst, to[i]), BLOCK) == checksum(block_of(src, from[i]), BLOCK));
+  }
+  struct pollfd pfd = {fd, POLLIN, 0};
+  CHECK(poll(&pfd, 1, 1000) == 1 && (pfd.revents & POLLIN));
+  uint64_t ended = 0;
+  CHECK(read(fd, &ended, sizeof(ended)) == sizeof(ended) && ended >= 1);
+
+  /* Byte ranges of any size. */
+  const uint64_t so[] = {10, 5000}, dof[] = {BLOCK * 2 + 1, BLOCK * 3}, sizes[] = {100, 3000};
+  CHECK(epdrt_transfer_submit(engine, src, dst, so, dof, sizes, 0, 2, &t) == EPDRT_OK);
+  CHECK(epdrt_transfer_wait(t, 10.0, &state) == EPDRT_OK && state == EPDRT_TRANSFER_DONE);
+  epdrt_transfer_destroy(t);
+  CHECK(memcmp(block_of(dst, 2) + 1, block_of(src, 0) + 10, 100) == 0);
+  CHECK(memcmp(block_of(dst, 3), block_of(src, 0) + 5000, 3000) == 0);
+
+  /* Rejected, nothing copied: an id out of bounds, a negative one, overlapping destinations,
+   * a closed region, NULL handles. */
+  const uint64_t before = checksum(epdrt_region_data(dst), BLOCK * BLOCKS);
+  const int32_t out_of_bounds[] = {BLOCKS}, negative[] = {-1}, twice[] = {4, 4}, two[] = {1, 2};
+  t = NULL;
+  CHECK(epdrt_transfer_submit_blocks(engine, src, dst, two, out_of_bounds, 1, BLOCK, &t) ==
+        EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_transfer_submit_blocks(engine, src, dst, negative, two, 1, BLOCK, &t) ==
+        EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_transfer_submit_blocks(engine, src, dst, two, twice, 2, BLOCK, &t) ==
+        EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(epdrt_last_error(), "overlap") != NULL);
+  CHECK(epdrt_transfer_submit_blocks(NULL, src, dst, two, two, 1, BLOCK, &t) ==
+        EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_transfer_submit_blocks(engine, src, NULL, two, two, 1, BLOCK, &t) ==
+        EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_transfer_submit_blocks(engine, src, dst, two, two, 1, 0, &t) ==
+        EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_region_close(peer) == EPDRT_OK);
+  CHECK(epdrt_transfer_submit_blocks(engine, src, peer, two, two, 1, BLOCK, &t) ==
+        EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(t == NULL && checksum(epdrt_region_data(dst), BLOCK * BLOCKS) == before);
+  CHECK(epdrt_transfer_poll(NULL, &state) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_transfer_wait(NULL, 1.0, &state) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_region_close(NULL) == EPDRT_ERR_INVALID_ARGUMENT);
+  CHECK(epdrt_region_data(NULL) == NULL && epdrt_region_nbytes(NULL) == 0);
+  CHECK(epdrt_transfer_engine_completion_fd(NULL) == -1 && epdrt_transfer_nbytes(NULL) == 0);
+  epdrt_transfer_destroy(NULL);
+  epdrt_region_destroy(peer);
+  epdrt_region_destroy(dst);
+  epdrt_region_destroy(src);
+  epdrt_transfer_engine_destroy(engine);
+  epdrt_transfer_engine_destroy(NULL);
+}
+
 int main(void) {
   printf("epdrt %s (cuda compiled: %d)\n", epdrt_version(), epdrt_cuda_compiled());
   test_block_pool();
   test_lookup_many();
   test_lookup_sizes();
   test_region();
+  test_transfer();
+  CHECK(epdrt_api_version() == EPDRT_API_VERSION);
   if (failures) {
     fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
