@@ -18,7 +18,7 @@ $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e '.[test,triton,serve]'
+	$(PIP) install -q --no-build-isolation -e '.[test,triton,serve,nixl]'
 	touch $@
 
 demo: setup

@@ -243,6 +243,37 @@ def test_nixl_between_processes_on_loopback():
         roundtrip(peer, region)
 
 
+@pytest.mark.skipif(not nixl_available(), reason="needs the nixl package")
+def test_nixl_peer_killed_is_reported_in_bounded_time_and_a_wait_times_out():
+    """Over NIXL (UCX on this host): bytes checked by digest, a notice that never comes times
+    out, and a killed peer fails what is sent to it within seconds instead of hanging."""
+    listen = "tcp://127.0.0.1:*"
+    agent = TransferAgent(address=listen, timeout=TIMEOUT_S)
+    region = filled(NUM_BLOCKS * BLOCK, seed=5)
+    agent.register("buf", region, block_nbytes=BLOCK)
+    proc, peer = spawn(agent, region_bytes=NUM_BLOCKS * BLOCK, block_bytes=BLOCK,
+                       transport="nixl", listen=listen, timeout=TIMEOUT_S)  # fmt: skip
+    try:
+        assert peer.transport == "nixl"
+        roundtrip(peer, region)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="no result after 0.3 s"):
+            peer.recv("never-sent", timeout=0.3)
+        assert time.monotonic() - start < 5
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(TIMEOUT_S) == -signal.SIGKILL
+        start = time.monotonic()
+        with pytest.raises(TransferError):
+            peer.send_blocks("late", "buf", [0], "buf", [1]).wait(timeout=10)
+            peer.recv(None, timeout=10)
+        assert time.monotonic() - start < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT_S)
+        agent.close()
+
+
 def test_local_transport_is_refused_across_processes():
     agent = TransferAgent(timeout=TIMEOUT_S)
     agent.register("buf", Region.create(BLOCK), block_nbytes=BLOCK)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import math
 import os
 import secrets
@@ -77,10 +78,27 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+#: Where NIXL's Python API lives: the ``nixl`` package (which picks a backend wheel by the
+#: host's CUDA), or a backend wheel alone (``epdrt[nixl]`` installs ``nixl-cu12``, which runs
+#: on CPU-only hosts over UCX).
+NIXL_API_MODULES = ("nixl._api", "nixl_cu13._api", "nixl_cu12._api")
+
+
+def nixl_api():
+    """NIXL's Python API module (``nixl_agent``, ``nixl_agent_config``, ...)."""
+    missing = []
+    for name in NIXL_API_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            missing.append(f"{name}: {exc}")
+    raise ImportError("NIXL is not installed (pip install epdrt[nixl]): " + "; ".join(missing))
+
+
 def nixl_available() -> bool:
-    """True when the ``nixl`` package imports (the cross-node transport of choice)."""
+    """True when NIXL's Python API imports (the cross-node transport of choice)."""
     try:
-        import nixl  # noqa: F401
+        nixl_api()
     except Exception:
         return False
     return True

@@ -14,7 +14,7 @@ import queue
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -231,9 +231,10 @@ class NixlContext:
     """This agent's NIXL agent (UCX backend) with every registered region registered."""
 
     def __init__(self, agent: TransferAgent) -> None:
-        from nixl._api import nixl_agent, nixl_agent_config
+        from epdrt.transfer.agent import nixl_api
 
-        self.nixl = nixl_agent(agent.name, nixl_agent_config(backends=["UCX"]))
+        api = nixl_api()
+        self.nixl = api.nixl_agent(agent.name, api.nixl_agent_config(backends=["UCX"]))
         self._registered = []
         for local in agent._regions.values():
             r = local.region
@@ -319,28 +320,47 @@ class NixlBackend(Backend):
         dst_dev = as_device(dst.device).index
         local = np.stack([s, n, np.full_like(n, src_dev)], axis=1).astype(np.uint64)
         remote = np.stack([d, n, np.full_like(n, dst_dev)], axis=1).astype(np.uint64)
-        req = nx.initialize_xfer(
-            "WRITE",
-            nx.get_xfer_descs(local, _mem_type(str(src.device))),
-            nx.get_xfer_descs(remote, _mem_type(dst.device)),
-            self._remote_name,
-            m.encode(handle.notice),
-        )
-        if nx.transfer(req) == "ERR":
+        with self._errors("could not post a write"):
+            req = nx.initialize_xfer(
+                "WRITE",
+                nx.get_xfer_descs(local, _mem_type(str(src.device))),
+                nx.get_xfer_descs(remote, _mem_type(dst.device)),
+                self._remote_name,
+                m.encode(handle.notice),
+            )
+            posted = nx.transfer(req)
+        if posted == "ERR":
             nx.release_xfer_handle(req)
             raise TransferError(f"NIXL could not post a write to {self.peer.name}")
         self._pending.append((handle, req))
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """NIXL's own exceptions (a remote that disconnected, ...) as TransferError."""
+        try:
+            yield
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(
+                f"NIXL {what} to {self.peer.name}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def progress(self) -> None:
         nx = self.ctx.nixl
         still = []
         for handle, req in self._pending:
-            state = nx.check_xfer_state(req)
+            try:
+                state = nx.check_xfer_state(req)
+            except Exception as exc:  # e.g. the remote disconnected: this write failed
+                state = f"{type(exc).__name__}: {exc}"
             if state == "PROC":
                 still.append((handle, req))
                 continue
-            nx.release_xfer_handle(req)
-            handle._finish(None if state == "DONE" else f"NIXL write to {self.peer.name} failed")
+            with contextlib.suppress(Exception):
+                nx.release_xfer_handle(req)
+            error = f"NIXL write to {self.peer.name} failed ({state})"
+            handle._finish(None if state == "DONE" else error)
         self._pending = still
 
     def needs_polling(self) -> bool:
@@ -348,7 +368,8 @@ class NixlBackend(Backend):
 
     def send_plain(self, notice: m.Notice) -> None:
         # Through NIXL too, so that it stays behind the notifications of earlier writes.
-        self.ctx.nixl.send_notif(self._remote_name, m.encode(notice))
+        with self._errors("could not send a notice"):
+            self.ctx.nixl.send_notif(self._remote_name, m.encode(notice))
 
     def fail_all(self, reason: str) -> None:
         pending, self._pending = self._pending, []
