@@ -13,9 +13,9 @@
 #include <string>
 #include <utility>
 
+#include "cuda_util.h"
 #include "epdrt/block_copy.h"
 #include "epdrt/common.h"
-#include "cuda_util.h"
 
 #ifdef EPDRT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -284,7 +284,8 @@ void Transfer::fail(const std::string& msg) {
 
 // ---- TransferEngine ------------------------------------------------------------------------
 
-TransferEngine::TransferEngine(int num_threads) {
+TransferEngine::TransferEngine(int num_threads, uint64_t inline_bytes)
+    : inline_bytes_(inline_bytes) {
   completion_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (completion_fd_ < 0) {
     throw SystemError(detail::concat("eventfd failed: ", std::strerror(errno)));
@@ -385,6 +386,11 @@ std::shared_ptr<Transfer> TransferEngine::start(std::shared_ptr<Transfer> t, uin
 }
 
 void TransferEngine::start_cpu(const std::shared_ptr<Transfer>& t) {
+  if (t->nbytes_ <= inline_bytes_) {
+    t->chunks_left_.store(1, std::memory_order_relaxed);
+    copy_chunk(*t, 0, t->runs_.size());
+    return;
+  }
   const uint64_t by_size = (t->nbytes_ + kMinChunkBytes - 1) / kMinChunkBytes;
   const size_t parts =
       static_cast<size_t>(std::clamp<uint64_t>(by_size, 1, static_cast<uint64_t>(workers_.size())));
@@ -412,14 +418,17 @@ void TransferEngine::worker_loop() {
       chunk = std::move(queue_.front());
       queue_.pop_front();
     }
-    Transfer& t = *chunk.transfer;
-    try {
-      block_copy_host(t.runs_.data() + chunk.begin, chunk.end - chunk.begin, 1);
-    } catch (const std::exception& e) {
-      t.fail(detail::concat("host copy failed: ", e.what()));
-    }
-    t.finish_chunk();
+    copy_chunk(*chunk.transfer, chunk.begin, chunk.end);
   }
+}
+
+void TransferEngine::copy_chunk(Transfer& t, size_t begin, size_t end) {
+  try {
+    block_copy_host(t.runs_.data() + begin, end - begin, 1);
+  } catch (const std::exception& e) {
+    t.fail(detail::concat("host copy failed: ", e.what()));
+  }
+  t.finish_chunk();
 }
 
 #ifdef EPDRT_WITH_CUDA

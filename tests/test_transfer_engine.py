@@ -38,9 +38,24 @@ def blocks(region: Region, block_nbytes: int) -> torch.Tensor:
     return region.tensor(torch.uint8, (region.nbytes // block_nbytes, block_nbytes))
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return TransferEngine(num_threads=2)
+@pytest.fixture(scope="module", params=[0, None, 1 << 40], ids=["workers", "default", "inline"])
+def engine(request):
+    """Every CPU transfer on the worker threads, the default split (up to 256 KiB on the
+    submitting thread), and every transfer on the submitting thread."""
+    return TransferEngine(num_threads=2, inline_bytes=request.param)
+
+
+@pytest.mark.parametrize("nbytes", [1, 4096, 256 << 10])
+def test_a_small_transfer_is_copied_by_submit_itself(nbytes):
+    engine = TransferEngine(num_threads=1)
+    assert engine.inline_bytes == 256 << 10
+    src, dst = filled_region(nbytes), Region.create(nbytes)
+    poller = select.poll()
+    poller.register(engine.completion_fd, select.POLLIN)
+    t = engine.submit([(src, 0, dst, 0, nbytes)])
+    assert t.state == "done"  # before any wait: no worker took part
+    assert poller.poll(0), "the completion fd was not signalled"
+    assert torch.equal(dst.tensor(torch.uint8, (nbytes,)), src.tensor(torch.uint8, (nbytes,)))
 
 
 @pytest.mark.parametrize(("num_blocks", "block_nbytes"), GRID)

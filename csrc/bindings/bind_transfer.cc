@@ -147,7 +147,9 @@ One submitted batch of copies (see TransferEngine.submit). Thread-safe.
 Executes batches of region-to-region copies asynchronously (CPU worker threads, or one CUDA
 stream per peer). See epdrt.TransferEngine for the documented Python API.
 )doc")
-      .def(py::init<int>(), py::arg("num_threads") = 0)
+      .def(py::init<int, uint64_t>(), py::arg("num_threads") = 0,
+           py::arg("inline_bytes") = TransferEngine::kInlineBytes)
+      .def_property_readonly("inline_bytes", &TransferEngine::inline_bytes)
       .def(
           "submit",
           [](TransferEngine& e, py::handle ops, uint64_t peer,

@@ -94,8 +94,8 @@ class Transfer {
   bool on_cuda_ = false;
   int32_t src_device_ = 0;  // CUDA: the device mapping every source (Region::opened_on)
   int32_t dst_device_ = 0;  // CUDA: the device mapping every destination; the copies run there
-  int notify_fd_ = -1;     // the engine's completion eventfd, signalled when this transfer ends
-  void* event_ = nullptr;  // cudaEvent_t recorded after the copies (CUDA only)
+  int notify_fd_ = -1;      // the engine's completion eventfd, signalled when this transfer ends
+  void* event_ = nullptr;   // cudaEvent_t recorded after the copies (CUDA only)
   void* pinned_ops_ = nullptr;  // pinned copy of runs_ uploaded for the block-copy kernel
   size_t pinned_bytes_ = 0;     // capacity of pinned_ops_
 };
@@ -105,8 +105,10 @@ class Transfer {
 // and CUDA regions, reads from or writes to more than one CUDA device (one transfer per device
 // pair), or when destination ranges overlap each other or a source range.
 //
-// CPU: adjacent ops are coalesced into runs, which are split into chunks of about the same size
-// and copied by num_threads worker threads; submit() only enqueues. CUDA: one stream per peer key
+// CPU: adjacent ops are coalesced into runs. A transfer of at most inline_bytes is copied by
+// submit() itself, on the calling thread (a hand-off to a worker costs more than such a copy);
+// a larger one is split into chunks of about the same size, copied by num_threads worker
+// threads, and submit() only enqueues. CUDA: one stream per peer key
 // on the destination's device; by the CopyPath of the device pair, a batch becomes a few
 // cudaMemcpyAsync calls or one batched launch when it has many runs (same device, or peer
 // access), or one cudaMemcpyPeerAsync per run (no peer access); then an event completes it.
@@ -114,8 +116,9 @@ class Transfer {
 // transfers of the same peer run in order.
 class TransferEngine {
  public:
-  // num_threads <= 0 picks min(4, hardware threads).
-  explicit TransferEngine(int num_threads = 0);
+  // num_threads <= 0 picks min(4, hardware threads). inline_bytes: CPU transfers up to this size
+  // are copied on the submitting thread (0: none).
+  explicit TransferEngine(int num_threads = 0, uint64_t inline_bytes = kInlineBytes);
   // Finishes every queued copy, then stops the workers and destroys the CUDA streams.
   ~TransferEngine();
   TransferEngine(const TransferEngine&) = delete;
@@ -143,12 +146,17 @@ class TransferEngine {
                                           std::optional<void*> after_stream = std::nullopt);
 
   int num_threads() const noexcept { return static_cast<int>(workers_.size()); }
+  uint64_t inline_bytes() const noexcept { return inline_bytes_; }
   // An eventfd (non-blocking) that is incremented each time one of this engine's transfers
   // finishes: poll it to wait for many transfers at once. Owned by the engine.
   int completion_fd() const noexcept { return completion_fd_; }
 
   // Smallest piece a CPU transfer is split into for parallel copying.
   static constexpr uint64_t kMinChunkBytes = 256 << 10;
+  // Default inline_bytes, one chunk: up to it, waking a worker costs more than the copy (a
+  // 2-core VM, submit to wait: 4 KiB 67 -> 3 us, 64 KiB 48 -> 7 us, 256 KiB 64 -> 14 us
+  // inline; docs/architecture.md).
+  static constexpr uint64_t kInlineBytes = 256 << 10;
   // A CUDA transfer with more runs than this uses one batched launch.
   static constexpr size_t kMaxSingleCopies = 4;
 
@@ -162,11 +170,14 @@ class TransferEngine {
   std::shared_ptr<Transfer> start(std::shared_ptr<Transfer> t, uint64_t peer,
                                   std::optional<void*> after_stream);
   void start_cpu(const std::shared_ptr<Transfer>& t);
+  // Copies runs [begin, end) of t on this thread and counts the chunk finished.
+  static void copy_chunk(Transfer& t, size_t begin, size_t end);
   void start_cuda(const std::shared_ptr<Transfer>& t, uint64_t peer,
                   std::optional<void*> after_stream);
   void worker_loop();
 
   int completion_fd_ = -1;
+  uint64_t inline_bytes_ = kInlineBytes;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Chunk> queue_;

@@ -99,7 +99,8 @@ class Transfer:
 class TransferEngine:
     """Runs copies between regions asynchronously; ``submit`` never waits for them.
 
-    CPU regions are copied by ``num_threads`` worker threads (0: min(4, CPU count)); CUDA
+    CPU regions are copied by ``num_threads`` worker threads (0: min(4, CPU count)), or by
+    ``submit`` itself up to ``inline_bytes``; CUDA
     regions on one stream per peer (few runs: ``cudaMemcpyAsync``; many: one block-copy kernel
     launch), completion tracked by an event. Adjacent ops (continuing each other in source and
     destination) are coalesced into one copy.
@@ -114,12 +115,22 @@ class TransferEngine:
     whenever the source may still be being written by queued GPU work.
     """
 
-    def __init__(self, num_threads: int = 0) -> None:
-        self._engine = _core.TransferEngine(num_threads)
+    def __init__(self, num_threads: int = 0, inline_bytes: int | None = None) -> None:
+        """``inline_bytes``: CPU transfers up to this many bytes are copied by ``submit`` on the
+        calling thread (a worker's wake-up costs more than such a copy); None: the core's
+        default (256 KiB), 0: never."""
+        if inline_bytes is None:
+            self._engine = _core.TransferEngine(num_threads)
+        else:
+            self._engine = _core.TransferEngine(num_threads, inline_bytes)
 
     @property
     def num_threads(self) -> int:
         return self._engine.num_threads
+
+    @property
+    def inline_bytes(self) -> int:
+        return self._engine.inline_bytes
 
     @property
     def completion_fd(self) -> int:
