@@ -93,10 +93,14 @@ std::vector<CopyOp> plan(std::vector<PlannedOp>& ops, bool* on_cuda, int32_t* sr
   *on_cuda = type == DeviceType::kCuda;
   *src_index = src_device.index;
   *dst_index = dst_device.index;
-  std::sort(ops.begin(), ops.end(), [](const PlannedOp& a, const PlannedOp& b) {
+  const auto by_destination = [](const PlannedOp& a, const PlannedOp& b) {
     const uint64_t ia = a.dst->id(), ib = b.dst->id();
     return ia != ib ? ia < ib : a.dst_offset < b.dst_offset;
-  });
+  };
+  // Block tables mostly come in order: then the sort is one pass.
+  if (!std::is_sorted(ops.begin(), ops.end(), by_destination)) {
+    std::sort(ops.begin(), ops.end(), by_destination);
+  }
   for (size_t i = 1; i < ops.size(); ++i) {
     const PlannedOp& a = ops[i - 1];
     const PlannedOp& b = ops[i];
@@ -105,8 +109,15 @@ std::vector<CopyOp> plan(std::vector<PlannedOp>& ops, bool* on_cuda, int32_t* sr
                  " write overlapping destination bytes (from offset ", b.dst_offset, ")");
   }
   // A source range that meets a destination range would make the result depend on copy order.
+  // Only a source region that is also written can: usually the transfer has one destination
+  // region and reads another, and nothing is searched.
+  std::vector<uint64_t> written;
+  for (const PlannedOp& op : ops) {
+    if (written.empty() || written.back() != op.dst->id()) written.push_back(op.dst->id());
+  }
   for (const PlannedOp& op : ops) {
     const uint64_t id = op.src->id();
+    if (std::find(written.begin(), written.end(), id) == written.end()) continue;
     const uint64_t end = op.src_offset + op.nbytes;
     // The last destination range of this region starting before `end` is the only candidate:
     // destination ranges are sorted and disjoint.
