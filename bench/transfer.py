@@ -10,7 +10,8 @@ a receiver process (``epdrt.transfer.scripted_peer``), which timestamps the noti
 - Bandwidth (GB/s, 1e9 bytes/s): ``transfers * payload / (last notice - first submit)`` while
   up to ``--window`` transfers are in flight (submitted, bytes not yet landed).
 - Latency (us): one transfer alone, from its submit here to its notice at the receiver (the
-  bytes are visible there). Both processes read CLOCK_MONOTONIC, which one host shares.
+  bytes are visible there): median, average and p99. Both processes read CLOCK_MONOTONIC,
+  which one host shares. Post time: how long the submit call itself takes (nixlbench's).
 
 The limit is a plain copy of the payload's bytes inside this process, between two
 preallocated, pre-touched buffers, sampled before the transfer runs of every case (the same
@@ -315,7 +316,10 @@ class Result:
     payload: int
     block: int
     bandwidth: float
-    latency: float
+    latency: float  # median
+    latency_avg: float
+    latency_p99: float
+    post: float  # median seconds the sender's submit call takes (returns before the copy ends)
     transfers: int  # per bandwidth run
     latency_reps: int
     runs: int  # contiguous copies after merging adjacent blocks
@@ -387,15 +391,20 @@ class Sender:
             handle.wait()
         return (self._done_ns() - start) / 1e9
 
-    def latency(self, so: np.ndarray, do: np.ndarray, block: int, reps: int) -> list[float]:
-        """Seconds from submit here to notice there of one transfer alone, ``reps`` times."""
+    def latency(
+        self, so: np.ndarray, do: np.ndarray, block: int, reps: int
+    ) -> tuple[list[float], list[float]]:
+        """Seconds from submit here to notice there of one transfer alone, and seconds the
+        submit call took (posting its descriptors), ``reps`` times each."""
         self._cmd(Command(op="plan", count=1))
-        out = []
+        total, post = [], []
         for _ in range(reps):
             start = time.monotonic_ns()
-            self._write(so, do, block).wait()
-            out.append((self._done_ns() - start) / 1e9)
-        return out
+            handle = self._write(so, do, block)
+            post.append((time.monotonic_ns() - start) / 1e9)
+            handle.wait()
+            total.append((self._done_ns() - start) / 1e9)
+        return total, post
 
 
 def _offsets(payload: int, block: int, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -429,8 +438,10 @@ def _run_case(sender: Sender, payload: int, block: int, limit: CopyLimit,
     guess = payload / bandwidth + 1e-4
     reps = max(3, min(args.latency_reps, int(LATENCY_BUDGET_S / guess)))
     sender.latency(so, do, block, 2)  # warm-up
-    latency = statistics.median(sender.latency(so, do, block, reps))
-    return Result(sender.transport, payload, block, bandwidth, latency, count, reps,
+    lat, post = sender.latency(so, do, block, reps)
+    p99 = float(np.percentile(lat, 99))
+    return Result(sender.transport, payload, block, bandwidth, statistics.median(lat),
+                  statistics.fmean(lat), p99, statistics.median(post), count, reps,
                   _num_runs(so, do, block), os.getloadavg()[0])  # fmt: skip
 
 
@@ -443,7 +454,9 @@ def _records(res: Result, limit: CopyLimit, args: argparse.Namespace,
         "num_blocks": res.payload // res.block, "num_runs": res.runs, "window": args.window,
         "transfers_per_run": res.transfers, "reps": args.reps, "latency_reps": res.latency_reps,
         "engine_threads": engine_threads, "seconds_per_transfer": res.payload / res.bandwidth,
-        "latency_seconds": res.latency, "copy_seconds": res.copy_seconds,
+        "latency_seconds": res.latency, "latency_avg_seconds": res.latency_avg,
+        "latency_p99_seconds": res.latency_p99, "post_seconds": res.post,
+        "copy_seconds": res.copy_seconds,
         "timing": "monotonic_ns from submit here to the notice at the receiver, median",
         "baseline_method": limit.method(res.payload), "baseline_timing": limit.timing,
         "baseline_samples": limit.num_samples(res.payload), "verified": True,
@@ -461,7 +474,7 @@ def _records(res: Result, limit: CopyLimit, args: argparse.Namespace,
 
 def _table(results: list[Result]) -> str:
     head = ("transport", "payload", "block", "blocks", "runs", "GB/s", "copy GB/s", "%copy",
-            "latency us", "copy us")  # fmt: skip
+            "lat p50 us", "avg us", "p99 us", "post us", "copy us")  # fmt: skip
     lines = [head]
     for r in results:
         copy_bw = r.payload / r.copy_seconds
@@ -469,6 +482,7 @@ def _table(results: list[Result]) -> str:
             r.transport, _fmt(r.payload), _fmt(r.block), str(r.payload // r.block), str(r.runs),
             f"{r.bandwidth / 1e9:.2f}", f"{copy_bw / 1e9:.2f}",
             f"{100 * r.bandwidth / copy_bw:.0f}%", f"{r.latency * 1e6:.1f}",
+            f"{r.latency_avg * 1e6:.1f}", f"{r.latency_p99 * 1e6:.1f}", f"{r.post * 1e6:.1f}",
             f"{r.copy_seconds * 1e6:.1f}",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]

@@ -47,6 +47,10 @@ def test_tiny_cpu_sweep_writes_records_table_and_plot(tmp_path, capsys):
             expected = r.baseline_value / r.value
             assert r.case.endswith(" latency")
             assert r.value == pytest.approx(r.extra["latency_seconds"] * 1e6)
+        # nixlbench's columns: average and p99 latency, and the time to post a transfer.
+        e = r.extra
+        assert e["latency_p99_seconds"] >= e["latency_seconds"] > 0
+        assert e["latency_avg_seconds"] > 0 and 0 < e["post_seconds"] < e["latency_p99_seconds"]
         assert r.ratio == pytest.approx(expected, rel=1e-9)
     # Both records of a case share one limit, and one payload has one limit.
     limits = {}
