@@ -94,6 +94,7 @@ if [ "$REHEARSAL" = 1 ]; then
   # The GPU host's packages (docs/gpu.md) in a fresh venv; torch is this host's CPU build.
   VENV=${EPDRT_REHEARSAL_VENV:-$WORK/../rehearsal-venv}
   WHEELS=$WORK/../rehearsal-wheels
+  DEADLINE=$((START + 1200)) # making the stand-in host is not the phase's time
   if [ ! -x "$VENV/bin/python3" ]; then
     step rehearsal-venv 300 bash -c "python3 -m venv '$VENV' && '$VENV/bin/pip' install -q \
       torch==2.13.0 && '$VENV/bin/pip' install -q transformers==5.17.0 triton numpy pillow \

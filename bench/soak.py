@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -217,8 +218,13 @@ def run(args: argparse.Namespace) -> list[Record]:
         tmp.cleanup()
     counts = Counter(f"{kind}/{outcome}" for kind, outcome, _ in outcomes)
     unexpected = [(kind, detail) for kind, outcome, detail in outcomes if outcome == "unexpected"]
+    # The reasons given, digits dropped so that one cause counts once ("req-17" -> "req-").
+    reasons = Counter(
+        re.sub(r"\d+", "", detail)[:160] for _, outcome, detail in outcomes if outcome == "failed"
+    )
     answered = len(outcomes) - len(unexpected)
     extra = {"outcomes": dict(counts), "unexpected": unexpected[:20], "killed": killed,
+             "failure_reasons": dict(reasons.most_common(8)),
              "restarts": restarts, "blocks_in_use": in_use, "shm_left": shm_after,
              "wall_s": wall, "requests": len(outcomes), "mode": args.mode}  # fmt: skip
     case = f"{len(outcomes)} req, {args.bad_images:.0%} bad, {args.disconnects:.0%} gone" + (
