@@ -197,8 +197,9 @@ else
       --json "$WORK/bench-decode-llava-$SIZE.jsonl"
   fi
   # One GPU: every worker of a deployment shares it (the records say so: workers_share_devices).
+  # epd's KV hand-off layer by layer against pulled after the prefill, as a fourth run.
   step e2e-llava 200 "${BENCH[@]}" e2e --model "$MODELS/llava" --requests 24 --rate 2 \
-    --request-timeout 60 --json "$WORK/bench-e2e-llava-$SIZE.jsonl"
+    --kv-handoff layerwise,pull --request-timeout 60 --json "$WORK/bench-e2e-llava-$SIZE.jsonl"
   # The planner's simulator against real runs: with one GPU only the aggregated deployment
   # (its stages take turns on the GPU, as the simulator models); all three with 3 GPUs or more.
   DEPLOY="aggregated:0:1:0"
