@@ -398,10 +398,12 @@ std::shared_ptr<Transfer> TransferEngine::start(std::shared_ptr<Transfer> t, uin
 
 void TransferEngine::start_cpu(const std::shared_ptr<Transfer>& t) {
   if (t->nbytes_ <= inline_bytes_) {
+    t->path_ = "host-inline";
     t->chunks_left_.store(1, std::memory_order_relaxed);
     copy_chunk(*t, 0, t->runs_.size());
     return;
   }
+  t->path_ = "host-threads";
   const uint64_t by_size = (t->nbytes_ + kMinChunkBytes - 1) / kMinChunkBytes;
   const size_t parts =
       static_cast<size_t>(std::clamp<uint64_t>(by_size, 1, static_cast<uint64_t>(workers_.size())));
@@ -523,6 +525,9 @@ void TransferEngine::start_cuda(const std::shared_ptr<Transfer>& t, uint64_t pee
   DeviceGuard guard(t->dst_device_);
   reap_cuda();
   const CopyPath path = resolve_copy_path(t->src_device_, t->dst_device_);
+  t->path_ = path == CopyPath::kSameDevice   ? "cuda-same-device"
+             : path == CopyPath::kPeerAccess ? "cuda-peer-access"
+                                             : "cuda-peer-memcpy";
   // One stream per (peer, device): a peer's transfers run in order, peers overlap.
   const uint64_t key = peer * 31 + static_cast<uint64_t>(t->dst_device_);
   auto it = streams_.find(key);

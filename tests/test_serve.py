@@ -242,6 +242,8 @@ def test_metrics_report_requests_latencies_workers_queues_and_links(client):
     mm = _gauge(text, 'epdrt_link_bytes_total{dst="p0",src="e0",what="mm"}')
     kv = _gauge(text, 'epdrt_link_bytes_total{dst="d0",src="p0",what="kv"}')
     assert mm > 0 and kv > 0
+    # ... and how they moved: small copies by the submitting thread on this CPU host.
+    assert _gauge(text, 'epdrt_link_copies_total{dst="d0",path="host-inline",src="p0",what="kv"}')
 
 
 def _worker_pids(model_dir: str) -> list[int]:

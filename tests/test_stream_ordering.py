@@ -64,7 +64,7 @@ class RecordingEngine:
 
     def submit_blocks(self, src, dst, src_offsets, dst_offsets, nbytes, **kwargs):
         self.calls.append(dict(src_offsets=src_offsets, dst_offsets=dst_offsets, **kwargs))
-        return SimpleNamespace(done=lambda: False)
+        return SimpleNamespace(done=lambda: False, path="host-threads")
 
 
 @pytest.mark.parametrize("dev", ["cpu", "cuda:0"])
@@ -77,7 +77,7 @@ def test_copy_blocks_waits_for_the_producer_stream(dev, fake_cuda_stream):
     assert np.array_equal(call["src_offsets"], [768, 256])
     assert np.array_equal(call["dst_offsets"], [0, 1792])
     assert len(w.outbox) == 1
-    assert w.counters == {"link_bytes/kv/p0/d0": 512.0}
+    assert w.counters == {"link_bytes/kv/p0/d0": 512.0, "link_copies/kv/p0/d0/host-threads": 1}
 
 
 def test_prefill_finishes_its_staging_writes_before_telling_decoders(monkeypatch):

@@ -53,7 +53,7 @@ def test_a_small_transfer_is_copied_by_submit_itself(nbytes):
     poller = select.poll()
     poller.register(engine.completion_fd, select.POLLIN)
     t = engine.submit([(src, 0, dst, 0, nbytes)])
-    assert t.state == "done"  # before any wait: no worker took part
+    assert t.state == "done" and t.path == "host-inline"  # before any wait: no worker took part
     assert poller.poll(0), "the completion fd was not signalled"
     assert torch.equal(dst.tensor(torch.uint8, (nbytes,)), src.tensor(torch.uint8, (nbytes,)))
 
@@ -223,6 +223,16 @@ def test_copy_path_between_cuda_devices(src, dst, can_access_peer, path):
     assert _core.choose_copy_path(src, dst, can_access_peer) == path
 
 
+def test_the_path_a_transfer_took_is_recorded():
+    engine = TransferEngine(num_threads=2, inline_bytes=4096)
+    src, dst = filled_region(1 << 20), Region.create(1 << 20)
+    assert engine.submit([(src, 0, dst, 0, 4096)]).path == "host-inline"
+    big = engine.submit([(src, 0, dst, 0, 1 << 20)])
+    assert big.path == "host-threads"
+    big.wait(TIMEOUT_S)
+    assert engine.submit([]).path == "none"
+
+
 def test_empty_batches_complete_at_once(engine):
     src, dst = Region.create(64), Region.create(64)
     for t in (engine.submit([]), engine.submit([(src, 0, dst, 0, 0)])):
@@ -314,6 +324,7 @@ def test_cuda_copies_are_exact(num_blocks, block_nbytes):
     dst_ids = torch.randperm(total, generator=gen)[:num_blocks]
     t = engine.submit_blocks(src, dst, src_ids * block_nbytes, dst_ids * block_nbytes, block_nbytes)
     t.wait(TIMEOUT_S)
+    assert t.path == "cuda-same-device"
     got = dst.tensor(torch.uint8, (total, block_nbytes)).cpu()
     assert torch.equal(got[dst_ids], data[src_ids])
     assert t.num_runs <= num_blocks

@@ -140,6 +140,7 @@ One submitted batch of copies (see TransferEngine.submit). Thread-safe.
       .def_property_readonly("num_ops", &Transfer::num_ops)
       .def_property_readonly("num_runs", &Transfer::num_runs)
       .def_property_readonly("on_cuda", &Transfer::on_cuda)
+      .def_property_readonly("path", [](const Transfer& t) { return std::string(t.path()); })
       .def("release", &Transfer::release,
            "Drops the region references of a finished transfer (no-op while pending).");
 

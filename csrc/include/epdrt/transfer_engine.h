@@ -73,6 +73,10 @@ class Transfer {
   // Contiguous runs after coalescing adjacent ops (what is actually copied).
   size_t num_runs() const noexcept { return runs_.size(); }
   bool on_cuda() const noexcept { return on_cuda_; }
+  // How the bytes move: "none" (nothing to copy), "host-inline" (copied by submit),
+  // "host-threads", "cuda-same-device", "cuda-peer-access" or "cuda-peer-memcpy" (no peer
+  // access between the devices: the driver stages the bytes through the host, the slow path).
+  const char* path() const noexcept { return path_; }
   // Drops the references to the regions once the transfer has finished; a no-op before that.
   void release();
 
@@ -92,6 +96,7 @@ class Transfer {
   uint64_t nbytes_ = 0;
   size_t num_ops_ = 0;
   bool on_cuda_ = false;
+  const char* path_ = "none";
   int32_t src_device_ = 0;  // CUDA: the device mapping every source (Region::opened_on)
   int32_t dst_device_ = 0;  // CUDA: the device mapping every destination; the copies run there
   int notify_fd_ = -1;      // the engine's completion eventfd, signalled when this transfer ends

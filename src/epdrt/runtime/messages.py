@@ -243,6 +243,9 @@ class Abort(Msg):
 #: Prefix of the ``Stats`` counters of bytes copied per link, counted by the worker that
 #: copies: ``link_bytes/<kv|mm>/<source worker>/<destination worker>``.
 LINK_BYTES = "link_bytes/"
+#: ... and of the copies per link and path (``Transfer.path``: how the bytes moved):
+#: ``link_copies/<kv|mm>/<source worker>/<destination worker>/<path>``.
+LINK_COPIES = "link_copies/"
 
 
 class Stats(Msg):

@@ -48,6 +48,8 @@ MAX_MESSAGES_PER_STEP = 256
 # hundreds of milliseconds on a CPU host). A slower copy is not waited for again; an idle
 # worker wakes as soon as any copy ends (the engine's completion fd is on its poll).
 COPY_WAIT_S = 0.005
+#: ``Transfer.path`` of a copy between GPUs without peer access: loud, once per link.
+SLOW_COPY_PATH = "cuda-peer-memcpy"
 
 
 @dataclass(slots=True)
@@ -84,6 +86,7 @@ class Worker:
         self.engine = TransferEngine(num_threads=self.config.cpu_threads)
         self.channel.watch(self.engine.completion_fd)
         self.outbox: list[PendingCopy] = []
+        self._slow_links: set[tuple[str, str]] = set()  # (source, destination) warned about
         self.peer_mm: dict[str, MMTokenCache] = {}
         self.peer_kv: dict[str, PagedKVCache] = {}
         self._mm_descs: dict[str, bytes] = {}
@@ -160,6 +163,13 @@ class Worker:
         )
         self.outbox.append(PendingCopy(transfer, then))
         self.count(m.LINK_BYTES + "/".join(link), len(src_blocks) * nbytes)
+        path = transfer.path
+        self.count(m.LINK_COPIES + "/".join((*link, path)))
+        if path == SLOW_COPY_PATH and link[1:] not in self._slow_links:
+            self._slow_links.add(link[1:])
+            print(f"{self.name}: WARNING: copies {link[1]} -> {link[2]} are staged through the"
+                  " host (no peer access between their GPUs): a fraction of the link's"
+                  " bandwidth", file=sys.stderr)  # fmt: skip
 
     def finish_copies(self, wait_s: float) -> None:
         """Waits up to ``wait_s`` seconds for the copies in flight and runs the callbacks of

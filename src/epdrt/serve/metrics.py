@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from epdrt.runtime.messages import LINK_BYTES
+from epdrt.runtime.messages import LINK_BYTES, LINK_COPIES
 from epdrt.runtime.request import RequestResult
 
 #: Latency buckets (seconds): from a fast decode step to a long request.
@@ -138,6 +138,11 @@ class _ClusterCollector(Collector):
             "epdrt_link_bytes", "bytes copied between two workers' caches (kv or mm), counted "
             "by the worker that copies", labels=["what", "src", "dst"],
         )  # fmt: skip
+        copies = CounterMetricFamily(
+            "epdrt_link_copies", "copies between two workers' caches, by how the bytes moved "
+            "(host-inline, host-threads, cuda-same-device, cuda-peer-access, cuda-peer-memcpy: "
+            "staged through the host)", labels=["what", "src", "dst", "path"],
+        )  # fmt: skip
         for name, counters in live.items():
             lookups = counters.get("mm_hits", 0.0) + counters.get("mm_misses", 0.0)
             if lookups:
@@ -145,5 +150,8 @@ class _ClusterCollector(Collector):
             for key, value in counters.items():
                 if key.startswith(LINK_BYTES):
                     links.add_metric(key[len(LINK_BYTES) :].split("/"), value)
+                elif key.startswith(LINK_COPIES):
+                    copies.add_metric(key[len(LINK_COPIES) :].split("/"), value)
         yield hit_rate
         yield links
+        yield copies

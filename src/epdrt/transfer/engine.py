@@ -89,6 +89,13 @@ class Transfer:
         """Contiguous copies after coalescing adjacent ops."""
         return self._handle.num_runs
 
+    @property
+    def path(self) -> str:
+        """How the bytes move: "none", "host-inline" (copied by ``submit``), "host-threads",
+        "cuda-same-device", "cuda-peer-access" or "cuda-peer-memcpy" (no peer access: staged
+        through the host, the slow path)."""
+        return self._handle.path
+
     def __repr__(self) -> str:
         return (
             f"Transfer({self.state}, nbytes={self.nbytes}, ops={self.num_ops},"
