@@ -220,18 +220,14 @@ class DecodeRole:
 
     def _push_ended(self, msg: m.KVPushEnded) -> None:
         """The prefill worker writes no more into a sequence's blocks, and it will not come:
-        they are freed (and the request failed, when the push failed)."""
+        they are freed. The cluster knows why already (it aborted the request, the prefill
+        worker reported the failure, or the sequence ended at its first token), so nothing is
+        reported from here: a second report would race the first."""
         req_id = msg.req_id
-        if self.push_orphans.pop(req_id, None) is not None:
-            self.kv.free(req_id)
+        if self.push_orphans.pop(req_id, None) is None and self.receiving.pop(req_id, None) is None:
             return
-        src = self.receiving.pop(req_id, None)
-        if src is None:
-            return
-        if msg.error is None:  # it finished at its first token
-            self.kv.free(req_id)
-        else:
-            self.w.fail(req_id, f"KV transfer from {src} failed: {msg.error}")
+        self.kv.free(req_id)
+        self.w.count("kv_pushes_ended")
 
     def _expire_push_orphans(self) -> None:
         now = time.monotonic()
@@ -243,14 +239,15 @@ class DecodeRole:
 
     def peer_restarted(self, name: str) -> None:
         """Worker ``name`` was started again: its old process writes nothing more, so the
-        blocks of sequences it was pushing into are freed (the cluster failed those)."""
+        blocks of sequences it was pushing into are freed (the cluster failed those requests
+        when it died)."""
         for req_id, (src, _) in list(self.push_orphans.items()):
             if src == name:
                 del self.push_orphans[req_id]
                 self.kv.free(req_id)
         for req_id in [r for r, src in self.receiving.items() if src == name]:
-            del self.receiving[req_id]  # failing it frees its blocks now
-            self.w.fail(req_id, f"prefill worker {name} restarted while pushing its KV")
+            del self.receiving[req_id]
+            self.kv.free(req_id)
 
     def _start(self, ready: m.KVReady, extras: dict[str, torch.Tensor]) -> None:
         """Runs a sequence prefilled elsewhere whose KV is now here; counts the seconds from

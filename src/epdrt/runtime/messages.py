@@ -161,7 +161,8 @@ class KVDest(Msg):
 class KVPushEnded(Msg):
     """Prefill -> decode: no more bytes will be written into the blocks of a ``KVDest``, and
     the sequence will not come: it failed (``error``: aborted, a failed copy) or finished at
-    its first token (None)."""
+    its first token (None). The decoder frees the blocks; the cluster learns the outcome from
+    the prefill worker or its own abort, never from the decoder."""
 
     req_id: str
     error: str | None

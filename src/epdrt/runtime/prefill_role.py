@@ -512,6 +512,10 @@ class PrefillRole:
             return  # the decoder's blocks, or the prefill's end, are still to come
         elif push.error is not None:
             self.w.send(push.decoder, m.KVPushEnded(req_id, push.error))
+            del self.pushes[req_id]
+            self._unstage(req_id)
+            self.w.fail(req_id, f"KV push to {push.decoder} failed: {push.error}")
+            return
         else:
             self.w.send(push.decoder, *push.ready)
         del self.pushes[req_id]
