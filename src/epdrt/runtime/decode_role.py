@@ -10,10 +10,11 @@ to ``decode_max_batch`` sequences together in one flat batch over the pages (one
 each, its K/V written into its slot as the layers run); they join and leave independently.
 
 A sequence prefilled in another worker arrives one of two ways (``EPDConfig.kv_handoff``):
-``layerwise``, its blocks are reserved here when its prefill starts (``KVReserve``, answered
-with ``KVDest``) and the prefill worker pushes each layer into them as it is written; it runs
-once the last layer has landed (``KVReady(pushed=True)``). ``pull``, it is admitted once
-prefilled (``KVReady``) and this worker copies its KV in.
+``layerwise``, its blocks are reserved here when the prefill worker admits it (``KVReserve``,
+answered with ``KVDest``; its prefill starts once they are known) and the prefill worker
+pushes each layer into them as it is written; it runs once the last layer has landed
+(``KVReady(pushed=True)``). ``pull``, it is admitted once prefilled (``KVReady``) and this
+worker copies its KV in.
 """
 
 from __future__ import annotations
@@ -192,14 +193,21 @@ class DecodeRole:
             self._finish(req_id)
             return
         ready, extras = self.pulling.pop(req_id)
-        if error is None and ready.digest is not None:
-            k, v = self.kv.read(req_id)
-            error = self.w.digest_mismatch(ready.digest, torch.stack([k, v], dim=1))
-        if error is not None:
-            self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
+        if self._transfer_failed(ready, error):
             return
         self.w.send(ready.src, m.KVPulled(req_id))
         self._start(ready, extras)
+
+    def _transfer_failed(self, ready: m.KVReady, error: str | None) -> bool:
+        """Fails the sequence (True) when its copy failed or, with ``verify_transfers``, the
+        KV in its blocks is not what its prefill worker digested."""
+        if error is None and ready.digest is not None:
+            k, v = self.kv.read(ready.req_id)
+            error = self.w.digest_mismatch(ready.digest, torch.stack([k, v], dim=1))
+        if error is None:
+            return False
+        self.w.fail(ready.req_id, f"KV transfer from {ready.src} failed: {error}")
+        return True
 
     def _landed(self, ready: m.KVReady, extras: dict[str, torch.Tensor]) -> None:
         """A pushed sequence's last layer is in its blocks: it joins the running set."""
@@ -210,13 +218,8 @@ class DecodeRole:
         if self.receiving.pop(req_id, None) is None:
             self.w.count("kv_ready_dropped")
             return
-        if ready.digest is not None:
-            k, v = self.kv.read(req_id)
-            error = self.w.digest_mismatch(ready.digest, torch.stack([k, v], dim=1))
-            if error is not None:
-                self.w.fail(req_id, f"KV transfer from {ready.src} failed: {error}")
-                return
-        self._start(ready, extras)
+        if not self._transfer_failed(ready, None):
+            self._start(ready, extras)
 
     def _push_ended(self, msg: m.KVPushEnded) -> None:
         """The prefill worker writes no more into a sequence's blocks, and it will not come:

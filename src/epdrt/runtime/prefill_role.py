@@ -3,7 +3,8 @@
 encoders, runs the LM prefill, emits the first token and hands the KV to a decode worker.
 
 The hand-off (``EPDConfig.kv_handoff``): ``layerwise``, the decoder is asked for blocks when
-a request starts prefilling (``KVReserve`` / ``KVDest``) and each layer's slice of the blocks a
+a request is admitted (``KVReserve`` / ``KVDest``), its prefill starts once they are known,
+and each layer's slice of the blocks a
 step wrote is copied into them as soon as the layer is written, so the copy overlaps the
 layers after it; the decoder is told once the last byte has landed (``KVReady(pushed=True)``).
 ``pull``, the KV is staged here and the decoder copies it after the prefill (``KVReady``;
@@ -503,23 +504,19 @@ class PrefillRole:
         the ``KVReady`` (or ``KVPushEnded``: failed, aborted, finished at its first token),
         and the staged KV here is freed."""
         push = self.pushes[req_id]
-        if push.in_flight:
-            return
-        if push.ended:
-            if push.dest is not None:  # else the KVDest still to come is answered then
-                self.w.send(push.decoder, m.KVPushEnded(req_id, push.reason))
-        elif push.dest is None or push.ready is None:
-            return  # the decoder's blocks, or the prefill's end, are still to come
-        elif push.error is not None:
-            self.w.send(push.decoder, m.KVPushEnded(req_id, push.error))
-            del self.pushes[req_id]
-            self._unstage(req_id)
-            self.w.fail(req_id, f"KV push to {push.decoder} failed: {push.error}")
-            return
-        else:
-            self.w.send(push.decoder, *push.ready)
+        if push.in_flight or not (push.ended or (push.dest is not None and push.ready)):
+            return  # copies in flight, or the decoder's blocks or the prefill's end to come
         del self.pushes[req_id]
         self._unstage(req_id)
+        if push.dest is None:  # ended before the decoder answered: its KVDest is answered then
+            return
+        if push.ended:
+            self.w.send(push.decoder, m.KVPushEnded(req_id, push.reason))
+        elif push.error is not None:
+            self.w.send(push.decoder, m.KVPushEnded(req_id, push.error))
+            self.w.fail(req_id, f"KV push to {push.decoder} failed: {push.error}")
+        else:
+            self.w.send(push.decoder, *push.ready)
 
     # ---- cleanup ---------------------------------------------------------------------------
     def _unstage(self, req_id: str) -> None:
