@@ -234,10 +234,13 @@ class Worker:
         self.channel.send(peer, msg, tensors or ())
 
     def fail(self, req_id: str, error: str) -> None:
-        """Frees everything ``req_id`` holds here and reports the failure to the cluster."""
+        """Reports the failure to the cluster, then frees everything ``req_id`` holds here.
+
+        The report goes first: freeing answers peers (an encoder's pending fetches), whose own
+        reports of the same failure must come after this one, the cause."""
+        self.send("cluster", m.Failed(req_id=req_id, error=f"{self.name}: {error}"))
         for role in self.roles:
             role.abort(req_id)
-        self.send("cluster", m.Failed(req_id=req_id, error=f"{self.name}: {error}"))
 
     # ---- main loop -------------------------------------------------------------------------
     def run(self) -> None:
