@@ -101,7 +101,8 @@ def test_md1_mean_wait(rho):
     assert np.mean(waits) == pytest.approx(rho / (2 * (1 - rho)), rel=0.04)
 
 
-def test_epd_pipeline_times_are_sums_of_known_latencies():
+@pytest.mark.parametrize("handoff", ["pull", "layerwise"])
+def test_epd_pipeline_times_are_sums_of_known_latencies(handoff):
     # 2 images of 100 tokens split over 2 encoders; MM and KV transfers; 5 decode steps.
     p = linear_profile(
         encode_fixed_s=0.05,
@@ -115,12 +116,13 @@ def test_epd_pipeline_times_are_sums_of_known_latencies():
         kv_bytes_per_token=2000,
     )
     req = Request("a", 0.0, (100, 100), 50, 6)
-    cfg = DeployConfig("epd", 2, 1, 1, image_split=2)
+    cfg = DeployConfig("epd", 2, 1, 1, image_split=2, kv_handoff=handoff)
     res = simulate(p, cfg, [req])
     encode = 0.05 + 0.01  # one image per encoder, in parallel
     mm = 0.001 + 100 * 1000 / 1e9
     prefill = 0.1 + 250 * 1e-4
-    kv = 0.001 + 250 * 2000 / 1e9
+    # Pulled after the prefill; pushed while it runs (its 1.5 ms fit in the prefill's 125).
+    kv = 0.001 + 250 * 2000 / 1e9 if handoff == "pull" else 0.0
     assert res.ttft_s[0] == pytest.approx(encode + mm + prefill, abs=1e-12)
     assert res.tpot_s[0] == pytest.approx((kv + 5 * 0.02) / 5, abs=1e-12)
     # Split 1: both images in one batch on one encoder, one larger MM transfer.
@@ -140,7 +142,7 @@ def test_the_decoder_pulls_a_requests_kv_while_its_prefill_gpu_runs_the_next_bat
         message_s=1e-3,
     )
     reqs = [_text(0, 0.0, out=2), _text(1, 0.0, out=2)]
-    res = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), reqs)
+    res = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16, kv_handoff="pull"), reqs)
     end = 1e-3 + 0.1  # the router's message to the worker, r0's prefill
     first = end + 1e-3  # the first token reaches the client
     # KVReady 1 ms, the copy 1 ms; one step; the last token's message
@@ -205,24 +207,92 @@ def test_colocated_stages_take_turns_so_decode_does_not_starve():
     assert res.ttft_s[1] == pytest.approx(0.11 + 0.1 - 0.001, abs=1e-12)
 
 
+def _small_kv(tokens: int, **kw):
+    """A profile whose GPUs hold KV for ``tokens`` tokens."""
+    return linear_profile(
+        device_bytes=1000 + tokens, lm_weight_bytes=1000, encode_weight_bytes=0,
+        kv_bytes_per_token=1, **kw,
+    )  # fmt: skip
+
+
 def test_kv_capacity_back_pressure_completes_everything_in_waves():
-    # KV for 300 tokens per GPU; each request needs 100 + 50: two at a time.
-    p = linear_profile(
-        decode_fixed_s=0.01,
-        device_bytes=1000 + 300,
-        lm_weight_bytes=1000,
-        encode_weight_bytes=0,
-        kv_bytes_per_token=1,
-    )
+    # KV for 300 tokens per GPU; each prompt needs 100 and grows by 49: two fit beside the
+    # decoder's headroom (a 16-token block per running sequence), so they run in waves.
+    p = _small_kv(300, decode_fixed_s=0.01)
     reqs = [_text(i, 0.0, prompt=100, out=50) for i in range(6)]
     res = simulate(p, DeployConfig("aggregated", 1, 1, 1, prefill_tokens=100), reqs)
-    assert res.completed == 6
+    assert res.completed == 6 and res.preemptions == 0
     finish = np.sort(res.ttft_s + res.tpot_s * 49)
     # Three waves of two: the pair of a wave ends within a decode step (its second request
     # was prefilled after the first's first decode step), waves ~0.5 s apart.
     waves = np.split(finish, np.flatnonzero(np.diff(finish) > 0.1) + 1)
     assert [len(w) for w in waves] == [2, 2, 2]
     assert all(w[-1] - w[0] <= 0.01 + 1e-9 for w in waves)
+
+
+@pytest.mark.parametrize("mode", ["pd", "aggregated"])
+def test_a_full_decode_cache_preempts_the_newest_sequence_which_is_recomputed(mode):
+    """KV grows a token per step (scheduler.decode_admit / growth_preemptions): two 100-token
+    prompts fit in 300 tokens but not their 99 output tokens each. When the cache fills, the
+    newest is evicted and prefilled again with what it generated; the oldest never waits."""
+    p = _small_kv(300, decode_fixed_s=0.01)
+    reqs = [_text(i, 0.0, prompt=100, out=100) for i in range(3)]
+    cfg = DeployConfig(mode, 1, 1, 1, prefill_tokens=256, kv_block=1)
+    res = simulate(p, cfg, reqs)
+    assert res.completed == 3
+    assert res.preemptions >= 1
+    assert res.tpot_s[0] == pytest.approx(0.01, abs=1e-12)  # 99 steps, never preempted
+    assert res.tpot_s[1] > 0.011  # it lost its KV and decoded again
+    # Reserving prompt + output up front (the old rule) would have run one at a time.
+    assert res.duration_s < 3 * 99 * 0.01
+
+
+def test_more_running_sequences_than_the_decode_batch_take_turns():
+    # max_num_seqs 4, decode_batch 2: all four run, each step decodes two of them, so each
+    # gets a token every two steps and all end within a step or two of each other (the first
+    # stepped once alone before the others landed); without it, two wait for two (their
+    # prefills wait for a decoder slot: layer-wise hand-off).
+    p = linear_profile(decode_fixed_s=0.01)
+    reqs = [_text(i, 0.0, out=11) for i in range(4)]
+
+    def finish(cfg: DeployConfig) -> np.ndarray:
+        res = simulate(p, cfg, reqs)
+        return np.sort(res.ttft_s + 10 * res.tpot_s)
+
+    turns = finish(DeployConfig("pd", 1, 1, 1, decode_batch=2, max_num_seqs=4))
+    np.testing.assert_allclose(turns, [0.19, 0.21, 0.21, 0.21], atol=1e-12)
+    waves = finish(DeployConfig("pd", 1, 1, 1, decode_batch=2))
+    np.testing.assert_allclose(waves, [0.1, 0.11, 0.21, 0.22], atol=1e-12)
+
+
+def test_a_layerwise_prefill_starts_once_its_decoder_gave_blocks_and_waits_for_its_push():
+    """b's KVReserve reaches a decoder in the middle of a's decode steps: it is admitted at
+    the step boundary (0.11), and only then may b's prefill start. A push slower than the
+    prefill lengthens the step: it ends once the last byte has landed."""
+    p = linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01)
+    a, b = _text(0, 0.0, out=21), _text(1, 0.105, out=3)
+    res = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), [a, b])
+    assert res.ttft_s[1] == pytest.approx(0.11 + 0.1 - 0.105, abs=1e-12)
+    pull = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16, kv_handoff="pull"), [a, b])
+    assert pull.ttft_s[1] == pytest.approx(0.1, abs=1e-12)
+    slow = linear_profile(
+        prefill_fixed_s=0.1, decode_fixed_s=0.01, transfer_latency_s=0.001,
+        transfer_bytes_per_s=1000.0, kv_bytes_per_token=10,
+    )  # fmt: skip
+    res = simulate(slow, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), [a])
+    assert res.ttft_s[0] == pytest.approx(0.001 + 16 * 10 / 1000.0, abs=1e-12)
+
+
+def test_a_request_waiting_for_its_decoder_holds_no_other_prefill_up():
+    # One decoder slot (max_num_seqs 1): r1 waits for it, but r2, routed to the other
+    # decoder, prefills at once although it queued behind r1.
+    p = linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01)
+    reqs = [_text(0, 0.0, out=11), _text(1, 0.0, out=11), _text(2, 0.0, out=11)]
+    cfg = DeployConfig("pd", 1, 1, 2, prefill_tokens=16, decode_batch=1)
+    res = simulate(p, cfg, reqs)
+    # r0 (decoder 0) and r2 (decoder 1... routed by load) prefill first; r1 waits for r0.
+    assert sorted(np.round(res.ttft_s, 9))[:2] == [0.1, 0.2]
+    assert res.completed == 3
 
 
 def test_colocated_stages_shrink_kv_capacity():
@@ -334,7 +404,7 @@ def test_runtime_overheads_are_sums_of_known_costs():
     # workers, the calibrated rest of the router's path.
     router_work = 1e-3 + 2 * 5e-4 + 3e-4
     router = router_work + 1e-4 + 2e-4
-    res = simulate(p, DeployConfig("epd", 1, 1, 1), [req])
+    res = simulate(p, DeployConfig("epd", 1, 1, 1, kv_handoff="pull"), [req])
     # The work each process ran: one encode batch, one prefill, five decode steps.
     want = {"E0": 0.05, "P0": 0.1, "D0": 5 * 0.02, "router": router_work}
     assert res.work_s == pytest.approx(want, abs=1e-12)
@@ -342,6 +412,11 @@ def test_runtime_overheads_are_sums_of_known_costs():
     assert res.ttft_s[0] == pytest.approx(router + 0.05 + 0.001 + 1e-4 + 0.1 + 1e-4, abs=1e-12)
     # KV hand-off: KVReady and the copy; the last token's message cancels the first's.
     assert res.tpot_s[0] == pytest.approx((0.001 + 1e-4 + 5 * 0.02) / 5, abs=1e-12)
+    # Layer-wise: KVReserve and KVDest went while the images encoded; the push overlapped
+    # the prefill; KVReady(pushed) reaches the decoder a message after the step.
+    push = simulate(p, DeployConfig("epd", 1, 1, 1), [req])
+    assert push.ttft_s[0] == res.ttft_s[0]
+    assert push.tpot_s[0] == pytest.approx((1e-4 + 5 * 0.02) / 5, abs=1e-12)
     agg = simulate(p, DeployConfig("aggregated", 1, 1, 1), [req])
     assert agg.ttft_s[0] == pytest.approx(router + 0.05 + 0.1 + 1e-4, abs=1e-12)
     assert agg.tpot_s[0] == pytest.approx(0.02, abs=1e-12)
@@ -463,14 +538,16 @@ def test_pinned_workers_keep_their_cores_and_the_router_takes_a_free_one():
 
 def test_shared_cores_stretch_decode_steps_and_their_boundaries():
     # pd on one core: a decodes 20 steps of 10 ms from 0.1; b's prefill (0.105-0.305) halves
-    # both; b joins at the step boundary after 0.305 (work 0.11 = step 11, at 0.31).
+    # both. b's KVReady is admitted at the step boundary after 0.305 (work 0.11 = step 11,
+    # at 0.31), where its pull starts; b joins at the next one (0.32), as in the runtime.
     p = linear_profile(prefill_fixed_s=0.1, decode_fixed_s=0.01)
     a, b = _text(0, 0.0, out=21), _text(1, 0.105, out=3)
-    res = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), [a, b], host_cores=1)
+    cfg = DeployConfig("pd", 1, 1, 1, prefill_tokens=16, kv_handoff="pull")
+    res = simulate(p, cfg, [a, b], host_cores=1)
     assert res.ttft_s[1] == pytest.approx(0.2, abs=1e-9)
     assert res.tpot_s[0] == pytest.approx((0.40 - 0.1) / 20, abs=1e-9)
-    assert res.tpot_s[1] == pytest.approx((0.33 - 0.305) / 2, abs=1e-9)
-    alone = simulate(p, DeployConfig("pd", 1, 1, 1, prefill_tokens=16), [a, b], host_cores=2)
+    assert res.tpot_s[1] == pytest.approx((0.34 - 0.305) / 2, abs=1e-9)
+    alone = simulate(p, cfg, [a, b], host_cores=2)
     assert alone.tpot_s[0] == pytest.approx(0.01, abs=1e-9)
 
 

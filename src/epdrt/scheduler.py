@@ -17,6 +17,12 @@ from typing import TypeVar
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
+#: How a sequence's KV reaches a decoder that did not prefill it: ``layerwise``, the decoder
+#: reserves its blocks as the prefill worker takes the request in, and the prefill pushes each
+#: layer into them as it is written (it starts once the blocks are known); ``pull``, the
+#: decoder admits it after the prefill and copies the whole KV in.
+KV_HANDOFFS = ("layerwise", "pull")
+
 #: The order a worker's roles take turns in, one batch each, skipping a role with no work.
 ROLE_ORDER = ("encode", "prefill", "decode")
 
@@ -64,14 +70,49 @@ def prefill_chunks(
 
 def decode_admissions(waiting: Iterable[T], admit: Callable[[T], bool]) -> list[T]:
     """Sequences the decoder takes in now: in arrival order while ``admit(sequence)`` finds
-    room for it (its prompt's KV beside one free block per running sequence, and a running
-    slot under ``max_num_seqs``); the first that does not fit stops the scan (FIFO)."""
+    room for it (``decode_admit``); the first that does not fit stops the scan (FIFO)."""
     taken = []
     for key in waiting:
         if not admit(key):
             break
         taken.append(key)
     return taken
+
+
+def decode_admit(
+    need: int, free: int, holding: int, max_num_seqs: int, headroom_per_seq: int = 1
+) -> str | None:
+    """Whether a decoder may take one more sequence, in units of KV room (blocks in the
+    runtime, tokens in the simulator): None when it may, else why not (``"max_num_seqs"``:
+    ``holding`` sequences already hold a running slot; ``"kv"``: its ``need`` units do not fit
+    in ``free`` beside ``headroom_per_seq`` units kept for each holding sequence's next token).
+    A sequence whose KV is in the cache already (prefilled there) needs 0."""
+    if holding >= max_num_seqs:
+        return "max_num_seqs"
+    if need and need > free - holding * headroom_per_seq:
+        return "kv"
+    return None
+
+
+def growth_preemptions(
+    batch: Iterable[tuple[K, int]], held: Mapping[K, int], admitted_at: Mapping[K, int], free: int
+) -> list[K]:
+    """The running sequences to evict so that a decode step's sequences get the KV room their
+    next token needs, given as (sequence, units) in step order, out of ``free`` units: while
+    the next one's need does not fit, the newest admitted (``preemption_victim``) is evicted
+    and its ``held`` units freed; a sequence evicted before its turn (itself included) gets
+    nothing. Returns the evicted in eviction order; the others' needs fit together."""
+    running = dict(admitted_at)
+    evicted: list[K] = []
+    for key, need in batch:
+        while key in running and need > free:
+            victim = preemption_victim(running)
+            del running[victim]
+            evicted.append(victim)
+            free += held[victim]
+        if key in running:
+            free -= need
+    return evicted
 
 
 def decode_batch(running: Sequence[T], max_batch: int) -> list[T]:

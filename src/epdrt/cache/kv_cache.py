@@ -86,6 +86,10 @@ class PagedKVCache:
         """Block ids of ``seq_id`` in token order (a copy)."""
         return list(self._tables[self._known(seq_id)])
 
+    def num_blocks_of(self, seq_id: Hashable) -> int:
+        """Number of blocks ``seq_id`` holds."""
+        return len(self._tables[self._known(seq_id)])
+
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free

@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from epdrt import scheduler
 from epdrt.errors import InvalidArgument
 from epdrt.planner.profile import StageProfile
 
 MODES = ("epd", "pd", "ed", "aggregated")
+KV_HANDOFFS = scheduler.KV_HANDOFFS
 # The independent GPU pools of each mode, in the order they appear in a config's counts.
 POOLS = {"epd": ("E", "P", "D"), "pd": ("P", "D"), "ed": ("P", "D"), "aggregated": ("N",)}
 
@@ -51,6 +53,15 @@ class DeployConfig:
             adapters); False: paged attention over the sum of the contexts.
         encode_tokens: most MM tokens in one encode batch (a larger image runs alone;
             ``EPDConfig.encode_max_batch_tokens``).
+        max_num_seqs: most sequences running on one decode GPU (``EPDConfig.max_num_seqs``);
+            when more run than ``decode_batch``, each step takes ``decode_batch`` of them in
+            turn. None: ``decode_batch`` (every running sequence steps every step).
+        kv_handoff: how KV reaches a decode GPU in ``epd``/``pd``/``ed``
+            (``EPDConfig.kv_handoff``): ``layerwise``, the decoder's blocks are reserved as
+            the prefill GPU takes the request in, and each layer is pushed as it is written;
+            ``pull``, the decoder copies the whole KV in after the prefill.
+        kv_block: tokens per KV block (``EPDConfig.kv_block_size``): decode admission keeps a
+            block's room free per running sequence.
     """
 
     mode: str
@@ -64,6 +75,9 @@ class DeployConfig:
     prefill_padded: bool = False
     decode_padded: bool = False
     encode_tokens: int = 8192
+    max_num_seqs: int | None = None
+    kv_handoff: str = "layerwise"
+    kv_block: int = 16
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +87,14 @@ class DeployConfig:
             raise InvalidArgument(f"every stage needs at least one instance, got {counts}")
         if min(self.encode_batch, self.prefill_tokens, self.decode_batch, self.image_split) < 1:
             raise InvalidArgument("batch limits and image_split must be >= 1")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise InvalidArgument(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.kv_handoff not in KV_HANDOFFS:
+            raise InvalidArgument(
+                f"kv_handoff must be one of {KV_HANDOFFS}, got {self.kv_handoff!r}"
+            )
+        if self.kv_block < 1:
+            raise InvalidArgument(f"kv_block must be >= 1, got {self.kv_block}")
         rule = {
             "epd": True,
             "pd": self.num_encode == self.num_prefill,
@@ -145,7 +167,16 @@ class DeployConfig:
             "image_split": self.image_split,
             "prefill_padded": self.prefill_padded,
             "decode_padded": self.decode_padded,
+            "encode_tokens": self.encode_tokens,
+            "max_num_seqs": self.running_limit,
+            "kv_handoff": self.kv_handoff,
+            "kv_block": self.kv_block,
         }
+
+    @property
+    def running_limit(self) -> int:
+        """Most sequences running on one decode GPU (``max_num_seqs``, else ``decode_batch``)."""
+        return self.decode_batch if self.max_num_seqs is None else self.max_num_seqs
 
 
 @dataclass(frozen=True)

@@ -17,39 +17,48 @@ Model (one GPU runs one batch at a time; stages on one GPU take turns):
 - Prefill: FIFO over requests whose MM tokens have all arrived. A flat step takes the
   running prompts' next chunks, then queued requests while their KV fits the GPU's free KV
   (reserved for the whole prompt as one starts; back-pressure: it waits, nothing is
-  dropped), up to ``prefill_tokens`` tokens: a longer prompt is prefilled over several steps.
-  A step lasts ``profile.prefill_batch_latency`` of its chunks (the fixed cost of a call once,
-  every chunk's own work) and gives the requests it completes their first token.
+  dropped), up to ``prefill_tokens`` tokens; with the layer-wise hand-off, only those whose
+  decoder's blocks are known (the runtime's ``_has_dest``). A longer prompt is prefilled
+  over several steps. A step lasts ``profile.prefill_batch_latency`` of its chunks (the
+  fixed cost of a call once, every chunk's own work) and gives the requests it completes
+  their first token.
   ``prefill_padded`` (other systems' right-padded batches): no chunks; a batch takes requests
   while requests x longest prompt fits ``prefill_tokens`` (the first always).
-- Hand-off (``epd``/``pd``/``ed``): the decode GPU with the fewest sequences among those with
-  KV room for input + output tokens is reserved; a message tells it the KV is ready, and it
-  pulls the KV (input tokens) over its link, then the sequence joins its batch at the next
-  step boundary. The prefill GPU frees the KV when its batch running at the end of the pull
-  ends (the runtime's prefill worker reads the decoder's ``KVPulled`` between batches).
-  Without room anywhere the request waits, holding its prefill KV. NOTE: the runtime's
-  decode admits by the prompt's KV and preempts the newest sequence when the cache fills
-  (recompute, ``runtime/decode_role.py``); reserving the output up front, as here, matches it
-  while KV is not the bottleneck and is conservative when it is (no preemption modelled).
-  NOTE: this is the runtime's ``kv_handoff="pull"``; its default, ``"layerwise"``, reserves
-  the decoder's blocks as prefill admits a request and pushes the KV during the prefill
-  (``runtime/prefill_role.py``): a shorter hand-off than modelled here, a round trip before
-  each prefill starts, and decode KV held while a request's images encode.
-- Decode: continuous batching; at each step boundary waiting sequences join while the batch
-  has fewer than ``decode_batch``; a step lasts ``decode(batch, total context tokens)`` and
-  gives every sequence one token (``decode_padded``: the total counts every sequence at the
-  longest context in the batch).
+- Decoder choice: the router picks a request's decode GPU as it arrives (the fewest
+  unfinished requests; ``aggregated``: its prefill GPU).
+- Hand-off (``epd``/``pd``/``ed``, ``kv_handoff``): ``layerwise``, the prefill GPU asks the
+  decoder for blocks as the request reaches it (a message); the decoder admits it (below)
+  and answers (a message), and the prefill may start only then. Each step's chunks are pushed
+  over the prefill GPU's link as their layers are written (overlapping the step; the step
+  ends once the last byte has landed), the prefill KV is freed at the step's end, and a
+  message later the sequence joins its decoder. ``pull``, the finished prefill messages the
+  decoder, which admits it, copies the prompt's KV over its own link, and lets the prefill
+  GPU free its KV (a message; when the batch it is running ends).
+- Decode admission and growth are the runtime's (``scheduler.decode_admit``,
+  ``growth_preemptions``), in tokens: FIFO, a sequence is admitted when its prompt's KV fits
+  beside ``kv_block`` tokens kept free per sequence the decoder holds (running, receiving
+  or pulling) and fewer than ``max_num_seqs`` are held; a step's sequences take one token of
+  KV each, and when they do not fit the newest running sequence is preempted: its KV is
+  freed and it is prefilled again, prompt plus the tokens it generated (two messages later,
+  on the same GPUs, its images cached), as the runtime recomputes it. NOTE: the runtime
+  counts blocks, which a sequence takes every ``kv_block`` tokens; tokens here.
+- Decode: continuous batching; at each step boundary admitted sequences whose KV is in join
+  the running set; a step takes ``min(running, decode_batch)`` of them (in turn when more
+  run) and lasts ``decode(batch, total context tokens)``, giving each one token
+  (``decode_padded``: the total counts every sequence at the longest context in the batch).
 - Stages that share a GPU take turns at batch boundaries, in the order encode, prefill,
   decode, skipping a stage with no work (the runtime's worker loop): a pending prefill runs
-  after at most one more decode step (no chunked prefill), and under overload every stage
-  keeps a share of the GPU instead of the first starving the others.
+  after at most one more decode step, and under overload every stage keeps a share of the
+  GPU instead of the first starving the others.
 - Transfers: ``latency + bytes / bandwidth``, serialized per sending GPU.
 - Memory: per-GPU KV capacity and the encode batch bound come from the memory plan
   (config.memory_plan): colocated weights and activation reserves shrink KV capacity.
-  ``aggregated`` reserves input + output KV at prefill admission on its one GPU.
+  ``aggregated``: prefill and decode share one cache; a prefill keeps the decoder's
+  headroom free.
 - Runtime costs (profile.overheads, zero unless measured): the router preprocesses requests
   one at a time, then messages the workers; control messages (MM tokens ready, the first and
-  last token to the client, the KV hand-off's KVReady and KVPulled); a GPU starting work
+  last token to the client, the hand-off's KVReserve, KVDest, KVReady and KVPulled, a
+  preemption's Preempted and the request dispatched again); a GPU starting work
   after idling pays a wake-up cost; calibrated per-request latency and per-step work;
   the router's CPU per request beyond preprocessing (``route_s``) and per tokens message of
   a decode step (``token_message_s``, taken in by the router's receiving side).
@@ -66,7 +75,7 @@ import itertools
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,12 +93,17 @@ class _Req:
     __slots__ = (
         "arrival",
         "bad",
+        "dest",
         "dgpu",
+        "done",
         "inp",
+        "join_p",
         "out",
         "pdone",
         "pending",
         "pgpu",
+        "prompt",
+        "push_end",
         "t_finish",
         "t_first",
         "t_join",
@@ -101,7 +115,12 @@ class _Req:
         self.arrival = r.arrival_s
         self.inp = r.input_tokens
         self.out = r.output_tokens
+        self.done = 0  # tokens generated before a preemption (recomputed with the prompt)
+        self.prompt = self.inp  # tokens the current prefill computes: inp + done
         self.pdone = 0  # prompt tokens prefilled (a prompt over the budget takes several steps)
+        self.dest = False  # layer-wise hand-off: the decoder's blocks are known (KVDest)
+        self.push_end = 0.0  # layer-wise hand-off: when its last pushed byte lands
+        self.join_p = 0.0  # its decode GPU's progress (``_Gpu.prog``) when it joined
         self.pending = 0
         self.pgpu: _Gpu | None = None
         self.dgpu: _Gpu | None = None
@@ -116,12 +135,13 @@ class _Gpu:
         "busy_s",
         "core",
         "dec_wait",
+        "di",
         "ei",
         "enc_q",
         "fin",
         "gone",
+        "holding",
         "idle_since",
-        "incoming",
         "index",
         "kv_cap",
         "kv_used",
@@ -129,22 +149,26 @@ class _Gpu:
         "link_free",
         "longest",
         "mac_ctx",
+        "mac_dx",
         "mac_end",
         "mac_f",
         "mac_id",
         "mac_k",
         "mac_line",
+        "mac_share",
         "mac_t0",
         "name",
         "pi",
         "pre_q",
         "pre_run",
+        "prog",
         "pulled",
         "rate",
+        "ready_q",
         "run_ctx",
         "run_n",
+        "running",
         "stages",
-        "step",
         "task",
     )
 
@@ -168,24 +192,33 @@ class _Gpu:
         self.kv_cap = kv_cap
         self.kv_used = 0
         self.last = -1  # index into _Sim.starts of the stage of the last batch started here
-        self.run_n = 0  # sequences in the decode batch
-        self.run_ctx = 0  # their context tokens, summed
-        self.fin: list[tuple[int, int, _Req]] = []  # (finishing step, seq, request)
-        # Running sequences by context, longest first: (-(context - step), seq); a sequence's
-        # context is that base plus the step count. Finished ones leave lazily (seq in gone).
-        self.longest: list[tuple[int, int]] = []
+        # Decode. Waiting for admission, in arrival order: ("reserve" | "ready" | "local", req).
+        self.ready_q: deque[tuple[str, _Req]] = deque()
+        self.dec_wait: deque[_Req] = deque()  # admitted, KV in: they join at the next step
+        self.holding = 0  # sequences admitted here and not finished (the admission headroom)
+        self.running: dict[int, _Req] = {}  # by seq, in admission order
+        self.run_n = 0  # len(running)
+        self.run_ctx = 0.0  # their context tokens, summed
+        # Progress: decode tokens each running sequence has had since the GPU started (steps
+        # times the share of the running set a step takes); a sequence's context is its prompt
+        # + 1 + prog - join_p.
+        self.prog = 0.0
+        self.fin: list[tuple[float, int, _Req]] = []  # (progress it finishes at, seq, request)
+        # Running sequences by context, longest first: (-(context - prog), seq). Finished or
+        # preempted ones leave lazily (seq in gone, or not in running).
+        self.longest: list[tuple[float, int]] = []
         self.gone: set[int] = set()
-        self.step = 0
-        self.dec_wait: deque[_Req] = deque()
-        self.incoming = 0  # KV transfers under way to this GPU
+        self.di = -1  # index into _Sim.dec_load (decode GPUs)
         # Requests whose KV decode pulled during the current batch: freed when it ends.
         self.pulled: list[_Req] = []
         self.link_free = 0.0
-        # A run of mac_k decode steps started at mac_t0 (context mac_ctx); mac_k == 0: none.
+        # A run of mac_k decode steps started at mac_t0 (context mac_ctx, growing by mac_dx a
+        # step; each step takes mac_share of the running set); mac_k == 0: none.
         self.mac_k = 0
         self.mac_id = 0
         self.mac_t0 = self.mac_end = 0.0
-        self.mac_ctx = 0
+        self.mac_ctx = self.mac_dx = 0.0
+        self.mac_share = 1.0
         self.mac_line: PiecewiseLinear | None = None
         self.mac_f = 1.0  # the run's jitter factor
         # With shared host cores: [work seconds left, callback, its argument, total work].
@@ -207,6 +240,7 @@ class SimResult:
         phases: mean seconds per request in: encode (arrival to MM tokens at prefill, image
             requests only), prefill_wait (ready to batch start), handoff (first token to decode
             join), decode_per_token (per output token after joining).
+        preemptions: running sequences evicted from a full decode cache (each recomputed).
     """
 
     config: DeployConfig
@@ -223,6 +257,7 @@ class SimResult:
     utilization: dict[str, float] = field(default_factory=dict)
     work_s: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
+    preemptions: int = 0
 
     @property
     def throughput_rps(self) -> float:
@@ -256,6 +291,7 @@ class SimResult:
             "utilization": self.utilization,
             "work_s": self.work_s,
             "phases": self.phases,
+            "preemptions": self.preemptions,
         }
 
 
@@ -314,11 +350,16 @@ class _Sim:
             g.ei = i
         for i, g in enumerate(self.pre):
             g.pi = i
+        for i, g in enumerate(self.dec):
+            g.di = i
         # Routing loads: images queued or in service per encoder; outstanding input tokens per
-        # prefill GPU (unfinished requests in aggregated).
+        # prefill GPU (unfinished requests in aggregated); unfinished requests per decoder.
         self.enc_load = [0] * len(self.enc)
         self.pre_load = [0] * len(self.pre)
-        self.handoff: deque[_Req] = deque()
+        self.dec_load = [0] * len(self.dec)
+        self.layerwise = not self.agg and config.kv_handoff == "layerwise"
+        self.max_seqs = config.running_limit
+        self.preemptions = 0
         self.state = [_Req(r) for r in self.reqs]
         self.violations = 0
         self.max_violations = len(self.reqs) + 1
@@ -549,6 +590,14 @@ class _Sim:
         loads[pi] += 1 if self.agg else rq.inp
         p = self.pre[pi]
         rq.pgpu = p
+        if self.agg:
+            rq.dgpu = p
+        else:
+            dl = self.dec_load
+            di = dl.index(min(dl))
+            dl[di] += 1
+            rq.dgpu = self.dec[di]
+        self._reserve(rq)
         if not r.image_tokens:
             rq.pending = 1
             self._mm_arrive(rq)
@@ -598,26 +647,27 @@ class _Sim:
 
     def _pre_done(self, arg: tuple[_Gpu, list[_Req]]) -> None:
         g, batch = arg
-        now = self.now
+        now, msg = self.now, self.msg
         slo = self.slo
         for rq in batch:
-            rq.t_first = now + self.msg  # the first token reaches the client
+            if math.isnan(rq.t_first):  # not a preempted request's recompute
+                rq.t_first = now + msg  # the first token reaches the client
+                if slo is not None and rq.t_first - rq.arrival > slo.ttft_s:
+                    self._violate(rq)
             if not self.agg:
-                self.pre_load[g.pi] -= rq.inp
-            if slo is not None and rq.t_first - rq.arrival > slo.ttft_s:
-                self._violate(rq)
-            if rq.out == 1:
-                g.kv_used -= rq.inp + (1 if self.agg else 0)
-                if self.agg:
-                    self.pre_load[g.pi] -= 1
-                self._finish(rq)
+                self.pre_load[g.pi] -= rq.prompt
+            if rq.done + 1 == rq.out:  # finished at its first token
+                g.kv_used -= rq.prompt
+                if self.layerwise:  # KVPushEnded: the decoder frees the blocks it gave
+                    self._at(now + msg, self._release, rq)
+                self._done(rq)
             elif self.agg:
-                rq.dgpu = g
-                g.dec_wait.append(rq)
+                g.ready_q.append(("local", rq))
+            elif self.layerwise:  # the last layer has landed (the step waited for it)
+                g.kv_used -= rq.prompt
+                self._at(now + msg, self._landed, rq)
             else:
-                self.handoff.append(rq)
-        if self.handoff:
-            self._place_handoffs()
+                self._at(now + msg, self._kv_ready, rq)
         self._batch_done(g)
 
     def _batch_done(self, g: _Gpu) -> None:
@@ -626,47 +676,52 @@ class _Sim:
         g.busy = False
         g.idle_since = self.now
         for rq in g.pulled:
-            g.kv_used -= rq.inp
+            g.kv_used -= rq.prompt
         g.pulled.clear()
         self._kick(g)
 
-    def _place_handoffs(self) -> None:
-        free = [d.kv_cap - d.kv_used for d in self.dec]
-        most = max(free)
-        waiting: deque[_Req] = deque()
-        for rq in self.handoff:
-            need = rq.inp + rq.out
-            if need > most:
-                waiting.append(rq)
-                continue
-            best, best_i, best_load = None, -1, 0
-            for i, d in enumerate(self.dec):
-                if free[i] >= need:
-                    load = d.run_n + len(d.dec_wait) + d.incoming
-                    if best is None or load < best_load:
-                        best, best_i, best_load = d, i, load
-            assert best is not None
-            best.kv_used += need
-            best.incoming += 1
-            free[best_i] -= need
-            most = max(free)
-            rq.dgpu = best
-            # KVReady reaches the decoder, which pulls the KV over its own link.
-            self._at(self.now + self.msg, self._kv_pull, rq)
-        self.handoff = waiting
+    # -- hand-off --------------------------------------------------------------------------
+    def _reserve(self, rq: _Req) -> None:
+        """The request reached its prefill GPU: with the layer-wise hand-off, KVReserve goes
+        to its decoder."""
+        if self.layerwise:
+            rq.dest = False
+            self._at(self.now + self.msg, self._to_decoder, ("reserve", rq))
 
-    def _kv_pull(self, rq: _Req) -> None:
-        assert rq.dgpu is not None
-        self._send(rq.dgpu, rq.inp * self.kv_bytes, self._kv_arrive, rq, messages=0)
+    def _to_decoder(self, item: tuple[str, _Req]) -> None:
+        d = item[1].dgpu
+        assert d is not None
+        d.ready_q.append(item)
+        self._kick(d)
+
+    def _kv_ready(self, rq: _Req) -> None:
+        self._to_decoder(("ready", rq))
+
+    def _kv_dest(self, rq: _Req) -> None:
+        """KVDest: the prefill may start."""
+        rq.dest = True
+        assert rq.pgpu is not None
+        self._kick(rq.pgpu)
+
+    def _landed(self, rq: _Req) -> None:
+        """KVReady after a push: the sequence joins its decoder at the next step."""
+        d = rq.dgpu
+        assert d is not None
+        d.dec_wait.append(rq)
+        self._kick(d)
+
+    def _release(self, rq: _Req) -> None:
+        """KVPushEnded: the decoder frees the blocks it reserved for a push that ended."""
+        d = rq.dgpu
+        assert d is not None
+        d.kv_used -= rq.prompt
+        d.holding -= 1
+        self._kick(d)
 
     def _kv_arrive(self, rq: _Req) -> None:
         """The pull ended: the sequence joins its decoder; KVPulled frees the prefill GPU's
         copy, at once or when the batch it is running ends."""
-        src, d = rq.pgpu, rq.dgpu
-        assert src is not None and d is not None
-        d.incoming -= 1
-        d.dec_wait.append(rq)
-        self._kick(d)
+        self._landed(rq)
         self._at(self.now + self.msg, self._kv_pulled, rq)
 
     def _kv_pulled(self, rq: _Req) -> None:
@@ -675,36 +730,108 @@ class _Sim:
         if src.busy:
             src.pulled.append(rq)
         else:
-            src.kv_used -= rq.inp
+            src.kv_used -= rq.prompt
             self._kick(src)
+
+    def _decode_room(self, g: _Gpu, item: tuple[str, _Req]) -> int | None:
+        """The KV tokens a sequence waiting on decoder g takes if admitted now
+        (``scheduler.decode_admit``); None when it must wait."""
+        kind, rq = item
+        need = 0 if kind == "local" else rq.prompt
+        free = g.kv_cap - g.kv_used
+        why = scheduler.decode_admit(need, free, g.holding, self.max_seqs, self.c.kv_block)
+        return need if why is None else None
+
+    def _admittable(self, g: _Gpu) -> bool:
+        """Whether decoder g would admit its next waiting sequence now."""
+        return bool(g.ready_q) and self._decode_room(g, g.ready_q[0]) is not None
+
+    def _admit(self, g: _Gpu) -> None:
+        """Decode admission, FIFO (``scheduler.decode_admissions``)."""
+
+        def admit(item: tuple[str, _Req]) -> bool:
+            need = self._decode_room(g, item)
+            if need is None:
+                return False
+            g.kv_used += need
+            g.holding += 1
+            return True
+
+        for kind, rq in scheduler.decode_admissions(g.ready_q, admit):
+            g.ready_q.popleft()
+            if kind == "reserve":  # KVDest to the prefill GPU
+                self._at(self.now + self.msg, self._kv_dest, rq)
+            elif kind == "ready":  # the decoder pulls the KV over its own link
+                self._send(g, rq.prompt * self.kv_bytes, self._kv_arrive, rq, messages=0)
+            else:
+                g.dec_wait.append(rq)
+
+    def _preempt(self, g: _Gpu, seq: int) -> None:
+        """Evicts a running sequence (its KV freed); the cluster prefills it again, prompt
+        plus the tokens it generated, once the Preempted message is in (a message to the
+        cluster, one to its prefill GPU)."""
+        rq = g.running.pop(seq)
+        g.gone.add(seq)
+        grown = self._leave(g, rq)
+        rq.done += 1 + math.floor(grown + 1e-9)  # its prefill's token and the decoded ones
+        rq.prompt = rq.inp + rq.done
+        rq.pdone = 0
+        self.preemptions += 1
+        self._at(self.now + 2 * self.msg, self._resume, rq)
+
+    def _leave(self, g: _Gpu, rq: _Req) -> float:
+        """A sequence leaves g's running set (finished or preempted): its KV and context
+        leave the totals. Returns the decode tokens it had (progress units)."""
+        grown = g.prog - rq.join_p
+        g.kv_used -= rq.prompt + grown
+        g.run_ctx -= rq.prompt + 1 + grown
+        g.run_n -= 1
+        g.holding -= 1
+        return grown
+
+    def _resume(self, rq: _Req) -> None:
+        p = rq.pgpu
+        assert p is not None
+        if not self.agg:
+            self.pre_load[p.pi] += rq.prompt
+        self._reserve(rq)
+        p.pre_q.append(rq)  # its images are in the caches: nothing to encode
+        self._kick(p)
+
+    def _done(self, rq: _Req) -> None:
+        """The request's last token: it leaves its decoder's routing load and finishes."""
+        p, d = rq.pgpu, rq.dgpu
+        assert p is not None and d is not None
+        if self.agg:
+            self.pre_load[p.pi] -= 1
+        else:
+            self.dec_load[d.di] -= 1
+        self._finish(rq)
 
     def _steps_done(self, arg: tuple[_Gpu, int]) -> None:
         g, mac_id = arg
         if mac_id != g.mac_id:
             return  # superseded by a shorter run (_truncate)
-        g.step += g.mac_k
-        g.run_ctx += g.run_n * g.mac_k
-        self._receive(g.mac_k * self.overheads.token_message_s)  # a message per step
+        k = g.mac_k
+        grown = k * g.mac_share  # decode tokens each running sequence had, on average
+        g.prog += grown
+        g.run_ctx += grown * g.run_n
+        g.kv_used += grown * g.run_n  # the stepped sequences' new tokens
+        self._receive(k * self.overheads.token_message_s)  # a message per step
         g.mac_k = 0
-        fin, step = g.fin, g.step
-        released = False
-        while fin and fin[0][0] <= step:
+        fin, prog = g.fin, g.prog + 1e-9
+        while fin and fin[0][0] <= prog:
             _, seq, rq = heapq.heappop(fin)
+            if g.running.pop(seq, None) is None:
+                continue  # preempted
             g.gone.add(seq)
-            g.run_n -= 1
-            g.run_ctx -= rq.inp + rq.out
-            g.kv_used -= rq.inp + rq.out
-            if self.agg:
-                self.pre_load[g.pi] -= 1
-            released = True
-            self._finish(rq)
-        if released and self.handoff:
-            self._place_handoffs()
+            self._leave(g, rq)
+            self._done(rq)
         self._batch_done(g)
 
     def _truncate(self, g: _Gpu) -> None:
         """Ends g's run of decode steps at the first step boundary at or after now."""
-        line, ctx, b = g.mac_line, g.mac_ctx, g.run_n
+        line, ctx, dx = g.mac_line, g.mac_ctx, g.mac_dx
         assert line is not None
         shared = self.cores is not None
         done = self._task_work_done(g) if shared else self.now
@@ -712,13 +839,13 @@ class _Sim:
         lo, hi = 1, g.mac_k
         while lo < hi:
             mid = (lo + hi) // 2
-            if g.mac_f * line.sum_arithmetic(ctx, b, mid) + mid * self.step_s >= elapsed:
+            if g.mac_f * line.sum_arithmetic(ctx, dx, mid) + mid * self.step_s >= elapsed:
                 hi = mid
             else:
                 lo = mid + 1
         if lo == g.mac_k:
             return
-        end = g.mac_t0 + g.mac_f * line.sum_arithmetic(ctx, b, lo) + lo * self.step_s
+        end = g.mac_t0 + g.mac_f * line.sum_arithmetic(ctx, dx, lo) + lo * self.step_s
         g.busy_s["decode"] -= g.mac_end - end
         g.mac_k, g.mac_end = lo, end
         g.mac_id += 1
@@ -764,12 +891,11 @@ class _Sim:
     def _kick(self, g: _Gpu) -> None:
         """Starts g's next batch if g is idle: the stages take turns, encode, prefill, decode,
         each skipped when it has no work (the runtime's worker loop)."""
-        c = self.c
         if g.busy:
             # New work waits for the current batch; a run of decode steps ends at the next
             # step boundary when the work could start then.
-            prefill = g.pre_q or g.pre_run
-            if g.mac_k > 1 and (g.enc_q or prefill or (g.dec_wait and g.run_n < c.decode_batch)):
+            waits = g.enc_q or g.pre_q or g.pre_run or g.dec_wait or self._admittable(g)
+            if g.mac_k > 1 and waits:
                 self._truncate(g)
             return
         for k in range(1, 4):
@@ -792,64 +918,97 @@ class _Sim:
             return self._start_prefill_flat(g)
         c = self.c
         pbatch: list[_Req] = []
-        tokens = kv = longest = 0
-        free = g.kv_cap - g.kv_used
-        for rq in g.pre_q:
-            longest = max(longest, rq.inp)
-            size = (len(pbatch) + 1) * longest if c.prefill_padded else tokens + rq.inp
-            if pbatch and size > c.prefill_tokens:
+        longest = 0
+        free = self._prefill_room(g)
+        for rq in self._startable(g):
+            longest = max(longest, rq.prompt)
+            if pbatch and (len(pbatch) + 1) * longest > c.prefill_tokens:
                 break
-            need = rq.inp + (rq.out if self.agg else 0)
-            if kv + need > free:
+            if rq.prompt > free:
                 break  # back-pressure: the batch waits for KV
             pbatch.append(rq)
-            tokens += rq.inp
-            kv += need
+            free -= rq.prompt
         if not pbatch:
             return False
+        self._started(g, pbatch)
         for rq in pbatch:
-            g.pre_q.popleft()
-            rq.t_pstart = self.now
-        g.kv_used += kv
-        prompts = [rq.inp for rq in pbatch]
+            g.kv_used += rq.prompt
+            if math.isnan(rq.t_pstart):
+                rq.t_pstart = self.now
+        prompts = [rq.prompt for rq in pbatch]
         seconds = self.p.prefill_batch_latency(prompts, c.prefill_padded) * self._factor()
+        seconds = self._push(g, [(rq, rq.prompt) for rq in pbatch], seconds)
         return self._begin(g, "prefill", seconds, self._pre_done, (g, pbatch))
+
+    def _prefill_room(self, g: _Gpu) -> float:
+        """KV tokens a prefill on g may take: its free KV less, with decode on the same cache
+        (``aggregated``), the decoder's headroom."""
+        free = g.kv_cap - g.kv_used
+        return free - g.holding * self.c.kv_block if self.agg else free
+
+    def _startable(self, g: _Gpu) -> Iterable[_Req]:
+        """g's queued requests that may start, in order: with the layer-wise hand-off, those
+        whose decoder's blocks are known (the others wait without holding anyone up)."""
+        return (rq for rq in g.pre_q if rq.dest) if self.layerwise else g.pre_q
+
+    @staticmethod
+    def _started(g: _Gpu, started: list[_Req]) -> None:
+        """Takes the requests that started out of g's queue."""
+        if all(a is b for a, b in zip(started, g.pre_q)):
+            for _ in started:
+                g.pre_q.popleft()
+        else:
+            ids = {id(rq) for rq in started}
+            g.pre_q = deque(rq for rq in g.pre_q if id(rq) not in ids)
+
+    def _push(self, g: _Gpu, chunks: list[tuple[_Req, int]], seconds: float) -> float:
+        """With the layer-wise hand-off, the chunks' KV goes over g's link as the step writes
+        it (from its start, overlapping it); returns the step's length, which ends once the
+        last byte has landed."""
+        if not self.layerwise:
+            return seconds
+        t = max(self.now, g.link_free)
+        for _, take in chunks:
+            t += self.xfer(take * self.kv_bytes)
+        g.link_free = max(t, self.now + seconds)
+        return g.link_free - self.now
 
     def _start_prefill_flat(self, g: _Gpu) -> bool:
         """A flat (packed) prefill step, formed as the runtime forms it
         (``scheduler.prefill_chunks``): running prompts' next chunks, then queued requests
         while their KV fits (reserved for the whole prompt as one starts). A chunk costs what
         a prompt of its length does (NOTE: its attention to the earlier chunks is left out)."""
-        free = g.kv_cap - g.kv_used
+        free = self._prefill_room(g)
         started: list[_Req] = []
 
         def start(rq: _Req) -> bool:
             nonlocal free
-            need = rq.inp + (rq.out if self.agg else 0)
-            if need > free:
+            if rq.prompt > free:
                 return False  # back-pressure: it waits for KV
-            free -= need
+            free -= rq.prompt
             started.append(rq)
             return True
 
         chunks = scheduler.prefill_chunks(
-            ((rq, rq.inp - rq.pdone) for rq in g.pre_run),
-            ((rq, rq.inp) for rq in g.pre_q),
+            ((rq, rq.prompt - rq.pdone) for rq in g.pre_run),
+            ((rq, rq.prompt) for rq in self._startable(g)),
             self.c.prefill_tokens,
             start,
         )
         if not chunks:
             return False
+        self._started(g, started)
         for rq in started:
-            g.pre_q.popleft()
-            rq.t_pstart = self.now
+            g.kv_used += rq.prompt
+            if math.isnan(rq.t_pstart):
+                rq.t_pstart = self.now
             g.pre_run.append(rq)
-        g.kv_used = g.kv_cap - free
         for rq, take in chunks:
             rq.pdone += take
         seconds = self.p.prefill_batch_latency([t for _, t in chunks], False) * self._factor()
-        done = [rq for rq, _ in chunks if rq.pdone == rq.inp]
-        g.pre_run = [rq for rq in g.pre_run if rq.pdone < rq.inp]
+        seconds = self._push(g, chunks, seconds)
+        done = [rq for rq, _ in chunks if rq.pdone == rq.prompt]
+        g.pre_run = [rq for rq in g.pre_run if rq.pdone < rq.prompt]
         return self._begin(g, "prefill", seconds, self._pre_done, (g, done))
 
     def _begin(
@@ -862,38 +1021,70 @@ class _Sim:
         self._start(g, dur, done, arg)
         return True
 
-    def _step_context(self, g: _Gpu) -> int:
-        """The context tokens g's next decode step computes over: the sum of the running
-        sequences' contexts, or (``decode_padded``) the batch size times the longest."""
+    def _step_context(self, g: _Gpu) -> float:
+        """The context tokens of g's running sequences: the sum of their contexts, or
+        (``decode_padded``) their number times the longest."""
         if not self.c.decode_padded:
             return g.run_ctx
         top = g.longest
         while top[0][1] in g.gone:
             g.gone.discard(heapq.heappop(top)[1])
-        return g.run_n * (g.step - top[0][0])
+        return g.run_n * (g.prog - top[0][0])
+
+    def _join(self, g: _Gpu) -> None:
+        """Admitted sequences whose KV is in join g's running set."""
+        while g.dec_wait:
+            rq = g.dec_wait.popleft()
+            if math.isnan(rq.t_join):
+                rq.t_join = self.now
+            seq = next(self.seq)
+            rq.join_p = g.prog
+            g.running[seq] = rq
+            g.run_n += 1
+            g.run_ctx += rq.prompt + 1
+            heapq.heappush(g.fin, (g.prog + rq.out - rq.done - 1, seq, rq))
+            heapq.heappush(g.longest, (g.prog - rq.prompt - 1, seq))
+
+    def _make_room(self, g: _Gpu) -> None:
+        """Preempts running sequences while the next step's new tokens do not fit in g's KV
+        (``scheduler.growth_preemptions``; the step takes the oldest ``decode_batch``)."""
+        b = min(g.run_n, self.c.decode_batch)
+        free = g.kv_cap - g.kv_used
+        if free >= b:
+            return
+        running = g.running
+        stepped = itertools.islice(running, b)
+        held = {seq: rq.prompt + g.prog - rq.join_p for seq, rq in running.items()}
+        for seq in scheduler.growth_preemptions(
+            ((seq, 1) for seq in stepped), held, {seq: seq for seq in running}, free
+        ):
+            self._preempt(g, seq)
 
     def _start_decode(self, g: _Gpu) -> bool:
-        c = self.c
-        wait, fin = g.dec_wait, g.fin
-        while wait and g.run_n < c.decode_batch:
-            rq = wait.popleft()
-            rq.t_join = self.now
-            g.run_n += 1
-            g.run_ctx += rq.inp + 1
-            seq = next(self.seq)
-            heapq.heappush(fin, (g.step + rq.out - 1, seq, rq))
-            heapq.heappush(g.longest, (g.step - rq.inp - 1, seq))
+        self._admit(g)
+        self._join(g)
+        self._make_room(g)
         if not g.run_n:
             return False
-        # Nothing changes the batch before its next finish, so its steps run as one event (cut
-        # short by _truncate when other work arrives); one step when other stages wait.
-        line = self.lines.get(g.run_n)
+        fin = g.fin
+        while fin[0][1] not in g.running:
+            heapq.heappop(fin)  # preempted
+        b = min(g.run_n, self.c.decode_batch)
+        share = b / g.run_n
+        # Nothing changes the running set before its next finish or a full cache, so its steps
+        # run as one event (cut short by _truncate when other work arrives); one step when
+        # other stages wait.
+        line = self.lines.get(b)
         if line is None:
-            line = self.lines[g.run_n] = self.p.decode.at_x(g.run_n)
-        k = 1 if g.enc_q or g.pre_q or g.pre_run else g.fin[0][0] - g.step
+            line = self.lines[b] = self.p.decode.at_x(b)
+        if g.enc_q or g.pre_q or g.pre_run:
+            k = 1
+        else:
+            room = int((g.kv_cap - g.kv_used) // b)
+            k = min(math.ceil((fin[0][0] - g.prog) / share - 1e-9), room)
         f = self._factor(k)
-        ctx = self._step_context(g)
-        dur = f * line.sum_arithmetic(ctx, g.run_n, k) + k * self.step_s
+        ctx, dx = self._step_context(g) * share, b * share  # the stepped sequences'
+        dur = f * line.sum_arithmetic(ctx, dx, k) + k * self.step_s
         pen = self._wake_cost(g)  # the steps start once the GPU is awake
         g.busy = True
         g.busy_s["decode"] += pen + dur
@@ -901,7 +1092,7 @@ class _Sim:
         # seconds since the run started (its duration depends on the others' load).
         t0 = pen if self.cores is not None else self.now + pen
         g.mac_k, g.mac_t0, g.mac_end, g.mac_ctx, g.mac_line = k, t0, t0 + dur, ctx, line
-        g.mac_f = f
+        g.mac_dx, g.mac_share, g.mac_f = dx, share, f
         g.mac_id += 1
         self._start(g, pen + dur, self._steps_done, (g, g.mac_id))
         return True
@@ -965,6 +1156,7 @@ class _Sim:
             utilization=util,
             work_s=work,
             phases=phases,
+            preemptions=self.preemptions,
         )
 
 

@@ -154,8 +154,8 @@ def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
     The runtime batches a prefill step up to ``prefill_max_batch_tokens`` prompt tokens with no
     padding, runs a decode step over each sequence's own context in the pages (flat batches:
     neither ``prefill_padded`` nor ``decode_padded``), and spreads a request's images over all
-    encoders (``image_split`` = encoders in ``epd``). NOTE: the simulator runs a prompt longer
-    than the budget alone in one batch; the runtime prefills it in chunks over several steps.
+    encoders (``image_split`` = encoders in ``epd``), with the runtime's running-set bound,
+    hand-off and KV block size.
     """
     mode = config.mode
     if mode == "epd":
@@ -178,4 +178,7 @@ def runtime_deploy_config(config: EPDConfig) -> DeployConfig:
         prefill_padded=False,
         decode_padded=False,
         encode_tokens=config.encode_max_batch_tokens,
+        max_num_seqs=config.max_num_seqs,
+        kv_handoff=config.kv_handoff,
+        kv_block=config.kv_block_size,
     )

@@ -7,6 +7,7 @@ from typing import Literal
 
 import msgspec
 
+from epdrt import scheduler
 from epdrt.errors import InvalidArgument
 
 Mode = Literal["epd", "pd", "aggregated"]
@@ -112,9 +113,9 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidArgument(f"restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
         if not self.stats_interval_s >= 0:
             raise InvalidArgument(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
-        if self.kv_handoff not in ("layerwise", "pull"):
+        if self.kv_handoff not in scheduler.KV_HANDOFFS:
             raise InvalidArgument(
-                f"kv_handoff must be 'layerwise' or 'pull', got {self.kv_handoff!r}"
+                f"kv_handoff must be one of {scheduler.KV_HANDOFFS}, got {self.kv_handoff!r}"
             )
         if self.devices != "auto" and len(self.devices) != len(self.worker_roles()):
             raise InvalidArgument(

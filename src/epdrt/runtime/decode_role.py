@@ -89,15 +89,19 @@ class DecodeRole:
 
     def _try_admit(self, req_id: str, num_tokens: int) -> bool:
         """Takes ``req_id`` into the running set, making room for its prompt's KV unless it
-        is in the cache already (prefilled here). False, changing nothing, at
-        ``max_num_seqs`` or when the prompt's blocks do not fit beside the headroom."""
-        if self.headroom >= self.w.config.max_num_seqs:
-            self.w.count("decode_seq_limit_waits")
+        is in the cache already (prefilled here). False, changing nothing, when
+        ``scheduler.decode_admit`` says no (``max_num_seqs``, or the prompt's blocks do not
+        fit beside the headroom)."""
+        need = 0 if req_id in self.kv else blocks_for(num_tokens, self.kv.block_size)
+        why = scheduler.decode_admit(
+            need, self.kv.num_free_blocks, self.headroom, self.w.config.max_num_seqs
+        )
+        if why is not None:
+            self.w.count(
+                "decode_seq_limit_waits" if why == "max_num_seqs" else "decode_admission_waits"
+            )
             return False
-        if req_id not in self.kv:
-            if blocks_for(num_tokens, self.kv.block_size) > self.kv.num_free_blocks - self.headroom:
-                self.w.count("decode_admission_waits")
-                return False
+        if need:
             self.kv.extend(req_id, num_tokens)
         return True
 
@@ -277,18 +281,25 @@ class DecodeRole:
             req_id, token, index + 1, max_new_tokens, extras, sampling, next(self._admissions)
         )
 
-    def _grow(self, seq: _Seq) -> bool:
-        """Makes room for ``seq``'s next token, preempting the newest running sequences while
-        the cache is full; False when ``seq`` itself was preempted."""
-        while self.kv.blocks_needed(seq.req_id, 1) > self.kv.num_free_blocks:
-            victim = self.active[
-                scheduler.preemption_victim({k: s.order for k, s in self.active.items()})
-            ]
-            self._preempt(victim)
-            if victim is seq:
-                return False
-        self.kv.extend(seq.req_id, 1)
-        return True
+    def _grow(self, batch: list[_Seq]) -> list[_Seq]:
+        """Makes room for the next token of each of ``batch``, preempting the newest running
+        sequences while the cache is full (``scheduler.growth_preemptions``); returns those of
+        ``batch`` still running, each with its new token's slot."""
+        needs = [(seq.req_id, self.kv.blocks_needed(seq.req_id, 1)) for seq in batch]
+        free = self.kv.num_free_blocks
+        if sum(n for _, n in needs) > free:  # else nothing is evicted: skip building the maps
+            evicted = scheduler.growth_preemptions(
+                needs,
+                {k: self.kv.num_blocks_of(k) for k in self.active},
+                {k: s.order for k, s in self.active.items()},
+                free,
+            )
+            for req_id in evicted:
+                self._preempt(self.active[req_id])
+            batch = [seq for seq in batch if seq.req_id in self.active]
+        for seq in batch:
+            self.kv.extend(seq.req_id, 1)
+        return batch
 
     def _preempt(self, seq: _Seq) -> None:
         """Evicts a running sequence: its blocks are freed, and the cluster prefills it again
@@ -303,8 +314,7 @@ class DecodeRole:
         batch = scheduler.decode_batch(list(self.active.values()), self.w.config.decode_max_batch)
         try:
             # The new tokens' slots; a block when one crosses a boundary.
-            batch = [seq for seq in batch if seq.req_id in self.active and self._grow(seq)]
-            batch = [seq for seq in batch if seq.req_id in self.active]  # not preempted since
+            batch = self._grow(batch)
             if not batch:
                 return
             flat = FlatBatch.build(self.kv, [(seq.req_id, 1) for seq in batch])
