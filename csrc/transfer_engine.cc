@@ -217,11 +217,14 @@ TransferState Transfer::state() {
   if (err == cudaErrorNotReady) return TransferState::kPending;
   if (err == cudaSuccess) {
     std::lock_guard<std::mutex> lock(mu_);
-    state_.store(static_cast<int32_t>(TransferState::kDone), std::memory_order_release);
+    int32_t pending = static_cast<int32_t>(TransferState::kPending);
+    state_.compare_exchange_strong(pending, static_cast<int32_t>(TransferState::kDone),
+                                   std::memory_order_acq_rel);
   } else {
     cudaGetLastError();
     fail(detail::concat("CUDA copy failed: ", cudaGetErrorString(err)));
   }
+  run_hooks();
   return static_cast<TransferState>(state_.load(std::memory_order_acquire));
 #else
   return s;
@@ -280,7 +283,33 @@ void Transfer::finish_chunk() {
                                    std::memory_order_acq_rel);
   }
   cv_.notify_all();
+  run_hooks();
   signal_fd(notify_fd_);
+}
+
+void Transfer::on_finish(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // The state leaves kPending under mu_, before run_hooks() takes the list. On CPU a chunk's
+    // failure sets kFailed while other chunks may still copy: final once the last is counted.
+    const bool final =
+        state_.load(std::memory_order_acquire) != static_cast<int32_t>(TransferState::kPending) &&
+        (on_cuda_ || chunks_left_.load(std::memory_order_acquire) == 0);
+    if (!final) {
+      hooks_.push_back(std::move(fn));
+      return;
+    }
+  }
+  fn();
+}
+
+void Transfer::run_hooks() {
+  std::vector<std::function<void()>> hooks;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    hooks.swap(hooks_);
+  }
+  for (auto& fn : hooks) fn();
 }
 
 void Transfer::fail(const std::string& msg) {

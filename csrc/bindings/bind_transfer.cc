@@ -11,6 +11,7 @@
 
 #include "bindings.h"
 #include "epdrt/common.h"
+#include "epdrt/notice_channel.h"
 #include "epdrt/region.h"
 #include "epdrt/transfer_engine.h"
 
@@ -207,6 +208,36 @@ stream per peer). See epdrt.TransferEngine for the documented Python API.
       .def_property_readonly("num_threads", &TransferEngine::num_threads)
       .def_property_readonly("completion_fd", &TransferEngine::completion_fd,
                              "eventfd made readable whenever one of this engine's transfers ends.");
+
+  py::class_<NoticeChannel, std::shared_ptr<NoticeChannel>>(m, "NoticeChannel", R"doc(
+Ordered notices to one peer over a connected SOCK_SEQPACKET unix socket, each sent by the
+thread that finishes the transfer it follows (see csrc/include/epdrt/notice_channel.h).
+)doc")
+      .def(py::init(&NoticeChannel::create), py::arg("fd"),
+           "Takes ownership of fd, a connected SOCK_SEQPACKET socket (os.dup it to keep one).")
+      .def(
+          "post",
+          [](NoticeChannel& c, const std::shared_ptr<Transfer>& after, py::bytes notice) {
+            std::string bytes = notice;
+            py::gil_scoped_release release;
+            c.post(after, std::move(bytes));
+          },
+          py::arg("after"), py::arg("notice"),
+          "Queues notice (bytes) behind transfer `after` (None: no transfer) and every earlier\n"
+          "notice; sends what can go now. Raises TransferError once the peer is unreachable.")
+      .def("flush", &NoticeChannel::flush, py::call_guard<py::gil_scoped_release>(),
+           "Sends what can go now; returns how many notices remain queued.")
+      .def_property_readonly("pending", [](const NoticeChannel& c) { return c.counters().pending; })
+      .def_property_readonly("error", &NoticeChannel::error)
+      .def_property_readonly("notices_sent",
+                             [](const NoticeChannel& c) { return c.counters().sent; })
+      .def_property_readonly("notices_dropped",
+                             [](const NoticeChannel& c) { return c.counters().dropped; })
+      .def_property_readonly("bytes_sent",
+                             [](const NoticeChannel& c) { return c.counters().bytes_sent; })
+      .def_property_readonly_static("fragment_bytes",
+                                    [](py::handle) { return NoticeChannel::kFragmentBytes; })
+      .def("close", &NoticeChannel::close, "Closes the socket; queued notices are dropped.");
 }
 
 }  // namespace epdrt::bindings

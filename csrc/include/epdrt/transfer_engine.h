@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -79,18 +80,25 @@ class Transfer {
   const char* path() const noexcept { return path_; }
   // Drops the references to the regions once the transfer has finished; a no-op before that.
   void release();
+  // Runs fn once the transfer has finished (done or failed): now, on this thread, when it has;
+  // else on the thread that finishes it (the submitting thread for inline copies, a worker
+  // thread, or, on CUDA, the first caller of state() that sees the event complete). fn must not
+  // block; it runs with no lock of this transfer held.
+  void on_finish(std::function<void()> fn);
 
  private:
   friend class TransferEngine;
   Transfer() = default;
   void finish_chunk();  // called by a CPU worker after one chunk of runs
   void fail(const std::string& msg);
+  void run_hooks();  // runs (and drops) the on_finish callbacks; the state is final
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<int32_t> state_{static_cast<int32_t>(TransferState::kPending)};
   std::atomic<int32_t> chunks_left_{0};
   std::string error_;
+  std::vector<std::function<void()>> hooks_;      // on_finish callbacks not yet run (mu_)
   std::vector<std::shared_ptr<Region>> regions_;  // keeps every region alive while copying
   std::vector<CopyOp> runs_;
   uint64_t nbytes_ = 0;

@@ -26,6 +26,7 @@ from epdrt.device import as_device
 from epdrt.errors import InvalidArgument, TransferError
 from epdrt.region import Region
 from epdrt.transfer import messages as m
+from epdrt.transfer import notices
 from epdrt.transfer.engine import Transfer
 
 if TYPE_CHECKING:
@@ -111,13 +112,20 @@ def make_backend(transport: str, agent: TransferAgent, peer: Peer) -> Backend:
 
 
 class _EngineBackend(Backend):
+    """Same host: the transfer engine writes into the peer's region, and each notice goes
+    over the peer's notice socket (``transfer.notices``) from the thread that finishes its
+    copy, in submission order."""
+
     engine_checks = True
 
     def __init__(self, agent: TransferAgent, peer: Peer) -> None:
         super().__init__(agent, peer)
         self._remote: dict[str, Region] = {}
-        # submission order; a (None, notice) entry is a plain notice held behind earlier copies
-        self._pending: list[tuple[SendHandle | None, Any]] = []
+        self._channel: Any = None  # _core.NoticeChannel to the peer, once the handshake ends
+        # Sends not finished yet, in submission order: (handle, transfer, notices posted by
+        # then: the channel has retired the handle's notice once it sent or dropped that many).
+        self._pending: deque[tuple[SendHandle, Any, int]] = deque()
+        self._posted = 0
         # One CUDA stream per peer: a random key shared by all of this peer's transfers.
         self._stream_key = secrets.randbits(62) + 1
 
@@ -128,59 +136,80 @@ class _EngineBackend(Backend):
         for name, info in self.peer.regions.items():
             self._remote[name] = self._open(info)
 
+    def _inbox_setup(self) -> bytes:
+        inbox = self.agent.notice_inbox
+        return notices.setup_bytes(inbox.address, inbox.expect(self.peer))
+
     def listener_setup(self) -> bytes:
         self._open_all()
-        return b""
+        return self._inbox_setup()
 
     def connector_setup(self, setup: bytes, timeout: float) -> bytes:
         self._open_all()
-        return b""
+        self._channel = notices.open_channel(*notices.parse_setup(setup))
+        return self._inbox_setup()
+
+    def listener_finish(self, setup: bytes) -> None:
+        self._channel = notices.open_channel(*notices.parse_setup(setup))
+
+    def _post(self, transfer: Any, notice: m.Notice) -> None:
+        try:
+            self._channel.post(transfer, m.encode(notice))
+        except TransferError as exc:
+            raise TransferError(f"cannot notify {self.peer.name}: {exc}") from exc
+        self._posted += 1
 
     def write(self, handle, src, dst, src_offsets, dst_offsets, sizes) -> None:
         region = self._remote[dst.name]
-        transfer = self.agent.engine.submit_blocks(
-            src, region, src_offsets, dst_offsets, sizes, peer=self._stream_key
+        # The agent passes int64 arrays (and an int or int64 sizes): straight to the core.
+        transfer = Transfer(
+            self.agent.engine._engine.submit_blocks(
+                src._handle, region._handle, src_offsets, dst_offsets, sizes, self._stream_key
+            )
         )
-        self._pending.append((handle, transfer))
+        self._post(transfer._handle, handle.notice)
+        if transfer.done() and not self._channel.pending:  # copied inline, notice sent
+            transfer.release()
+            handle._finish(None if transfer.state == "done" else f"copy failed: {transfer.error}")
+        else:
+            self._pending.append((handle, transfer, self._posted))
 
     def send_plain(self, notice: m.Notice) -> None:
-        if self._pending:
-            self._pending.append((None, notice))
-        else:
-            self.peer._send(notice)
+        self._post(None, notice)
+
+    def needs_polling(self) -> bool:
+        # Notices held back by a full socket, or by CUDA copies (whose end no fd signals).
+        return self._channel is not None and self._channel.pending > 0
 
     def progress(self) -> None:
-        # Notices leave in submission order: the first unfinished copy holds back every later
-        # notice. Each finished entry is removed before its notice goes out, so a failing send
-        # (the peer is gone) leaves only unfinished work for fail_all.
+        channel = self._channel
+        if channel is None or (not self._pending and not channel.pending):
+            return
+        channel.flush()
+        if channel.error:
+            raise TransferError(f"notices to {self.peer.name}: {channel.error}")
+        retired = channel.notices_sent + channel.notices_dropped
         while self._pending:
-            handle, item = self._pending[0]
-            if handle is None:
-                del self._pending[0]
-                self.peer._send(item)
-                continue
-            if not item.done():
+            handle, transfer, seq = self._pending[0]
+            if not transfer.done() or retired < seq:
                 return
-            del self._pending[0]
-            item.release()
-            if item.state == "failed":
-                handle._finish(f"copy to {self.peer.name} failed: {item.error}")
-                continue
-            try:
-                self.peer._send(handle.notice)
-            except TransferError as exc:
-                handle._finish(str(exc))
-                raise
-            handle._finish()
+            self._pending.popleft()
+            transfer.release()
+            if transfer.state == "failed":
+                handle._finish(f"copy to {self.peer.name} failed: {transfer.error}")
+            else:
+                handle._finish()
 
     def fail_all(self, reason: str) -> None:
         # The engine still holds the regions of unfinished copies, so dropping ours is safe.
-        pending, self._pending = self._pending, []
-        for handle, _ in pending:
-            if handle is not None:
-                handle._finish(reason)
+        pending, self._pending = self._pending, deque()
+        for handle, _, _ in pending:
+            handle._finish(reason)
 
     def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self.agent.notice_inbox.forget(self.peer)
         self._remote.clear()
 
 
