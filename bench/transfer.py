@@ -21,7 +21,9 @@ threads use it) and ``torch.Tensor.copy_``, each on one thread and on as many th
 transfer engine has; ``perf_counter`` around a loop of copies. ``ratio`` is transfer GB/s /
 copy GB/s for bandwidth and copy time / transfer latency for latency. Values are medians of
 ``--reps`` runs after a warm-up; every case's bytes are checked at the receiver (blake2b)
-before it is timed.
+before it is timed. Each transport's path (``transfer.links``: what carries the bytes, and
+whether that is slower than this host allows) is printed and kept in the records;
+``--strict`` fails a transport on a slower path instead.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0,
         help="transfer engine threads here (0: min(4, CPUs)); the CPU copy may use as many",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strict", action="store_true",
+        help="fail a transport whose bytes would take a slower path than this placement allows"
+             " (e.g. NIXL falling back to TCP) instead of warning",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="PNG path (default: beside --json)")
@@ -324,6 +331,8 @@ class Result:
     latency_reps: int
     runs: int  # contiguous copies after merging adjacent blocks
     loadavg: float  # of the host (1 min), when the case ended
+    path: str = ""  # what carried the bytes (transfer.links)
+    path_slow: str | None = None  # why that path is slower than this host allows
     copy_seconds: float = 0.0  # the limit, filled in once every case ran
 
 
@@ -335,7 +344,8 @@ class Sender:
         listen = None if transport == "ipc" else "tcp://127.0.0.1:*"
         self.args, self.region, self.transport = args, region, transport
         self.agent = TransferAgent(address=listen, engine=TransferEngine(args.threads),
-                                   timeout=CHILD_TIMEOUT_S)  # fmt: skip
+                                   timeout=CHILD_TIMEOUT_S,
+                                   strict=getattr(args, "strict", False))  # fmt: skip
         self.agent.register("buf", region)
         try:
             self.proc, self.peer = spawn(
@@ -348,6 +358,10 @@ class Sender:
         if self.peer.transport != transport:
             self.close()
             raise TransferError(f"asked for {transport}, got {self.peer.transport}")
+        path = self.peer.path
+        print(f"[transfer] {transport}: {path.detail}"
+              + (f" (SLOWER THAN THIS HOST ALLOWS: {path.slow})" if path.slow else ""),
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
         try:
@@ -442,7 +456,8 @@ def _run_case(sender: Sender, payload: int, block: int, limit: CopyLimit,
     p99 = float(np.percentile(lat, 99))
     return Result(sender.transport, payload, block, bandwidth, statistics.median(lat),
                   statistics.fmean(lat), p99, statistics.median(post), count, reps,
-                  _num_runs(so, do, block), os.getloadavg()[0])  # fmt: skip
+                  _num_runs(so, do, block), os.getloadavg()[0], sender.peer.path.detail,
+                  sender.peer.path.slow)  # fmt: skip
 
 
 def _records(res: Result, limit: CopyLimit, args: argparse.Namespace,
@@ -460,7 +475,7 @@ def _records(res: Result, limit: CopyLimit, args: argparse.Namespace,
         "timing": "monotonic_ns from submit here to the notice at the receiver, median",
         "baseline_method": limit.method(res.payload), "baseline_timing": limit.timing,
         "baseline_samples": limit.num_samples(res.payload), "verified": True,
-        "loadavg_1min": res.loadavg,
+        "loadavg_1min": res.loadavg, "path": res.path, "path_slow": res.path_slow,
     }  # fmt: skip
     return [
         Record(bench="transfer", case=name, metric="GB/s", value=res.bandwidth / 1e9,

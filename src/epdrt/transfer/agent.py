@@ -45,6 +45,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from epdrt.errors import InvalidArgument, TransferError
 from epdrt.region import Region
+from epdrt.transfer import links
 from epdrt.transfer import messages as m
 from epdrt.transfer.engine import TransferEngine, _int64_array
 from epdrt.transfer.notices import NoticeInbox
@@ -225,6 +226,11 @@ class Peer:
         self.host = hello.host
         self.address = hello.address
         self.transport = transport
+        #: how this connection's bytes move (set at the handshake)
+        self.path = links.LinkPath(transport, "")
+        #: transfers written to the peer, and their bytes
+        self.transfers = 0
+        self.bytes_sent = 0
         #: regions the peer announced, by name
         self.regions: dict[str, m.RegionInfo] = {r.name: r for r in hello.regions}
         self.ready = False
@@ -298,6 +304,8 @@ class Peer:
         )  # fmt: skip
         handle = SendHandle(self, notice)
         self.backend.write(handle, src, dst, so, do, sizes)
+        self.transfers += 1
+        self.bytes_sent += total
         return handle
 
     def send_blocks(
@@ -444,6 +452,9 @@ class TransferAgent:
         spin_s: a wait first polls the notice sockets of same-host peers without sleeping
             for up to this many seconds (a core busy meanwhile; 0: sleep at once). Waking a
             sleeping process costs 20-40 us on a VM, more than a small copy.
+        strict: refuse a connection whose bytes would take a slower path than the placement
+            allows without being asked to (``transfer.links``: e.g. NIXL falling back to TCP);
+            without it such a connection is a logged warning.
     """
 
     def __init__(
@@ -456,6 +467,7 @@ class TransferAgent:
         dist_host: str | None = None,
         heartbeat_s: float = 1.0,
         spin_s: float = DEFAULT_SPIN_S,
+        strict: bool = False,
     ) -> None:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         if self.name in _LOCAL_AGENTS:
@@ -465,6 +477,7 @@ class TransferAgent:
         if not spin_s >= 0:
             raise InvalidArgument(f"spin_s must be >= 0, got {spin_s}")
         self.spin_s = spin_s
+        self.strict = strict
         self.engine = engine if engine is not None else TransferEngine()
         self.host = host_identity()
         self.pid = os.getpid()
@@ -578,6 +591,12 @@ class TransferAgent:
             raise TransferError(f"{address} refused the connection: {welcome.error}")
         peer = Peer(self, welcome, welcome.transport, dealer, monitor)
         self._add_peer(peer)
+        peer.path = self._link_path(peer.transport, transport, welcome.host)
+        if self.strict and peer.path.slow:
+            peer._send(m.Ready(error=f"refused by a strict agent: {peer.path.slow}"))
+            self._drop_peer(peer, f"strict: {peer.path.slow}", notify=False)
+            raise TransferError(f"strict: {peer.name} would be reached over {peer.path.slow}")
+        links.report(peer.path, peer.name)
         try:
             setup = peer.backend.connector_setup(welcome.setup, self._timeout(timeout))
         except Exception as exc:
@@ -780,7 +799,13 @@ class TransferAgent:
         except InvalidArgument as exc:
             refuse(str(exc))
             return
+        path = self._link_path(transport, requested, hello.host)
+        if self.strict and path.slow:
+            refuse(f"refused by a strict agent: {path.slow}")
+            return
+        links.report(path, hello.name)
         peer = Peer(self, hello, transport, dealer, monitor)
+        peer.path = path
         try:
             setup = peer.backend.listener_setup()
         except Exception as exc:
@@ -799,6 +824,22 @@ class TransferAgent:
             peer.backend.listener_connect(self.timeout)
         except Exception as exc:
             self._drop_peer(peer, f"transport setup failed: {exc}", notify=False)
+
+    def _link_path(self, transport: str, requested: str, host: str) -> links.LinkPath:
+        devices = {r.info.device for r in self._regions.values()}
+        device = next((d for d in devices if d.startswith("cuda")), "cpu")
+        return links.describe(transport, requested, host == self.host, device)
+
+    def links(self) -> list[dict[str, object]]:
+        """Every connection: its peer, transport, path, and what was written to it."""
+        return [
+            {
+                "peer": p.name, "transport": p.transport, "path": p.path.detail,
+                "slow": p.path.slow, "alive": p.alive, "transfers": p.transfers,
+                "bytes_sent": p.bytes_sent,
+            }
+            for p in self._peers.values()
+        ]  # fmt: skip
 
     def _choose_transport(self, requested: str, hello: m.Hello) -> str:
         same_host = hello.host == self.host
