@@ -659,10 +659,12 @@ class TransferAgent:
                 return
 
     def _spin(self, cond: Callable[[], bool], seconds: float) -> bool:
-        """Reads the notice sockets without sleeping until ``cond()`` (True) or ``seconds``
-        pass (False): waking a sleeping process costs tens of microseconds on a VM, more than
-        a small copy (NIXL's UCX progress polls the same way)."""
-        if not self.notice_inbox.connected or not self._pump_lock.acquire(blocking=False):
+        """Reads the notice sockets and polls the transports that need it (NIXL) without
+        sleeping until ``cond()`` (True) or ``seconds`` pass (False): waking a sleeping
+        process costs tens of microseconds on a VM, more than a small copy (NIXL's UCX
+        progress polls the same way)."""
+        polled = self.notice_inbox.connected or self._needs_polling()
+        if not polled or not self._pump_lock.acquire(blocking=False):
             return False
         try:
             end = time.perf_counter() + seconds
