@@ -103,6 +103,21 @@ def test_both_kv_handoffs_give_the_tokens_of_generate(tiny_model_dir, references
     assert stats["d0"]["kv_blocks_in_use"] == stats["p0"]["kv_blocks_in_use"] == 0
 
 
+def test_a_signed_tcp_control_plane_gives_the_tokens_of_generate(tiny_model_dir, references):
+    ph, expected = references["llava"]
+    single, batch = _fresh(ph, list(expected))
+    config = EPDConfig(mode="epd", control="tcp", request_timeout_s=TIMEOUT_S)
+    with EPDCluster.launch(tiny_model_dir("llava"), config) as cluster:
+        results = cluster.generate([single, *batch])
+        secret = cluster._secret.hex()
+        for pid in cluster.worker_pids().values():  # the secret is not on a command line
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert secret.encode() not in f.read()
+    assert {r.id: r.token_ids for r in results} == expected
+    stats = cluster.worker_stats()
+    assert {w: s["control_messages_rejected"] for w, s in stats.items()} == dict.fromkeys(stats, 0)
+
+
 def test_images_split_across_encoders(tiny_model_dir, references):
     ph, expected = references["llava"]
     single, batch = _fresh(ph, list(expected))

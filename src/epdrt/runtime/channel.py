@@ -1,14 +1,24 @@
 # SPDX-License-Identifier: Apache-2.0
 """ZeroMQ control channel: each process receives on one PULL socket and pushes to peers.
 
-Endpoints are ``ipc://`` paths in the cluster's private run directory (or ``tcp://127.0.0.1``
-when given), never a public interface. Sends never block forever: a peer that stopped reading
-makes ``send`` raise after ``send_timeout_s``.
+Endpoints are ``ipc://`` paths in the cluster's private run directory, or ``tcp://`` ones
+(``EPDConfig.control="tcp"``), whose messages are signed: with the cluster's secret, every
+message carries a keyed BLAKE2b tag of all its frames, and one whose tag is missing or wrong is
+dropped and counted (``Channel.rejected``). A ``tcp://`` endpoint on an address other than
+loopback needs a secret. Sends never block forever: a peer that stopped reading makes ``send``
+raise after ``send_timeout_s``.
+
+NOTE: the tag authenticates, it does not encrypt, and does not stop a replay of a captured
+message: the control network is a cluster's own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -17,18 +27,55 @@ import msgspec
 import torch
 import zmq
 
-from epdrt.errors import EpdrtError
+from epdrt.errors import EpdrtError, InvalidArgument
 from epdrt.runtime.messages import CODEC
+
+log = logging.getLogger("epdrt.runtime")
+
+#: Environment variable that hands the cluster's control secret (hex) to its workers: not on
+#: their command lines, which other users of the host can read.
+SECRET_ENV = "EPDRT_CONTROL_SECRET"
+_TAG_BYTES = 32
 
 
 class ChannelError(EpdrtError):
     """A control message could not be sent (the peer is gone or not reading)."""
 
 
-class Channel:
-    """Receives on ``endpoint``; sends to named peers registered with ``connect``."""
+def signature(secret: bytes, frames: Sequence[bytes | memoryview]) -> bytes:
+    """The tag of a message: keyed BLAKE2b over each frame's length and bytes."""
+    h = hashlib.blake2b(key=secret, digest_size=_TAG_BYTES)
+    for frame in frames:
+        h.update(len(frame).to_bytes(8, "little"))
+        h.update(frame)
+    return h.digest()
 
-    def __init__(self, endpoint: str, *, send_timeout_s: float = 30.0) -> None:
+
+def _loopback_or_local(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Channel:
+    """Receives on ``endpoint``; sends to named peers registered with ``connect``.
+
+    ``secret``: sign every message sent and drop every message received without a valid tag
+    (required for a ``tcp://`` endpoint beyond loopback).
+    """
+
+    def __init__(
+        self, endpoint: str, *, send_timeout_s: float = 30.0, secret: bytes | None = None
+    ) -> None:
+        if secret is None and not _loopback_or_local(endpoint):
+            raise InvalidArgument(f"{endpoint} is not loopback: the control channel needs a secret")
+        self._secret = secret
+        #: messages dropped because their tag was missing or wrong
+        self.rejected = 0
         self._ctx = zmq.Context.instance()
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
@@ -73,6 +120,8 @@ class Channel:
 
     def send(self, peer: str, msg: msgspec.Struct, tensors: Sequence[torch.Tensor] = ()) -> None:
         frames = CODEC.encode(msg, tensors)
+        if self._secret is not None:
+            frames.append(signature(self._secret, frames))
         with self._peers_lock:
             entry = self._peers.get(peer)
         if entry is None:
@@ -97,6 +146,14 @@ class Channel:
         if self._pull not in ready:
             return None
         frames = self._pull.recv_multipart()
+        if self._secret is not None:
+            tag = frames.pop() if len(frames) > 1 else b""
+            if not hmac.compare_digest(tag, signature(self._secret, frames)):
+                self.rejected += 1
+                if self.rejected == 1 or self.rejected % 1000 == 0:
+                    log.warning("%s: dropped %d unsigned or forged control message(s)",
+                                self.endpoint, self.rejected)  # fmt: skip
+                return None
         return CODEC.decode(frames)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import torch
 
 from epdrt.errors import EpdrtError
 from epdrt.runtime import messages as m
-from epdrt.runtime.channel import Channel, ChannelError
+from epdrt.runtime.channel import SECRET_ENV, Channel, ChannelError
 from epdrt.runtime.config import EPDConfig, WorkerSpec
 from epdrt.runtime.outbox import Outbox
 from epdrt.runtime.request import Request, RequestError, RequestResult
@@ -113,7 +114,11 @@ class EPDCluster:
         log_dir = config.log_dir or os.environ.get("EPDRT_WORKER_LOG_DIR")
         self._log_dir = Path(log_dir) if log_dir else self._run_dir
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        self._channel = Channel(f"ipc://{self._run_dir}/cluster.sock")
+        # tcp: a secret of this cluster's signs every control message (handed to the workers
+        # in their environment, not on their command lines).
+        self._secret = secrets.token_bytes(32) if config.control == "tcp" else None
+        self._endpoints: dict[str, str] = {}  # where each worker receives, fixed at its start
+        self._channel = Channel(self._new_endpoint("cluster"), secret=self._secret)
         self._workers: dict[str, _Worker] = {}
         self._inflight: dict[str, _Inflight] = {}
         self._queue: OrderedDict[str, _Inflight] = OrderedDict()  # admitted in this order
@@ -173,7 +178,9 @@ class EPDCluster:
             cpus = [next(free) for _ in range(threads)] if device == "cpu" and pin else []
             spec = WorkerSpec(
                 name=name, roles=sorted(roles), device=device, model_dir=self.model_dir,
-                config=self.config, endpoint=f"ipc://{self._run_dir}/{name}.sock",
+                config=self.config, endpoint=self._endpoints.setdefault(
+                    name, self._new_endpoint(name)
+                ),
                 cluster_endpoint=cluster_endpoint, parent_pid=os.getpid(), cpus=cpus,
             )  # fmt: skip
             log_path = self._log_dir / f"{self._run_dir.name}-{name}.log"
@@ -183,7 +190,7 @@ class EPDCluster:
                 "epdrt.runtime.worker",
                 msgspec.json.encode(spec).decode(),
             ]
-            proc = _spawn(argv, log_path)
+            proc = _spawn(argv, log_path, self._worker_env())
             self._workers[name] = _Worker(name, roles, device, proc, log_path, argv)
             self._channel.connect(name, spec.endpoint)
         for hello in self._await_hellos():
@@ -195,8 +202,24 @@ class EPDCluster:
         )
         self._receiver.start()
 
+    def _new_endpoint(self, name: str) -> str:
+        """Where ``name`` will receive: a socket in the run directory, or a free TCP port."""
+        if self.config.control == "ipc":
+            return f"ipc://{self._run_dir}/{name}.sock"
+        host = self.config.control_host
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        return f"tcp://{'[' + host + ']' if ':' in host else host}:{port}"
+
     def _endpoint(self, name: str) -> str:
-        return f"ipc://{self._run_dir}/{name}.sock"
+        return self._endpoints[name]
+
+    def _worker_env(self) -> dict[str, str] | None:
+        """The workers' environment: this process's, plus the control secret with tcp."""
+        if self._secret is None:
+            return None
+        return {**os.environ, SECRET_ENV: self._secret.hex()}
 
     def _note_regions(self, hello: m.Hello) -> None:
         for regions, desc in ((self._mm_regions, hello.mm_region),
@@ -583,7 +606,7 @@ class EPDCluster:
             w.restart_at = None
             w.restarts += 1
             self._channel.reconnect(w.name, self._endpoint(w.name))  # drop what was queued
-            w.proc = _spawn(w.argv, w.log_path, append=True)
+            w.proc = _spawn(w.argv, w.log_path, self._worker_env(), append=True)
             w.starting = True
             print(f"epdrt cluster: restarting worker {w.name} ({w.restarts} of"
                   f" {self.config.max_worker_restarts})", file=sys.stderr)  # fmt: skip
@@ -714,11 +737,13 @@ class _Restarting(EpdrtError):
     """Every worker of a role a request needs is dead, and one is being restarted."""
 
 
-def _spawn(argv: list[str], log_path: Path, *, append: bool = False) -> subprocess.Popen:
-    """Starts a worker process, its output into ``log_path``."""
+def _spawn(
+    argv: list[str], log_path: Path, env: dict[str, str] | None, *, append: bool = False
+) -> subprocess.Popen:
+    """Starts a worker process, its output into ``log_path`` (``env``: None, this one's)."""
     with open(log_path, "ab" if append else "wb") as log:
         return subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
 
 

@@ -81,6 +81,11 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: layer has landed (``KVReady(pushed=True)``). "pull": the decoder reserves blocks and
     #: copies the whole KV once the prefill has ended (``KVReady``), holding nothing before.
     kv_handoff: Literal["layerwise", "pull"] = "layerwise"
+    #: The control channel between the router and the workers: "ipc" (unix sockets in the
+    #: cluster's private run directory) or "tcp" (on ``control_host``, ports picked free; every
+    #: message signed with a secret made for this cluster, unsigned or forged ones dropped).
+    control: Literal["ipc", "tcp"] = "ipc"
+    control_host: str = "127.0.0.1"
     #: Digest every hand-off (an image's MM tokens, a sequence's KV) on both sides and fail a
     #: request whose bytes arrived different (``runtime/integrity.py``; costs a read of each).
     verify_transfers: bool = False
@@ -113,6 +118,8 @@ class EPDConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidArgument(f"restart_backoff_s must be >= 0, got {self.restart_backoff_s}")
         if not self.stats_interval_s >= 0:
             raise InvalidArgument(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
+        if self.control not in ("ipc", "tcp"):
+            raise InvalidArgument(f"control must be 'ipc' or 'tcp', got {self.control!r}")
         if self.kv_handoff not in scheduler.KV_HANDOFFS:
             raise InvalidArgument(
                 f"kv_handoff must be one of {scheduler.KV_HANDOFFS}, got {self.kv_handoff!r}"
@@ -154,7 +161,7 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
     device: str
     model_dir: str
     config: EPDConfig
-    endpoint: str  # where this worker receives (ipc://...)
+    endpoint: str  # where this worker receives (ipc://... or tcp://...)
     cluster_endpoint: str  # where the cluster receives
     parent_pid: int
     cpus: list[int] = []  # CPU cores to pin to (CPU workers); empty: no pinning

@@ -29,7 +29,7 @@ from epdrt.errors import TransferError
 from epdrt.host_memory import keep_freed_host_memory
 from epdrt.region import Region
 from epdrt.runtime import messages as m
-from epdrt.runtime.channel import Channel
+from epdrt.runtime.channel import SECRET_ENV, Channel
 from epdrt.runtime.config import WorkerSpec
 from epdrt.runtime.decode_role import DecodeRole
 from epdrt.runtime.encode_role import EncodeRole
@@ -70,7 +70,10 @@ class Worker:
         self.config = spec.config
         self.device = torch.device(spec.device)
         roles = set(spec.roles)
-        self.channel = Channel(spec.endpoint)
+        secret = os.environ.pop(SECRET_ENV, None)  # tcp control: the cluster's signing key
+        self.channel = Channel(
+            spec.endpoint, secret=bytes.fromhex(secret) if secret is not None else None
+        )
         self.channel.connect("cluster", spec.cluster_endpoint)
         self.model = StageModel.load(spec.model_dir, roles, self.device, self.config.dtype)
         self.mm: MMTokenCache | None = None
@@ -379,6 +382,7 @@ class Worker:
             out["peak_memory_bytes"] = float(
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             )
+        out["control_messages_rejected"] = float(self.channel.rejected)
         for role in self.roles:
             out.update(role.queue_depths())
         # Blocks held when the worker reports; at shutdown, after every request ended, anything
