@@ -103,7 +103,6 @@ class _Req:
         "pending",
         "pgpu",
         "prompt",
-        "push_end",
         "t_finish",
         "t_first",
         "t_join",
@@ -119,7 +118,6 @@ class _Req:
         self.prompt = self.inp  # tokens the current prefill computes: inp + done
         self.pdone = 0  # prompt tokens prefilled (a prompt over the budget takes several steps)
         self.dest = False  # layer-wise hand-off: the decoder's blocks are known (KVDest)
-        self.push_end = 0.0  # layer-wise hand-off: when its last pushed byte lands
         self.join_p = 0.0  # its decode GPU's progress (``_Gpu.prog``) when it joined
         self.pending = 0
         self.pgpu: _Gpu | None = None
@@ -139,7 +137,6 @@ class _Gpu:
         "ei",
         "enc_q",
         "fin",
-        "gone",
         "holding",
         "idle_since",
         "index",
@@ -166,7 +163,6 @@ class _Gpu:
         "rate",
         "ready_q",
         "run_ctx",
-        "run_n",
         "running",
         "stages",
         "task",
@@ -197,7 +193,6 @@ class _Gpu:
         self.dec_wait: deque[_Req] = deque()  # admitted, KV in: they join at the next step
         self.holding = 0  # sequences admitted here and not finished (the admission headroom)
         self.running: dict[int, _Req] = {}  # by seq, in admission order
-        self.run_n = 0  # len(running)
         self.run_ctx = 0.0  # their context tokens, summed
         # Progress: decode tokens each running sequence has had since the GPU started (steps
         # times the share of the running set a step takes); a sequence's context is its prompt
@@ -205,9 +200,8 @@ class _Gpu:
         self.prog = 0.0
         self.fin: list[tuple[float, int, _Req]] = []  # (progress it finishes at, seq, request)
         # Running sequences by context, longest first: (-(context - prog), seq). Finished or
-        # preempted ones leave lazily (seq in gone, or not in running).
+        # preempted ones leave both heaps lazily (their seq no longer in running).
         self.longest: list[tuple[float, int]] = []
-        self.gone: set[int] = set()
         self.di = -1  # index into _Sim.dec_load (decode GPUs)
         # Requests whose KV decode pulled during the current batch: freed when it ends.
         self.pulled: list[_Req] = []
@@ -223,6 +217,11 @@ class _Gpu:
         self.mac_f = 1.0  # the run's jitter factor
         # With shared host cores: [work seconds left, callback, its argument, total work].
         self.task: list[Any] | None = None
+
+    @property
+    def run_n(self) -> int:
+        """Sequences in the decode running set."""
+        return len(self.running)
 
 
 @dataclass
@@ -771,7 +770,6 @@ class _Sim:
         plus the tokens it generated, once the Preempted message is in (a message to the
         cluster, one to its prefill GPU)."""
         rq = g.running.pop(seq)
-        g.gone.add(seq)
         grown = self._leave(g, rq)
         rq.done += 1 + math.floor(grown + 1e-9)  # its prefill's token and the decoded ones
         rq.prompt = rq.inp + rq.done
@@ -785,7 +783,6 @@ class _Sim:
         grown = g.prog - rq.join_p
         g.kv_used -= rq.prompt + grown
         g.run_ctx -= rq.prompt + 1 + grown
-        g.run_n -= 1
         g.holding -= 1
         return grown
 
@@ -824,7 +821,6 @@ class _Sim:
             _, seq, rq = heapq.heappop(fin)
             if g.running.pop(seq, None) is None:
                 continue  # preempted
-            g.gone.add(seq)
             self._leave(g, rq)
             self._done(rq)
         self._batch_done(g)
@@ -931,10 +927,6 @@ class _Sim:
         if not pbatch:
             return False
         self._started(g, pbatch)
-        for rq in pbatch:
-            g.kv_used += rq.prompt
-            if math.isnan(rq.t_pstart):
-                rq.t_pstart = self.now
         prompts = [rq.prompt for rq in pbatch]
         seconds = self.p.prefill_batch_latency(prompts, c.prefill_padded) * self._factor()
         seconds = self._push(g, [(rq, rq.prompt) for rq in pbatch], seconds)
@@ -951,15 +943,18 @@ class _Sim:
         whose decoder's blocks are known (the others wait without holding anyone up)."""
         return (rq for rq in g.pre_q if rq.dest) if self.layerwise else g.pre_q
 
-    @staticmethod
-    def _started(g: _Gpu, started: list[_Req]) -> None:
-        """Takes the requests that started out of g's queue."""
+    def _started(self, g: _Gpu, started: list[_Req]) -> None:
+        """The requests' prefills start: out of g's queue, their prompts' KV taken."""
         if all(a is b for a, b in zip(started, g.pre_q)):
             for _ in started:
                 g.pre_q.popleft()
         else:
             ids = {id(rq) for rq in started}
             g.pre_q = deque(rq for rq in g.pre_q if id(rq) not in ids)
+        for rq in started:
+            g.kv_used += rq.prompt
+            if math.isnan(rq.t_pstart):  # not a preempted request's recompute
+                rq.t_pstart = self.now
 
     def _push(self, g: _Gpu, chunks: list[tuple[_Req, int]], seconds: float) -> float:
         """With the layer-wise hand-off, the chunks' KV goes over g's link as the step writes
@@ -998,11 +993,7 @@ class _Sim:
         if not chunks:
             return False
         self._started(g, started)
-        for rq in started:
-            g.kv_used += rq.prompt
-            if math.isnan(rq.t_pstart):
-                rq.t_pstart = self.now
-            g.pre_run.append(rq)
+        g.pre_run += started
         for rq, take in chunks:
             rq.pdone += take
         seconds = self.p.prefill_batch_latency([t for _, t in chunks], False) * self._factor()
@@ -1027,8 +1018,8 @@ class _Sim:
         if not self.c.decode_padded:
             return g.run_ctx
         top = g.longest
-        while top[0][1] in g.gone:
-            g.gone.discard(heapq.heappop(top)[1])
+        while top[0][1] not in g.running:
+            heapq.heappop(top)
         return g.run_n * (g.prog - top[0][0])
 
     def _join(self, g: _Gpu) -> None:
@@ -1040,7 +1031,6 @@ class _Sim:
             seq = next(self.seq)
             rq.join_p = g.prog
             g.running[seq] = rq
-            g.run_n += 1
             g.run_ctx += rq.prompt + 1
             heapq.heappush(g.fin, (g.prog + rq.out - rq.done - 1, seq, rq))
             heapq.heappush(g.longest, (g.prog - rq.prompt - 1, seq))
