@@ -160,19 +160,22 @@ class _EngineBackend(Backend):
         self._posted += 1
 
     def write(self, handle, src, dst, src_offsets, dst_offsets, sizes) -> None:
-        region = self._remote[dst.name]
-        # The agent passes int64 arrays (and an int or int64 sizes): straight to the core.
-        transfer = Transfer(
-            self.agent.engine._engine.submit_blocks(
-                src._handle, region._handle, src_offsets, dst_offsets, sizes, self._stream_key
-            )
+        transfer = self.agent.engine.submit_blocks(
+            src, self._remote[dst.name], src_offsets, dst_offsets, sizes, peer=self._stream_key
         )
         self._post(transfer._handle, handle.notice)
         if transfer.done() and not self._channel.pending:  # copied inline, notice sent
-            transfer.release()
-            handle._finish(None if transfer.state == "done" else f"copy failed: {transfer.error}")
+            self._settle(handle, transfer)
         else:
             self._pending.append((handle, transfer, self._posted))
+
+    def _settle(self, handle: SendHandle, transfer: Transfer) -> None:
+        """Finishes ``handle`` as its finished copy went (its notice is sent or dropped)."""
+        transfer.release()
+        if transfer.state == "failed":
+            handle._finish(f"copy to {self.peer.name} failed: {transfer.error}")
+        else:
+            handle._finish()
 
     def send_plain(self, notice: m.Notice) -> None:
         self._post(None, notice)
@@ -194,11 +197,7 @@ class _EngineBackend(Backend):
             if not transfer.done() or retired < seq:
                 return
             self._pending.popleft()
-            transfer.release()
-            if transfer.state == "failed":
-                handle._finish(f"copy to {self.peer.name} failed: {transfer.error}")
-            else:
-                handle._finish()
+            self._settle(handle, transfer)
 
     def fail_all(self, reason: str) -> None:
         # The engine still holds the regions of unfinished copies, so dropping ours is safe.

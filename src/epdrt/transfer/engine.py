@@ -18,6 +18,10 @@ Op = tuple[Region, int, Region, int, int]
 
 def _int64_array(name: str, values: Any) -> np.ndarray:
     """A contiguous 1-D int64 array of ``values`` (list, numpy array or CPU torch tensor)."""
+    if type(values) is np.ndarray and values.dtype == np.int64 and values.flags.c_contiguous:
+        if values.ndim != 1:
+            raise InvalidArgument(f"{name} must be 1-D, got shape {values.shape}")
+        return values  # already what the core takes: the per-transfer fast path
     if hasattr(values, "numpy") and hasattr(values, "device"):  # torch.Tensor
         values = values.detach().cpu().numpy()
     arr = np.ascontiguousarray(values, dtype=np.int64)
