@@ -60,7 +60,7 @@ _MAX_SLICE_S = 0.05
 # Poll interval while a transport without a wakeup fd (nixl) has work in flight; dist waits
 # signal the agent's Wakeup eventfd instead.
 _POLL_SLICE_S = 0.001
-#: How long a wait polls same-host notice sockets before it sleeps (TransferAgent.spin_s).
+#: How long a wait polls same-host notice sockets (and NIXL) before it sleeps (``spin_s``).
 DEFAULT_SPIN_S = 100e-6
 
 
@@ -219,6 +219,7 @@ class Peer:
         transport: str,
         dealer: zmq.Socket,
         monitor: zmq.Socket,
+        path: links.LinkPath,
     ) -> None:
         self.agent = agent
         self.name = hello.name
@@ -226,8 +227,8 @@ class Peer:
         self.host = hello.host
         self.address = hello.address
         self.transport = transport
-        #: how this connection's bytes move (set at the handshake)
-        self.path = links.LinkPath(transport, "")
+        #: how this connection's bytes move (worked out at the handshake)
+        self.path = path
         #: transfers written to the peer, and their bytes
         self.transfers = 0
         self.bytes_sent = 0
@@ -449,9 +450,9 @@ class TransferAgent:
             the TCP host of ``address``, else 127.0.0.1).
         heartbeat_s: ZMTP heartbeat interval on TCP connections; a peer silent for three
             intervals is treated as gone.
-        spin_s: a wait first polls the notice sockets of same-host peers without sleeping
-            for up to this many seconds (a core busy meanwhile; 0: sleep at once). Waking a
-            sleeping process costs 20-40 us on a VM, more than a small copy.
+        spin_s: a wait first polls the notice sockets of same-host peers, and NIXL, without
+            sleeping for up to this many seconds (a core busy meanwhile; 0: sleep at once).
+            Waking a sleeping process costs 20-40 us on a VM, more than a small copy.
         strict: refuse a connection whose bytes would take a slower path than the placement
             allows without being asked to (``transfer.links``: e.g. NIXL falling back to TCP);
             without it such a connection is a logged warning.
@@ -589,14 +590,15 @@ class TransferAgent:
         if welcome.error:
             self._close_sockets(dealer, monitor)
             raise TransferError(f"{address} refused the connection: {welcome.error}")
-        peer = Peer(self, welcome, welcome.transport, dealer, monitor)
+        path = self._link_path(welcome.transport, transport, welcome.host)
+        if self.strict and path.slow:
+            with contextlib.suppress(zmq.ZMQError):
+                dealer.send(m.encode(m.Ready(error=f"refused by a strict agent: {path.slow}")))
+            self._close_sockets(dealer, monitor, linger_ms=200)
+            raise TransferError(f"strict: {welcome.name} would be reached over {path.slow}")
+        links.report(path, welcome.name)
+        peer = Peer(self, welcome, welcome.transport, dealer, monitor, path)
         self._add_peer(peer)
-        peer.path = self._link_path(peer.transport, transport, welcome.host)
-        if self.strict and peer.path.slow:
-            peer._send(m.Ready(error=f"refused by a strict agent: {peer.path.slow}"))
-            self._drop_peer(peer, f"strict: {peer.path.slow}", notify=False)
-            raise TransferError(f"strict: {peer.name} would be reached over {peer.path.slow}")
-        links.report(peer.path, peer.name)
         try:
             setup = peer.backend.connector_setup(welcome.setup, self._timeout(timeout))
         except Exception as exc:
@@ -806,8 +808,7 @@ class TransferAgent:
             refuse(f"refused by a strict agent: {path.slow}")
             return
         links.report(path, hello.name)
-        peer = Peer(self, hello, transport, dealer, monitor)
-        peer.path = path
+        peer = Peer(self, hello, transport, dealer, monitor, path)
         try:
             setup = peer.backend.listener_setup()
         except Exception as exc:
